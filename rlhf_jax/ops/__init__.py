@@ -1,0 +1,53 @@
+"""Pure RLHF math: log-probs, KL, shaping, advantages, losses, aggregation, KL control.
+
+Imports only jax/numpy. Every function is jittable and vmappable; masks are 1 on real tokens and 0 on
+padding, and padding never changes a result at real positions. Low-precision inputs are computed in
+float32; float64 inputs (``jax_enable_x64``) stay float64.
+"""
+
+from rlhf_jax.ops.advantages import discounted_returns, gae, group_advantages, rloo_advantages
+from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_shaped_rewards
+from rlhf_jax.ops.logprobs import entropy, sequence_logprobs, token_logprobs
+from rlhf_jax.ops.policy_loss import (
+    PolicyStats,
+    aggregate,
+    ppo_policy_loss,
+    ppo_policy_stats,
+    value_clip_fraction,
+    value_loss,
+)
+from rlhf_jax.ops.stats import (
+    explained_variance,
+    last_token,
+    last_token_mask,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+
+__all__ = [
+    "PolicyStats",
+    "aggregate",
+    "ppo_policy_loss",
+    "ppo_policy_stats",
+    "value_clip_fraction",
+    "value_loss",
+    "discounted_returns",
+    "entropy",
+    "explained_variance",
+    "gae",
+    "group_advantages",
+    "kl_estimate",
+    "kl_in_loss",
+    "kl_shaped_rewards",
+    "last_token",
+    "last_token_mask",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "rloo_advantages",
+    "sequence_logprobs",
+    "token_logprobs",
+]
