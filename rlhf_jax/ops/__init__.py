@@ -6,7 +6,9 @@ float32; float64 inputs (``jax_enable_x64``) stay float64.
 """
 
 from rlhf_jax.ops.advantages import discounted_returns, gae, group_advantages, rloo_advantages
+from rlhf_jax.ops.dpo import DPO_LOSS_TYPES, F_DIVERGENCES, dpo_loss, f_divergence_scores
 from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_shaped_rewards
+from rlhf_jax.ops.kl_control import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
 from rlhf_jax.ops.logprobs import entropy, sequence_logprobs, token_logprobs
 from rlhf_jax.ops.policy_loss import (
     PolicyStats,
@@ -15,6 +17,15 @@ from rlhf_jax.ops.policy_loss import (
     ppo_policy_stats,
     value_clip_fraction,
     value_loss,
+)
+from rlhf_jax.ops.preference import (
+    KTO_LOSS_TYPES,
+    bradley_terry_loss,
+    kto_kl_baseline,
+    kto_loss,
+    orpo_log_odds,
+    orpo_loss,
+    simpo_loss,
 )
 from rlhf_jax.ops.stats import (
     explained_variance,
@@ -27,6 +38,20 @@ from rlhf_jax.ops.stats import (
 )
 
 __all__ = [
+    "AdaptiveKLState",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "KTO_LOSS_TYPES",
+    "adaptive_kl_init",
+    "adaptive_kl_update",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "f_divergence_scores",
+    "kto_kl_baseline",
+    "kto_loss",
+    "orpo_log_odds",
+    "orpo_loss",
+    "simpo_loss",
     "PolicyStats",
     "aggregate",
     "ppo_policy_loss",
