@@ -1,0 +1,84 @@
+"""The train state: step, trainable params, optimizer state, skipped-update count — born sharded.
+
+The optax transformation is kept OUT of the state (passed to the step builder), so a `TrainState` is a
+plain pytree of arrays: Orbax saves and restores it directly, and `jax.eval_shape` gives its abstract
+target. Only trainable params live here; frozen models (a reference policy, a reward model) are separate
+params pytrees passed to the step as arguments, so they never enter the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything an optimizer step reads and writes.
+
+    Attributes:
+      step: int32 [], optimizer steps taken (skipped ones included, so data order and schedules
+        stay aligned with the step counter).
+      params: trainable parameters.
+      opt_state: `tx.init(params)`.
+      num_skipped: int32 [], updates skipped by the non-finite guard (policy "skip").
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    num_skipped: jax.Array
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state at step 0 (pure; jit it with out_shardings to create it sharded)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      num_skipped=jnp.zeros((), jnp.int32))
+
+
+def train_state_shardings(tx: optax.GradientTransformation, params_shardings: Any, abstract_params: Any,
+                          mesh: Mesh) -> TrainState:
+    """A `TrainState` of NamedShardings: params as given, Adam moments like their params, scalars replicated."""
+    rep = shd.replicated(mesh)
+    return TrainState(step=rep, params=params_shardings,
+                      opt_state=shd.opt_state_shardings(tx, params_shardings, abstract_params, mesh),
+                      num_skipped=rep)
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, *, mesh: Optional[Mesh] = None,
+                       params_shardings: Any = None) -> tuple[TrainState, Optional[TrainState]]:
+    """Wrap already-placed params into a state whose optimizer state is created sharded.
+
+    Args:
+      params: trainable params, already placed with `params_shardings` (e.g. created with
+        `sharding.create_sharded` or loaded onto the mesh); they are reused, not copied.
+      tx: the optimizer.
+      mesh: device mesh; None = default device, no explicit shardings.
+      params_shardings: NamedShardings of `params` (required with `mesh`).
+
+    Returns:
+      (state, state_shardings); `state_shardings` is None without a mesh.
+    """
+    if mesh is None:
+        return init_train_state(params, tx), None
+    if params_shardings is None:
+        raise ValueError("create_train_state: params_shardings is required when a mesh is given")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = train_state_shardings(tx, params_shardings, abstract, mesh)
+    opt_state = shd.create_sharded(tx.init, params, out_shardings=shardings.opt_state)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    state = TrainState(step=zero, params=params, opt_state=opt_state,
+                       num_skipped=jax.device_put(jnp.zeros((), jnp.int32), shardings.num_skipped))
+    return state, shardings
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs carrying each leaf's sharding (the restore target Orbax needs)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
