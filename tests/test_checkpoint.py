@@ -1,0 +1,195 @@
+"""Tests for rlhf_jax.checkpoint: round trip with types kept, keep-last-N, keep-best, resume, atomicity."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
+
+
+class KLState(NamedTuple):
+    """Adaptive-KL controller state (stand-in for the trainer's)."""
+
+    beta: jax.Array
+    n_seen: jax.Array
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array  # typed key
+    raw_rng: jax.Array  # raw uint32 key
+    kl: KLState
+
+
+def make_state(seed: int) -> TrainState:
+    k = jax.random.key(seed)
+    params = {
+        "dense": {"kernel": jax.random.normal(k, (4, 3)), "bias": jnp.arange(3.0)},
+        "embed": jax.random.normal(jax.random.fold_in(k, 1), (5, 4), dtype=jnp.bfloat16),
+    }
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-trivial moments
+    return TrainState(
+        step=jnp.int32(seed),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.fold_in(k, 7),
+        raw_rng=jax.random.PRNGKey(seed + 100),
+        kl=KLState(beta=jnp.float32(0.1 * seed), n_seen=jnp.int64(seed * 10) if jax.config.x64_enabled else jnp.int32(seed * 10)),
+    )
+
+
+def assert_state_equal(a: TrainState, b: TrainState) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)  # NamedTuples stay NamedTuples
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_keeps_types_values_and_meta(tmp_path):
+    state = make_state(3)
+    meta = {"data_position": {"epoch": 1, "index": np.int64(42)}, "config": {"lr": 1e-5}}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(10, state, meta=meta, metrics={"loss": jnp.float32(0.5)})
+        ckpt.wait_until_finished()
+        restored, got_meta = ckpt.restore(target=abstract_like(make_state(0)))
+    assert_state_equal(restored, state)
+    assert isinstance(restored.kl, KLState) and isinstance(restored.opt_state[1][0], optax.ScaleByAdamState)
+    assert restored.params["dense"]["kernel"].sharding == state.params["dense"]["kernel"].sharding
+    assert got_meta == {"data_position": {"epoch": 1, "index": 42}, "config": {"lr": 1e-5}, "metrics": {"loss": 0.5}}
+    # the restored typed key draws the same numbers as the original
+    np.testing.assert_array_equal(jax.random.uniform(restored.rng, (3,)), jax.random.uniform(state.rng, (3,)))
+
+
+def test_keep_last_n_and_resume_from_latest(tmp_path):
+    d = tmp_path / "ckpt"
+    with Checkpointer(d, keep_last_n=2) as ckpt:
+        for s in (1, 2, 3, 4):
+            ckpt.save(s, make_state(s), meta={"pos": s})
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [3, 4]
+    # a new process-equivalent opens the directory and resumes from the latest step
+    assert resolve_resume("auto", d) == (d.absolute(), 4)
+    with Checkpointer(d, keep_last_n=2) as again:
+        assert again.latest_step() == 4
+        state, meta = again.restore(target=make_state(0))
+        assert_state_equal(state, make_state(4))
+        assert meta == {"pos": 4}
+        state3, _ = again.restore(3, target=make_state(0))
+        assert_state_equal(state3, make_state(3))
+        assert again.restore_meta(3) == {"pos": 3}
+        with pytest.raises(FileNotFoundError, match="step 1 not in"):
+            again.restore(1, target=make_state(0))
+
+
+@pytest.mark.parametrize("mode, best_loss", [("min", 0.5), ("max", 9.0)])
+def test_keep_best_survives_rotation_and_restart(tmp_path, mode, best_loss):
+    d = tmp_path / "ckpt"
+    losses = {1: 3.0, 2: 0.5, 3: 9.0, 4: 2.0, 5: 4.0, 6: float("nan")}
+    finite = {s: v for s, v in losses.items() if np.isfinite(v) and s <= 4}
+    best = (min if mode == "min" else max)(finite, key=finite.get)
+    with Checkpointer(d, keep_last_n=2, keep_best_metric="loss", keep_best_mode=mode) as ckpt:
+        for s in (1, 2, 3, 4):
+            ckpt.save(s, make_state(s), metrics={"loss": losses[s]})
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == sorted({best, 3, 4})
+        assert ckpt.best_step() == best
+    with Checkpointer(d, keep_last_n=2, keep_best_metric="loss", keep_best_mode=mode) as ckpt:  # restart
+        for s in (5, 6):
+            ckpt.save(s, make_state(s), metrics={"loss": losses[s]})  # NaN at step 6 is never "best"
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == sorted({best, 5, 6})
+        assert ckpt.best_step() == best
+        state, meta = ckpt.restore(ckpt.best_step(), target=make_state(0))
+        assert_state_equal(state, make_state(best))
+        assert meta["metrics"]["loss"] == best_loss
+
+
+def test_resolve_resume_paths(tmp_path):
+    d = tmp_path / "run" / "checkpoints"
+    assert resolve_resume("never", d) is None
+    assert resolve_resume("auto", d) is None  # nothing yet
+    with Checkpointer(d, keep_last_n=None) as ckpt:
+        for s in (5, 7):
+            ckpt.save(s, {"x": jnp.ones(2) * s})
+    assert resolve_resume(str(d), tmp_path / "elsewhere") == (d.absolute(), 7)
+    assert resolve_resume(str(d / "5"), tmp_path / "elsewhere") == (d.absolute(), 5)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "missing"), d)
+    with Checkpointer(d, read_only=True) as ro:
+        restored, _ = ro.restore(5, target={"x": jnp.zeros(2)})
+    np.testing.assert_array_equal(restored["x"], [5.0, 5.0])
+
+
+def test_meta_must_be_json(tmp_path):
+    with Checkpointer(tmp_path / "c") as ckpt:
+        with pytest.raises(TypeError, match="not JSON-serialisable"):
+            ckpt.save(1, {"x": jnp.ones(1)}, meta={"bad": object()})
+
+
+_SAVER = textwrap.dedent(
+    """
+    import sys, jax.numpy as jnp
+    from rlhf_jax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1], keep_last_n=2)
+    big = jnp.ones((8, 1024, 1024), jnp.float32)  # 32 MiB per step
+    for step in range(1, 1000):
+        ckpt.save(step, {"big": big * step, "step": jnp.int32(step)}, meta={"step": step})
+        print("dispatched", step, flush=True)
+        ckpt.wait_until_finished()
+        print("saved", step, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [3])
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, kill_after):
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    saw_tmp = False
+    for attempt in range(3):  # the kill must land while a step is being written; retry if it finished first
+        d = tmp_path / f"ckpt{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(d)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+        )
+        try:
+            for line in proc.stdout:
+                if line.startswith("dispatched") and int(line.split()[1]) >= kill_after:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        complete = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+        if any("tmp" in p.name for p in d.iterdir()):
+            saw_tmp = True
+            break
+    assert proc.returncode == -signal.SIGKILL
+    assert saw_tmp, "the kill never landed mid-save"
+    with Checkpointer(d, keep_last_n=2) as ckpt:
+        latest = ckpt.latest_step()
+        assert latest == complete[-1] and latest >= 2
+        state, meta = ckpt.restore(target={"big": jnp.zeros((8, 1024, 1024)), "step": jnp.int32(0)})
+    assert meta == {"step": latest} and int(state["step"]) == latest
+    np.testing.assert_array_equal(np.asarray(state["big"][:, :2, :2]), np.full((8, 2, 2), float(latest)))
+    assert not [p for p in d.iterdir() if "tmp" in p.name]  # leftovers cleaned up on open
