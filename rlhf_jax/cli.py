@@ -1,0 +1,117 @@
+"""`rlhf-jax` / `python -m rlhf_jax`: one sub-command per trainer, plus `demo`.
+
+    rlhf-jax sft CONFIG.yaml [dotted.key=value ...] [--print-config]
+    rlhf-jax rm  CONFIG.yaml [dotted.key=value ...]
+    rlhf-jax demo [OUT_DIR] [--out DIR] [--quick]
+
+A trainer is registered with ONE line in `TRAINERS` (`name: (module, config class, help)`); the module must
+define `train(cfg) -> dict`. Modules are imported only when their command runs, so `--help` stays fast.
+
+Config, data and model-file errors (bad key, wrong type, missing file, malformed row, ...) are printed as
+one line on stderr and exit with status 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+#: name -> (module defining `train(cfg)`, its config dataclass, one-line help). Add a trainer with one line.
+TRAINERS: dict[str, tuple[str, str, str]] = {
+    "sft": ("rlhf_jax.trainers.sft", "SFTConfig", "supervised fine-tuning (completion-only loss, packing)"),
+    "rm": ("rlhf_jax.trainers.rm", "RMConfig", "reward model: scalar head + Bradley-Terry loss"),
+}
+
+EXIT_USER_ERROR = 2
+
+
+def trainer_config_class(name: str) -> type:
+    """The config dataclass of a registered trainer."""
+    module, cls, _ = TRAINERS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_trainer_config(name: str, path: Optional[str], overrides: Sequence[str] = ()):
+    """`load_config(<trainer config class>, path, overrides)`."""
+    from rlhf_jax.config import load_config
+
+    return load_config(trainer_config_class(name), path, tuple(overrides))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-jax", description="JAX-native RLHF trainers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, help_) in TRAINERS.items():
+        s = sub.add_parser(name, help=help_, description=f"{help_}. Overrides are dotted key=value pairs.")
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
+        s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    d = sub.add_parser("demo", help="tiny offline end-to-end run on CPU (SFT -> reward model -> RL)")
+    d.add_argument("out_pos", nargs="?", default=None, metavar="OUT_DIR", help="output folder (default runs/demo)")
+    d.add_argument("--out", default=None, help="output folder (same as OUT_DIR)")
+    d.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (config, data, model files), reported without a traceback."""
+    from rlhf_jax.config import ConfigError
+
+    # Every ValueError in rlhf_jax is written as a user-facing message naming the key/file/row/field
+    # (ConfigError, DataFileError, MalformedRowError and ModelLoadError are ValueErrors).
+    return (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from rlhf_jax import demo
+
+        out = args.out or args.out_pos or "runs/demo"
+        demo.run_demo(out, quick=args.quick)
+        return 0
+    if args.command in TRAINERS:
+        from rlhf_jax import distributed
+        from rlhf_jax.config import save_config
+
+        if not os.path.isfile(args.config):
+            raise FileNotFoundError(f"config file {args.config} not found")
+        cfg = load_trainer_config(args.command, args.config, args.overrides)
+        if args.print_config:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                print(save_config(cfg, os.path.join(tmp, "c.yaml")).read_text(), end="")
+            return 0
+        distributed.init_distributed()
+        module = importlib.import_module(TRAINERS[args.command][0])
+        result = module.train(cfg)
+        if distributed.is_main_process():
+            print(f"[rlhf_jax] {args.command} done: outputs in {result.get('output_dir')}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if os.environ.get("RLHF_JAX_TRACEBACK"):
+        return _run(args)
+    try:
+        return _run(args)
+    except _user_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"rlhf-jax {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as e:  # NonFiniteError, consecutive-skip limit, peer failures: clean, status 1
+        print(f"rlhf-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rlhf-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
