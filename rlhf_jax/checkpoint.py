@@ -17,7 +17,9 @@ process killed mid-save leaves the previous steps loadable, unfinished tmp dirs 
 and are deleted when a `Checkpointer` next opens the directory (tests/test_checkpoint.py kills a saver).
 
 Multi-process: every process must call `save`/`restore` with its own shards; Orbax coordinates the writes
-(the primary process writes `meta` and metadata) and barriers across processes.
+(the primary process writes `meta` and metadata) and barriers across processes. Process-local arrays
+(e.g. an unsharded `jnp.int32(step)`) are saved as numpy by the primary process and put back on the
+target's device on restore: they must hold the same value on every process.
 """
 
 from __future__ import annotations
@@ -92,6 +94,32 @@ def _decode_keys(restored: Any, target: Any) -> Any:
         return jax.random.wrap_key_data(r, impl=t.dtype._impl)
 
     return jax.tree.map(leaf, restored, target)
+
+
+def _host_local(x: Any) -> bool:
+    """A jax array (or abstract one) living only on this process's devices, in a multi-process run."""
+    sharding = getattr(x, "sharding", None)
+    return jax.process_count() > 1 and sharding is not None and sharding.is_fully_addressable
+
+
+def _host_local_to_numpy(tree: Any) -> Any:
+    """Multi-process Orbax cannot write process-local arrays (e.g. `jnp.int32(step)` on device 0): save
+    them as numpy (the primary process writes; they must be equal on every process)."""
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and _host_local(x) else x, tree)
+
+
+def _host_local_targets(target: Any) -> Any:
+    return jax.tree.map(
+        lambda t: np.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct) and _host_local(t) else t, target
+    )
+
+
+def _put_host_local(restored: Any, target: Any) -> Any:
+    return jax.tree.map(
+        lambda r, t: jax.device_put(r, t.sharding) if isinstance(t, jax.ShapeDtypeStruct) and _host_local(t) else r,
+        restored,
+        target,
+    )
 
 
 def _json_default(x: Any) -> Any:
@@ -204,7 +232,7 @@ class Checkpointer:
             value = float(np.asarray(metrics[self.keep_best_metric]))
             if math.isfinite(value):
                 ranked = {self.keep_best_metric: value}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_encode_keys(state)), meta=ocp.args.JsonSave(meta_json))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_host_local_to_numpy(_encode_keys(state))), meta=ocp.args.JsonSave(meta_json))
         return self._manager.save(int(step), args=args, metrics=ranked, force=force)
 
     def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
@@ -218,12 +246,14 @@ class Checkpointer:
           FileNotFoundError: no complete checkpoint (or not that step) in the directory.
         """
         step = self._resolve_step(step)
+        encoded = _encode_key_targets(abstract_like(target))
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(_encode_key_targets(abstract_like(target))),
+            state=ocp.args.StandardRestore(_host_local_targets(encoded)),
             meta=ocp.args.JsonRestore(),
         )
         out = self._manager.restore(step, args=args)
-        return _decode_keys(out["state"], target), dict(out["meta"] or {})
+        state = _put_host_local(out["state"], encoded)
+        return _decode_keys(state, target), dict(out["meta"] or {})
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON meta dict of `step` (latest when None)."""

@@ -193,3 +193,69 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, kill_aft
     assert meta == {"step": latest} and int(state["step"]) == latest
     np.testing.assert_array_equal(np.asarray(state["big"][:, :2, :2]), np.full((8, 2, 2), float(latest)))
     assert not [p for p in d.iterdir() if "tmp" in p.name]  # leftovers cleaned up on open
+
+
+_MULTI = textwrap.dedent(
+    """
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    port, pid, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import numpy as np, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+    from rlhf_jax.checkpoint import Checkpointer, abstract_like
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    rows = NamedSharding(mesh, P("data"))
+    full = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    w = jax.make_array_from_callback(full.shape, rows, lambda idx: full[idx])
+    keys = jax.jit(lambda: jax.random.split(jax.random.key(5), 4), out_shardings=rows)()
+    state = {"w": w, "keys": keys, "step": jnp.int32(3)}
+    with Checkpointer(directory, keep_last_n=1) as ckpt:   # every process calls save
+        ckpt.save(3, state, meta={"pos": 17})
+        ckpt.save(4, state, meta={"pos": 18})
+    # restore onto a different layout: replicated w, keys still sharded
+    target = abstract_like(state)
+    target["w"] = jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=NamedSharding(mesh, P()))
+    with Checkpointer(directory, keep_last_n=1) as ckpt:
+        assert ckpt.all_steps() == [4], ckpt.all_steps()
+        got, meta = ckpt.restore(target=target)
+    assert meta == {"pos": 18}, meta
+    assert got["w"].sharding.spec == P(), got["w"].sharding
+    np.testing.assert_array_equal(np.asarray(got["w"].addressable_data(0)), full)
+    assert got["keys"].sharding == keys.sharding
+    same = jax.jit(lambda a, b: jnp.all(jax.random.key_data(a) == jax.random.key_data(b)), out_shardings=NamedSharding(mesh, P()))
+    assert bool(same(got["keys"], keys))
+    print("ok", pid, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_process_save_and_restore_onto_new_layout(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    d = tmp_path / "ckpt"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MULTI, str(port), str(i), str(d)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=180))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"ok {i}" in out, f"process {i} failed:\n{err[-3000:]}"
