@@ -44,8 +44,9 @@ class DataConfig:
         powers of two from 64 (or max_seq_len if smaller) plus max_seq_len itself.
       pack: SFT only: pack several examples per row of max_seq_len (greedy first-fit) with `segment_ids`
         and per-example `positions`.
-      completion_only_loss: Loss only on completion tokens (for "messages", the trailing assistant
-        turns); False trains on every token except each example's first.
+      completion_only_loss: SFT: loss only on completion tokens (for "messages", the trailing assistant
+        turns); False trains on every token except each example's first. Preference and KTO batches
+        always mark only completion tokens.
       add_eos: Append the tokenizer's EOS token to plain-string completions (chat-templated completions
         already end with the template's end-of-turn token and get nothing appended).
       skip_malformed: Skip malformed rows and count them by reason instead of raising.

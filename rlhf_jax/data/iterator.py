@@ -116,6 +116,12 @@ class BatchIterator:
         self._index += 1
         return batch
 
+    def epoch_batches(self, epoch: int = 0):
+        """All of this host's batches of `epoch`, in order, without moving the iterator's position
+        (for evaluation passes)."""
+        for index in range(self.batches_per_epoch):
+            yield self.batch(epoch, index)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The item order of `epoch` (cached for the current epoch)."""
         if self._order_epoch != epoch:

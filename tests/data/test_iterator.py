@@ -148,9 +148,13 @@ class TestOrder:
         with pytest.raises(ValueError, match="out of range"):
             resumed.restore({"epoch": 0, "index": 99})
 
-    def test_num_epochs_stops(self):
+    def test_num_epochs_stops_and_rewinds(self):
         it = BatchIterator(_dataset(8), _cfg(), batch_size=4, pad_id=0, num_epochs=2)
-        assert len(list(it)) == 4
+        first = [_firsts(b) for b in it]
+        assert len(first) == 4 and list(it) == []
+        it.restore({"epoch": 0, "index": 0})
+        assert [_firsts(b) for b in it] == first
+        assert [_firsts(b) for b in it.epoch_batches(1)] == first[2:] and it.state() == {"epoch": 2, "index": 0}
 
 
 class TestHosts:
