@@ -1,0 +1,17 @@
+"""Flax decoder (GPT-2, Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3) with HF safetensors load/save.
+
+Public API:
+  ModelConfig, Transformer, KVCache, init_cache, init_params, logical_specs, default_positions,
+  load_pretrained, save_pretrained, ModelLoadError.
+"""
+
+from rlhf_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from rlhf_jax.models.errors import ModelLoadError
+from rlhf_jax.models.hf_io import stack_layers, unstack_layers
+from rlhf_jax.models.pretrained import hf_state_dict, load_pretrained, save_pretrained
+from rlhf_jax.models.transformer import (KVCache, Transformer, default_positions, init_cache, init_params,
+                                         logical_specs)
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "ModelLoadError", "KVCache", "Transformer", "default_positions",
+           "init_cache", "init_params", "logical_specs", "load_pretrained", "save_pretrained", "hf_state_dict",
+           "stack_layers", "unstack_layers"]
