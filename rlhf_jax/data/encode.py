@@ -23,7 +23,9 @@ import datasets
 import numpy as np
 
 from rlhf_jax.data.config import DataConfig
-from rlhf_jax.data.formats import TASK_FORMATS, MalformedRowError, RowError, detect_format, label_of, render
+from rlhf_jax.data.formats import (
+    TASK_FORMATS, MalformedRowError, NoChatTemplateError, RowError, detect_format, label_of, render,
+)
 
 _TOKENIZE_CHUNK = 1024
 
@@ -142,6 +144,8 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
         except RowError as err:
             fail(i, err)
             continue
+        except NoChatTemplateError as err:
+            raise ValueError(f"{source}: row {i}: {err}") from None
         rendered.append(r)
         kept.append(i)
     prompt_field = cfg.messages_field if fmt == "messages" else cfg.prompt_field

@@ -92,7 +92,7 @@ def render(row: dict[str, Any], fmt: str, task: str, cfg: DataConfig, tokenizer)
             cut -= 1
         if task == "prompt":
             prompt_msgs = messages[:cut] if cut < len(messages) else messages
-            return Rendered(_chat(tokenizer, prompt_msgs, generation=True), (), True)
+            return Rendered(_chat(tokenizer, prompt_msgs, generation=True, field=cfg.messages_field), (), True)
         if cut == len(messages):
             raise RowError(cfg.messages_field, "no_assistant_turn", "the conversation does not end with an assistant turn")
         prompt_text, (completion,) = _chat_split(tokenizer, messages[:cut], [messages[cut:]], cfg.messages_field)
@@ -106,13 +106,13 @@ def render(row: dict[str, Any], fmt: str, task: str, cfg: DataConfig, tokenizer)
         if task == "prompt":
             if isinstance(prompt, str):
                 return Rendered(prompt, (), False)
-            return Rendered(_chat(tokenizer, prompt, generation=True), (), True)
+            return Rendered(_chat(tokenizer, prompt, generation=True, field=cfg.chosen_field), (), True)
     else:
         prompt = _text_or_messages(row, cfg.prompt_field)
         if task == "prompt":
             if isinstance(prompt, str):
                 return Rendered(prompt, (), False)
-            return Rendered(_chat(tokenizer, prompt, generation=True), (), True)
+            return Rendered(_chat(tokenizer, prompt, generation=True, field=cfg.prompt_field), (), True)
         names = (cfg.chosen_field, cfg.rejected_field) if task == "preference" else (cfg.completion_field,)
         completions = [_text_or_messages(row, name) for name in names]
         for name, completion in zip(names, completions):
@@ -183,18 +183,27 @@ def _messages(row: dict[str, Any], field: str) -> list[dict[str, Any]]:
     return value
 
 
-def _chat(tokenizer, messages, *, generation: bool) -> str:
+class NoChatTemplateError(ValueError):
+    """Conversational rows but a tokenizer without a chat template (never skipped: every such row would be)."""
+
+
+def _chat(tokenizer, messages, *, generation: bool, field: str) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise NoChatTemplateError("the row holds chat messages but the tokenizer has no chat_template")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    except Exception as e:  # noqa: BLE001 -- e.g. a template that raises on non-alternating roles
+        raise RowError(field, "template_error", f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _chat_split(tokenizer, prompt_msgs, completions_msgs, field) -> tuple[str, list[str]]:
     """Render prompt (with the generation prompt) and each prompt+completion; return prompt text + suffixes."""
-    prompt_text = _chat(tokenizer, prompt_msgs, generation=True) if prompt_msgs else ""
+    prompt_text = _chat(tokenizer, prompt_msgs, generation=True, field=field) if prompt_msgs else ""
     texts = []
     for completion_msgs in completions_msgs:
-        full = _chat(tokenizer, list(prompt_msgs) + list(completion_msgs), generation=False)
+        full = _chat(tokenizer, list(prompt_msgs) + list(completion_msgs), generation=False, field=field)
         if not full.startswith(prompt_text):
             raise RowError(
                 field, "template_mismatch",

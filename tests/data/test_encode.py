@@ -191,3 +191,24 @@ class TestConfig:
         cfg = DataConfig(max_seq_len=256, buckets=[32, 96])  # a YAML list becomes a tuple
         assert cfg.buckets == (32, 96) and cfg.bucket_lengths == (32, 96, 256)
         assert DataConfig(max_seq_len=32, max_prompt_len=16).bucket_lengths == (32,)
+
+
+class TestTemplateProblems:
+    def test_no_chat_template_is_a_clear_error(self, tokenizer):
+        plain = copy.deepcopy(tokenizer)
+        plain.chat_template = None
+        rows = datasets.Dataset.from_list([{"messages": _chat(("user", "q"), ("assistant", "a"))}])
+        with pytest.raises(ValueError, match="mem: row 0: the row holds chat messages but the tokenizer has no chat_template"):
+            encode(rows, plain, _cfg(skip_malformed=True), task="sft", source="mem")
+
+    def test_template_raising_is_malformed_and_skippable(self, tokenizer):
+        strict = copy.deepcopy(tokenizer)
+        strict.chat_template = (
+            "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+        )
+        rows = [{"messages": _chat(("user", "q"), ("assistant", "a"))}, {"messages": _chat(("user", "q"), ("assistant", "a"), ("assistant", "b"))}]
+        with pytest.raises(MalformedRowError, match="mem: row 1: field 'messages': the chat template failed: .*roles must alternate"):
+            encode(datasets.Dataset.from_list(rows), strict, _cfg(), task="sft", source="mem")
+        data = encode(datasets.Dataset.from_list(rows), strict, _cfg(skip_malformed=True), task="sft", source="mem")
+        assert len(data) == 1 and data.stats.skipped == {"template_error": 1}
