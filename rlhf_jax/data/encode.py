@@ -156,27 +156,17 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
     ]
     out_prompts, out_comps, out_rows, out_labels = [], [], [], []
     for j, (i, r) in enumerate(zip(kept, rendered)):
-        p = prompts[j]
-        p_cut = len(p) > cfg.max_prompt_len
-        if p_cut:
-            p = p[-cfg.max_prompt_len:]
-        room = cfg.max_seq_len - len(p)
-        if task != "prompt" and room <= 0:
+        extra = [eos] if cfg.add_eos and not r.is_chat else []
+        cut = _truncate(prompts[j], [comps[k][j] + extra for k in range(n_comp)], cfg, task=task)
+        if cut is None:
             fail(i, RowError(prompt_field, "nothing_to_train", f"the prompt fills max_seq_len={cfg.max_seq_len}"))
             continue
-        cs, c_cut, s_cut = [], 0, 0
-        for k in range(n_comp):
-            c = comps[k][j] + ([eos] if cfg.add_eos and not r.is_chat else [])
-            if len(c) > cfg.max_completion_len:
-                c, c_cut = c[: cfg.max_completion_len], c_cut + 1
-            if len(c) > room:
-                c, s_cut = c[:room], s_cut + 1
-            cs.append(np.asarray(c, np.int32))
-        stats.prompt_truncated += int(p_cut)
+        p, cs, (p_cut, c_cut, s_cut) = cut
+        stats.prompt_truncated += p_cut
         stats.completion_truncated += c_cut
         stats.seq_truncated += s_cut
-        out_prompts.append(np.asarray(p, np.int32))
-        out_comps.append(tuple(cs))
+        out_prompts.append(p)
+        out_comps.append(cs)
         out_rows.append(i)
         if task == "unpaired":
             out_labels.append(labels[j])
@@ -191,6 +181,25 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
         rows=rows,
         stats=stats,
     )
+
+
+def _truncate(prompt: list[int], completions: list[list[int]], cfg: DataConfig, *, task: str):
+    """Left-truncate the prompt, cap completions; returns (prompt, completions, (#p, #c, #s cuts)) or None
+    when no completion token fits (see the module docstring for the policy)."""
+    p_cut = int(len(prompt) > cfg.max_prompt_len)
+    if p_cut:
+        prompt = prompt[-cfg.max_prompt_len:]
+    room = cfg.max_seq_len - len(prompt)
+    if task != "prompt" and room <= 0:
+        return None
+    out, c_cut, s_cut = [], 0, 0
+    for c in completions:
+        if len(c) > cfg.max_completion_len:
+            c, c_cut = c[: cfg.max_completion_len], c_cut + 1
+        if len(c) > room:
+            c, s_cut = c[:room], s_cut + 1
+        out.append(np.asarray(c, np.int32))
+    return np.asarray(prompt, np.int32), tuple(out), (p_cut, c_cut, s_cut)
 
 
 def _iter_rows(rows: datasets.Dataset):
