@@ -240,7 +240,7 @@ def param_shardings(model: Any, mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> 
     """Shardings of ``rlhf_jax.models`` params (from ``models.logical_specs``), checked for divisibility."""
     from rlhf_jax import models  # models sit above sharding in the layering; imported lazily
 
-    abstract = jax.eval_shape(models.init_params, model, jax.random.key(0))
+    abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0))
     return logical_to_shardings(models.logical_specs(model), mesh, shapes=abstract, rules=rules)
 
 
