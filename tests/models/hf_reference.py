@@ -8,7 +8,8 @@ V = 97  # vocab of the tiny reference models
 
 # family name -> (model_type, HF config kwargs)
 FAMILIES = {
-    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True)),
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True,
+                          bos_token_id=1, eos_token_id=2)),
     "llama": ("llama", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=64, rope_theta=10000.0, tie_word_embeddings=False)),
     "llama3": ("llama", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
