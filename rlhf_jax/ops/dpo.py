@@ -79,7 +79,8 @@ def dpo_loss(
     - ipo (Azar et al. 2023, Eq. 17, length-normalised as TRL): :math:`(s_c/|y_c| - s_r/|y_r| - 1/(2\beta))^2`.
     - exo_pair (Ji et al. 2024, Eq. 16): :math:`\sigma(x)(\log\sigma(x) - \log(1-\epsilon)) +
       \sigma(-x)(\log\sigma(-x) - \log\epsilon)`; ε = 0 is replaced by 1e-3 as TRL (0.x) does.
-    - nca_pair (Chen et al. 2024): :math:`-\log\sigma(\beta s_c) - \tfrac12\log\sigma(-\beta s_c) - \tfrac12\log\sigma(-\beta s_r)`.
+    - nca_pair (Chen et al. 2024):
+      :math:`-\log\sigma(\beta s_c) - \tfrac12\log\sigma(-\beta s_c) - \tfrac12\log\sigma(-\beta s_r)`.
     - robust (Chowdhury et al. 2024): :math:`(-(1-\epsilon)\log\sigma(x) + \epsilon\log\sigma(-x))/(1-2\epsilon)`.
     - bco_pair (Jung et al. 2024): :math:`-\log\sigma(\beta s_c - \delta) - \log\sigma(-(\beta s_r - \delta))`.
       TRL ≤ 0.x subtracts δ = a running mean of mean(βu_c, βu_r) kept across steps
@@ -135,8 +136,12 @@ def dpo_loss(
 
     if loss_type in _LENGTH_NORMALISED:
         if chosen_lengths_B is None or rejected_lengths_B is None:
-            raise ValueError(f"rlhf_jax.ops.dpo_loss: loss_type={loss_type!r} needs chosen_lengths_B and rejected_lengths_B")
-        check_same_shape(name, policy_chosen_logps_B=pc, chosen_lengths_B=chosen_lengths_B, rejected_lengths_B=rejected_lengths_B)
+            raise ValueError(
+                f"rlhf_jax.ops.dpo_loss: loss_type={loss_type!r} needs chosen_lengths_B and rejected_lengths_B"
+            )
+        check_same_shape(
+            name, policy_chosen_logps_B=pc, chosen_lengths_B=chosen_lengths_B, rejected_lengths_B=rejected_lengths_B
+        )
         avg_delta = s_c / jnp.maximum(chosen_lengths_B.astype(dtype), 1.0) - s_r / jnp.maximum(
             rejected_lengths_B.astype(dtype), 1.0
         )

@@ -34,7 +34,9 @@ def adaptive_kl_update(
 ) -> AdaptiveKLState:
     r"""One step of Ziegler et al. (2019)'s proportional controller.
 
-    .. math:: \beta \leftarrow \beta\,\big(1 + \mathrm{clip}(\mathrm{KL}/\mathrm{target} - 1, -0.2, 0.2)\cdot n/\mathrm{horizon}\big)
+    .. math::
+        \beta \leftarrow \beta\,\big(1 + \mathrm{clip}(\mathrm{KL}/\mathrm{target} - 1, -0.2, 0.2)
+        \cdot n/\mathrm{horizon}\big)
 
     (lm-human-preferences ``AdaptiveKLController``; TRL's identical port.) ``n_steps`` is the number of
     samples (episodes) in the batch just used; ``current_kl`` the mean sequence KL measured on it.

@@ -145,7 +145,9 @@ def value_loss(
 ) -> jax.Array:
     r"""Per-token clipped value loss (to minimise).
 
-    .. math:: \ell = \tfrac12\max\big((V - R)^2,\; (\mathrm{clip}(V, V_\text{old}-\epsilon, V_\text{old}+\epsilon) - R)^2\big)
+    .. math::
+        \ell = \tfrac12\max\big((V - R)^2,\;
+        (\mathrm{clip}(V, V_\text{old}-\epsilon, V_\text{old}+\epsilon) - R)^2\big)
 
     (OpenAI baselines PPO2; TRL ``PPOTrainer``, ``cliprange_value``.) Padding gets 0.
     """

@@ -49,7 +49,10 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 def orpo_log_odds(chosen_avg_logps_B: jax.Array, rejected_avg_logps_B: jax.Array) -> jax.Array:
-    r"""Log odds ratio :math:`\log\frac{\mathrm{odds}(y_c)}{\mathrm{odds}(y_r)}`, odds(y) = p/(1−p), p = e^{avg logp}."""
+    r"""Log odds ratio :math:`\log\frac{\mathrm{odds}(y_c)}{\mathrm{odds}(y_r)}`.
+
+    odds(y) = p/(1−p) with p = exp(average token log-prob); log(1 − p) computed stably.
+    """
     check_same_shape("orpo_log_odds", chosen_avg_logps_B=chosen_avg_logps_B, rejected_avg_logps_B=rejected_avg_logps_B)
     dtype = compute_dtype(chosen_avg_logps_B, rejected_avg_logps_B)
     c, r = chosen_avg_logps_B.astype(dtype), rejected_avg_logps_B.astype(dtype)
@@ -144,7 +147,9 @@ def kto_loss(
     return losses, jax.lax.stop_gradient(beta * u)
 
 
-def bradley_terry_loss(chosen_B: jax.Array, rejected_B: jax.Array, *, margin: jax.Array | float | None = None) -> jax.Array:
+def bradley_terry_loss(
+    chosen_B: jax.Array, rejected_B: jax.Array, *, margin: jax.Array | float | None = None
+) -> jax.Array:
     r"""Pairwise reward-model loss :math:`-\log\sigma(s_c - s_r - m)` (Bradley & Terry 1952;
     Ouyang et al. 2022; margin as Llama 2 / TRL ``RewardTrainer``)."""
     check_rank("bradley_terry_loss", "chosen_B", chosen_B, 1)

@@ -89,6 +89,13 @@ class TestGae:
             f(r, v, ragged_mask([1, 2, 3, 4], T))
         assert f.traces == 1
 
+    def test_vmap_over_leading_axis(self):
+        r, v = _data(4)
+        mask = ragged_mask([7, 3, 4, 1], T)
+        f = jax.jit(jax.vmap(functools.partial(ops.gae, gamma=0.99, lam=0.9)))
+        adv, _ = f(r.reshape(2, 2, T), v.reshape(2, 2, T), mask.reshape(2, 2, T))
+        np.testing.assert_allclose(adv.reshape(B, T), _gae[(0.99, 0.9)](r, v, mask)[0], rtol=1e-6, atol=1e-6)
+
     def test_float64(self):
         with jax.enable_x64(True):
             r, v = (x.astype(np.float64) for x in _data(3))
@@ -97,7 +104,9 @@ class TestGae:
             assert adv.dtype == jnp.float64
             np.testing.assert_allclose(adv, gae_oracle(r, v, lens, 0.9, 0.8)[0], rtol=1e-12)
 
-    def test_discounted_returns(self):
+
+class TestDiscountedReturns:
+    def test_golden(self):
         r = np.array([[1.0, 2.0, 4.0, 8.0]], np.float32)
         out = ops.discounted_returns(r, np.array([[1, 1, 1, 0]]), gamma=0.5)
         np.testing.assert_allclose(out, [[1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4, 0]])

@@ -157,6 +157,12 @@ class TestDpoLoss:
         with pytest.raises(ValueError, match="same shape"):
             ops.dpo_loss(z, jnp.zeros(3), z, z, beta=0.1)
 
+    def test_vmap_over_leading_axis(self):
+        pc, pr, rc, rr, _, _ = (jnp.asarray(a, jnp.float32) for a in _inputs(4))
+        f = jax.jit(jax.vmap(lambda *a: ops.dpo_loss(*a, beta=0.1)[0]))
+        out = f(*(x.reshape(2, 3) for x in (pc, pr, rc, rr)))
+        np.testing.assert_allclose(out.reshape(-1), ops.dpo_loss(pc, pr, rc, rr, beta=0.1)[0], rtol=1e-6)
+
     def test_alpha_one_is_reverse_kl(self):
         u = jnp.array([0.3, -2.0])
         np.testing.assert_allclose(ops.f_divergence_scores(u, f_divergence="alpha_divergence", alpha=1.0), u)
