@@ -1,0 +1,297 @@
+"""The shared core of online RL (PPO, GRPO, RLOO, REINFORCE++, ReMax): experience, scoring, the update.
+
+One iteration is ``prompts → generate → score → evaluate → advantages → update``:
+
+1. ``rollout.generate`` samples responses (its own jitted loop).
+2. :func:`evaluate_rollout` (jitted) runs the actor, the frozen reference, the critic and the reward
+   model teacher-forced over ``prompt + response`` and returns per-token log-probs, values and the RM
+   score. Host reward functions run on decoded text meanwhile (JAX dispatch is asynchronous).
+3. :func:`make_experience` (jitted) combines scores (RM, functions, clip, no-EOS penalty) and calls the
+   algorithm's pure ``advantages`` function → a typed :class:`Experience`.
+4. :func:`make_update` builds ONE jitted function that runs ``epochs × minibatches × micro-batches``
+   with ``lax.scan``, differentiates the algorithm's pure ``loss`` and applies separate optimizers
+   to the actor and (if any) the critic.
+
+An algorithm is an :class:`Algorithm`: two small pure functions over arrays (no model, no config
+object) plus a flag saying whether it needs a critic. PPO lives in ``rlhf_jax.trainers.ppo``; GRPO and
+friends plug in by writing their own ``advantages``/``loss``.
+
+Gradient accumulation is exact: the loss denominators (token or sequence counts) of the whole minibatch
+are computed first from its masks, every micro-batch contributes ``Σ_k c_k · sum_k / D_k``, and the
+gradients simply add (README, "Losses are elementwise; ... divided once per optimizer step").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import ops
+from rlhf_jax.data.batches import SFTBatch
+from rlhf_jax.rollout.types import Rollout, response_logits
+from rlhf_jax.train.state import TrainState
+
+
+class Experience(NamedTuple):
+    """One batch of on-policy experience; crosses ``jit`` as a pytree (all leaves ``[B, ...]``).
+
+    Attributes:
+      prompt_ids_BxP, prompt_mask_BxP: LEFT-padded prompts.
+      response_ids_BxT, response_mask_BxT: responses, mask 1 up to and including EOS.
+      old_logp_BxT: actor log-probs at rollout time (trainer forward, logits / temperature).
+      ref_logp_BxT: frozen reference log-probs of the same tokens.
+      old_values_BxT: critic values V(s_t) at rollout time (0 without a critic).
+      advantages_BxT: advantages (whitened or not, as the algorithm decides).
+      returns_BxT: value targets (0 without a critic).
+      score_B: the final sequence score (after clipping / penalties) that was shaped into rewards.
+    """
+
+    prompt_ids_BxP: jax.Array
+    prompt_mask_BxP: jax.Array
+    response_ids_BxT: jax.Array
+    response_mask_BxT: jax.Array
+    old_logp_BxT: jax.Array
+    ref_logp_BxT: jax.Array
+    old_values_BxT: jax.Array
+    advantages_BxT: jax.Array
+    returns_BxT: jax.Array
+    score_B: jax.Array
+
+    @property
+    def ids_BxS(self) -> jax.Array:
+        return jnp.concatenate([self.prompt_ids_BxP, self.response_ids_BxT], axis=1)
+
+    @property
+    def mask_BxS(self) -> jax.Array:
+        return jnp.concatenate([self.prompt_mask_BxP, self.response_mask_BxT], axis=1)
+
+
+class RolloutEval(NamedTuple):
+    """Teacher-forced evaluation of a rollout by the four models (output of :func:`evaluate_rollout`)."""
+
+    logp_BxT: jax.Array
+    ref_logp_BxT: jax.Array
+    values_BxT: jax.Array
+    rm_score_B: jax.Array
+
+
+class Forward(NamedTuple):
+    """What the loss sees of the current models on a micro-batch."""
+
+    logp_BxT: jax.Array
+    entropy_BxT: jax.Array
+    values_BxT: Optional[jax.Array]
+
+
+class Models(NamedTuple):
+    """The (hashable) Flax modules; params are always passed separately as ``jit`` arguments.
+
+    ``ref`` is the actor's module (same architecture, other params). ``critic``/``reward`` may be None.
+    """
+
+    actor: Any
+    critic: Any = None
+    reward: Any = None
+
+
+# An algorithm's advantages: (exp_without_adv, kl_coef) -> (advantages_BxT, returns_BxT, rewards_BxT)
+AdvantageFn = Callable[[Experience, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+# Its loss: (forward, minibatch, denominators, kl_coef) -> (scalar loss for this micro-batch, metric sums)
+LossFn = Callable[[Forward, Experience, Any, jax.Array], tuple[jax.Array, dict]]
+# Its denominators: the full minibatch -> pytree of counts (computed from masks only).
+DenominatorFn = Callable[[Experience], Any]
+
+
+class Algorithm(NamedTuple):
+    """An online-RL algorithm as pure functions (see module docstring)."""
+
+    advantages: AdvantageFn
+    loss: LossFn
+    denominators: DenominatorFn
+    use_critic: bool
+
+
+class UpdateSettings(NamedTuple):
+    """Static shape of one update: B = num_minibatches × minibatch size; micro-batches per minibatch."""
+
+    epochs: int
+    num_minibatches: int
+    num_micro_batches: int
+    temperature: float
+    ptx_coef: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------- forwards
+def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt_length: int,
+                   temperature: float, with_entropy: bool) -> tuple[jax.Array, jax.Array]:
+    """Log-probs (and entropy) of the response tokens under ``softmax(logits / τ)``; 0 on padding.
+
+    Same convention as the sampler's ``Rollout.logp_BxT`` (see ``rlhf_jax.rollout.sampling``).
+    """
+    logits_BxSxV = model.apply({"params": params}, ids_BxS, mask_BxS)
+    logits_BxTxV = response_logits(logits_BxSxV, prompt_length) / temperature
+    mask_BxT = mask_BxS[:, prompt_length:]
+    logp_BxT = jnp.where(mask_BxT > 0, ops.token_logprobs(logits_BxTxV, response_ids_BxT), 0.0)
+    ent_BxT = ops.entropy(logits_BxTxV) if with_entropy else jnp.zeros_like(logp_BxT)
+    return logp_BxT, jnp.where(mask_BxT > 0, ent_BxT, 0.0)
+
+
+def critic_values(model, params, ids_BxS, mask_BxS, *, prompt_length: int) -> jax.Array:
+    """V(s_t) for each response token t: the scalar head at the position that PREDICTS token t.
+
+    As TRL ``PPOTrainer`` (``full_value[:, context_length - 1 : -1]``); 0 on padding.
+    """
+    scores_BxS = model.apply({"params": params}, ids_BxS, mask_BxS)
+    values_BxT = scores_BxS[:, prompt_length - 1 : -1].astype(jnp.float32)
+    return jnp.where(mask_BxS[:, prompt_length:] > 0, values_BxT, 0.0)
+
+
+def reward_model_scores(model, params, ids_BxS, mask_BxS) -> jax.Array:
+    """Sequence score: the scalar head at each row's last real token (prompt + response)."""
+    return ops.last_token(model.apply({"params": params}, ids_BxS, mask_BxS), mask_BxS).astype(jnp.float32)
+
+
+def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, reward_params,
+                     rollout: Rollout, *, temperature: float) -> RolloutEval:
+    """Teacher-forced pass of all models over a rollout (pure; jit with ``models`` static)."""
+    ids, mask, P = rollout.ids_BxS, rollout.mask_BxS, rollout.prompt_length
+    fwd = dict(prompt_length=P, temperature=temperature, with_entropy=False)
+    logp, _ = policy_forward(models.actor, actor_params, ids, mask, rollout.response_ids_BxT, **fwd)
+    ref_logp, _ = policy_forward(models.actor, ref_params, ids, mask, rollout.response_ids_BxT, **fwd)
+    values = (critic_values(models.critic, critic_params, ids, mask, prompt_length=P)
+              if models.critic is not None else jnp.zeros_like(logp))
+    rm = (reward_model_scores(models.reward, reward_params, ids, mask)
+          if models.reward is not None else jnp.zeros(logp.shape[:1], jnp.float32))
+    return RolloutEval(logp, ref_logp, values, rm)
+
+
+def has_eos(response_ids_BxT: jax.Array, response_mask_BxT: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """Whether each response contains an EOS among its real tokens."""
+    is_eos = jnp.isin(response_ids_BxT, jnp.asarray(eos_ids, response_ids_BxT.dtype))
+    return jnp.any(is_eos & (response_mask_BxT > 0), axis=-1)
+
+
+def make_experience(algo: Algorithm, rollout: Rollout, ev: RolloutEval, score_B: jax.Array,
+                    kl_coef: jax.Array) -> tuple[Experience, jax.Array]:
+    """Assemble :class:`Experience` and run the algorithm's advantage estimator (pure; jittable).
+
+    ``score_B`` is the final sequence score (already combined, clipped and penalised by the caller).
+    Returns ``(experience, rewards_BxT)``.
+    """
+    exp = Experience(
+        prompt_ids_BxP=rollout.prompt_ids_BxP, prompt_mask_BxP=rollout.prompt_mask_BxP,
+        response_ids_BxT=rollout.response_ids_BxT, response_mask_BxT=rollout.response_mask_BxT,
+        old_logp_BxT=ev.logp_BxT, ref_logp_BxT=ev.ref_logp_BxT, old_values_BxT=ev.values_BxT,
+        advantages_BxT=jnp.zeros_like(ev.logp_BxT), returns_BxT=jnp.zeros_like(ev.logp_BxT),
+        score_B=score_B.astype(jnp.float32))
+    adv, ret, rewards = algo.advantages(exp, kl_coef)
+    return exp._replace(advantages_BxT=adv, returns_BxT=ret), rewards
+
+
+# ----------------------------------------------------------------------------------------- update
+def ptx_loss_sum(model, params, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
+    """Next-token loss on pretraining data as ``(sum, count)`` (PPO-ptx, Ouyang et al. 2022, eq. 2).
+
+    .. math:: \\mathcal L_{ptx} = -\\sum_s m_{s+1} \\log \\pi_\\theta(x_{s+1} | x_{\\le s})
+    """
+    logits = model.apply({"params": params}, batch.input_ids_BxS, batch.attention_mask_BxS)
+    logp = ops.token_logprobs(logits[:, :-1], batch.input_ids_BxS[:, 1:])
+    w = batch.loss_mask_BxS[:, 1:].astype(jnp.float32)
+    return -jnp.sum(logp * w), jnp.sum(w)
+
+
+def _split(tree, n: int):
+    """[B, ...] → [n, B/n, ...] with contiguous rows per chunk."""
+    def f(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {n}")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(f, tree)
+
+
+def _apply(tx: optax.GradientTransformation, state: TrainState, grads, finite) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return TrainState(step=state.step + 1, params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state),
+                      num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
+
+
+def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTransformation,
+                critic_tx: Optional[optax.GradientTransformation], settings: UpdateSettings) -> Callable:
+    """The un-jitted update ``(actor, critic, exp, ptx, key, kl_coef) -> (actor, critic, metrics)``.
+
+    ``critic`` is a :class:`TrainState` or None; ``ptx`` an :class:`SFTBatch` with leading dimension
+    ``num_minibatches`` × rows (or None). ``metrics`` are means over all optimizer steps of the update.
+    """
+    s = settings
+    use_entropy = True
+
+    def micro_loss(params, mb: Experience, ptx_mb, den, kl_coef):
+        actor_p, critic_p = params
+        P = mb.prompt_ids_BxP.shape[1]
+        logp, ent = policy_forward(models.actor, actor_p, mb.ids_BxS, mb.mask_BxS, mb.response_ids_BxT,
+                                   prompt_length=P, temperature=s.temperature, with_entropy=use_entropy)
+        values = (critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=P)
+                  if algo.use_critic else None)
+        loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
+        if ptx_mb is not None:
+            ptx_sum, _ = ptx_loss_sum(models.actor, actor_p, ptx_mb)
+            ptx_den = jnp.maximum(den["ptx"], 1.0)
+            loss = loss + s.ptx_coef * ptx_sum / ptx_den
+            mets = dict(mets, ptx_loss=jax.lax.stop_gradient(ptx_sum / ptx_den))
+        return loss, mets
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def minibatch_step(carry, xs):
+        actor, critic, kl_coef = carry
+        mb, ptx_mb = xs
+        den = dict(algo.denominators(mb))
+        if ptx_mb is not None:
+            den["ptx"] = jnp.sum(ptx_mb.loss_mask_BxS[:, 1:]).astype(jnp.float32)
+        params = (actor.params, critic.params if critic is not None else None)
+        micro = _split(mb, s.num_micro_batches)
+        micro_ptx = _split(ptx_mb, s.num_micro_batches) if ptx_mb is not None else None
+
+        def body(acc, xs_m):
+            (loss, mets), g = grad_fn(params, xs_m[0], xs_m[1], den, kl_coef)
+            return jax.tree.map(jnp.add, acc, (loss, mets, g)), None
+
+        first = jax.tree.map(lambda x: x[0], (micro, micro_ptx))
+        shape = jax.eval_shape(lambda: grad_fn(params, first[0], first[1], den, kl_coef))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shape[0][0], shape[0][1], shape[1]))
+        (loss, mets, grads), _ = jax.lax.scan(body, zeros, (micro, micro_ptx))
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        g_actor, g_critic = grads
+        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, actor.params)
+        mets = dict(mets, loss=loss, actor_grad_norm=optax.tree.norm(g_actor), finite=finite.astype(jnp.float32))
+        actor = _apply(actor_tx, actor, g_actor, finite)
+        if critic is not None:
+            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, critic.params)
+            mets["critic_grad_norm"] = optax.tree.norm(g_critic)
+            critic = _apply(critic_tx, critic, g_critic, finite)
+        return (actor, critic, kl_coef), mets
+
+    def update(actor: TrainState, critic: Optional[TrainState], exp: Experience, ptx: Optional[SFTBatch],
+               key: jax.Array, kl_coef: jax.Array):
+        B = exp.score_B.shape[0]
+        ptx_mbs = _split(ptx, s.num_minibatches) if ptx is not None else None
+
+        def epoch(carry, ekey):
+            perm = jax.random.permutation(ekey, B)
+            mbs = _split(jax.tree.map(lambda x: x[perm], exp), s.num_minibatches)
+            return jax.lax.scan(minibatch_step, carry, (mbs, ptx_mbs))
+
+        (actor, critic, _), mets = jax.lax.scan(epoch, (actor, critic, kl_coef),
+                                                jax.random.split(key, s.epochs))
+        mets = jax.tree.map(jnp.mean, mets)
+        if critic is None:
+            mets.pop("critic_grad_norm", None)
+        return actor, critic, mets
+
+    return update

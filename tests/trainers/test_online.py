@@ -1,0 +1,239 @@
+"""Tests for the shared online-RL core (rlhf_jax.trainers.online) with PPO's algorithm plugged in."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import ops
+from rlhf_jax.data.batches import SFTBatch
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import Transformer, init_params
+from rlhf_jax.rollout.types import Rollout
+from rlhf_jax.train.state import init_train_state
+from rlhf_jax.trainers import online
+from rlhf_jax.trainers.ppo_algo import ppo_algorithm
+
+V, B, P, T = 48, 8, 5, 6
+
+
+def tiny_config(**kw):
+    base = dict(model_type="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-6, activation="silu")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config()
+    actor, critic = Transformer(cfg, head="lm"), Transformer(cfg, head="scalar")
+    k = jax.random.split(jax.random.key(0), 4)
+    actor_p = init_params(actor, k[0])
+    critic_p = init_params(critic, k[1])
+    critic_p = jax.tree.map(lambda x: x, critic_p)
+    critic_p["score"] = 0.1 * jax.random.normal(k[2], critic_p["score"].shape)
+    return actor, critic, actor_p, critic_p
+
+
+def make_rollout(seed=0, b=B):
+    rng = np.random.default_rng(seed)
+    plen = rng.integers(1, P + 1, size=b)
+    prompt_mask = (np.arange(P)[None] >= P - plen[:, None]).astype(np.int32)
+    prompt_ids = rng.integers(1, V, size=(b, P)) * prompt_mask
+    rlen = rng.integers(1, T + 1, size=b)
+    resp_mask = (np.arange(T)[None] < rlen[:, None]).astype(np.int32)
+    resp_ids = rng.integers(1, V, size=(b, T)) * resp_mask
+    z = np.zeros((b, T), np.float32)
+    return Rollout(jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask), jnp.asarray(resp_ids, jnp.int32),
+                   jnp.asarray(resp_mask), jnp.asarray(z), jnp.asarray(z), jnp.asarray(rlen, jnp.int32))
+
+
+def experience(setup, algo, seed=0, kl_coef=0.05):
+    actor, critic, actor_p, critic_p = setup
+    models = online.Models(actor=actor, critic=critic)
+    ro = make_rollout(seed)
+    ev = jax.jit(functools.partial(online.evaluate_rollout, models, temperature=1.0))(actor_p, actor_p, critic_p,
+                                                                                     None, ro)
+    score = jnp.asarray(np.random.default_rng(seed + 100).normal(size=B), jnp.float32)
+    exp, _ = online.make_experience(algo, ro, ev, score, jnp.float32(kl_coef))
+    return models, exp
+
+
+class TestEvaluateRollout:
+    def test_padding_invariance_and_masking(self, setup):
+        actor, critic, actor_p, critic_p = setup
+        models = online.Models(actor=actor, critic=critic)
+        ro = make_rollout(1)
+        ev = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0)
+        np.testing.assert_array_equal(np.asarray(ev.logp_BxT)[np.asarray(ro.response_mask_BxT) == 0], 0.0)
+        np.testing.assert_allclose(ev.logp_BxT, ev.ref_logp_BxT)  # same params → same log-probs
+        # Row 0 alone, with more left padding and garbage in padded slots, gives the same numbers.
+        r0 = jax.tree.map(lambda x: x[:1], ro)
+        pad = 3
+        garbage = Rollout(
+            jnp.concatenate([jnp.full((1, pad), 7, jnp.int32), r0.prompt_ids_BxP], 1),
+            jnp.concatenate([jnp.zeros((1, pad), jnp.int32), r0.prompt_mask_BxP], 1),
+            jnp.where(r0.response_mask_BxT > 0, r0.response_ids_BxT, 5), r0.response_mask_BxT,
+            r0.logp_BxT, r0.sampling_logp_BxT, r0.lengths_B)
+        ev0 = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, garbage, temperature=1.0)
+        np.testing.assert_allclose(ev0.logp_BxT, ev.logp_BxT[:1], atol=1e-5)
+        np.testing.assert_allclose(ev0.values_BxT, ev.values_BxT[:1], atol=1e-5)
+
+    def test_logp_matches_manual_forward(self, setup):
+        actor, critic, actor_p, critic_p = setup
+        ro = make_rollout(2)
+        logp, _ = online.policy_forward(actor, actor_p, ro.ids_BxS, ro.mask_BxS, ro.response_ids_BxT,
+                                        prompt_length=P, temperature=0.7, with_entropy=False)
+        logits = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS) / 0.7
+        lsm = jax.nn.log_softmax(logits, -1)
+        for t in range(T):
+            want = lsm[jnp.arange(B), P + t - 1, ro.response_ids_BxT[:, t]]
+            np.testing.assert_allclose(logp[:, t], np.where(ro.response_mask_BxT[:, t] > 0, want, 0), atol=1e-5)
+
+    def test_reward_model_scores_last_token(self, setup):
+        _, critic, _, critic_p = setup
+        ro = make_rollout(3)
+        s = online.reward_model_scores(critic, critic_p, ro.ids_BxS, ro.mask_BxS)
+        full = critic.apply({"params": critic_p}, ro.ids_BxS, ro.mask_BxS)
+        last = P + np.asarray(ro.lengths_B) - 1
+        np.testing.assert_allclose(s, np.asarray(full)[np.arange(B), last], atol=1e-6)
+
+    def test_has_eos(self):
+        ids = jnp.array([[3, 2, 0], [3, 4, 5], [2, 0, 0]])
+        mask = jnp.array([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+        np.testing.assert_array_equal(online.has_eos(ids, mask, (2,)), [True, False, False])
+
+
+def _run_update(setup, algo, exp, *, micro, minibatches=2, epochs=2, ptx=None, ptx_coef=0.0, key=0):
+    actor, critic, actor_p, critic_p = setup
+    models = online.Models(actor=actor, critic=critic if algo.use_critic else None)
+    tx = optax.adam(1e-2)
+    upd = online.make_update(algo, models, actor_tx=tx, critic_tx=tx if algo.use_critic else None,
+                             settings=online.UpdateSettings(epochs=epochs, num_minibatches=minibatches,
+                                                            num_micro_batches=micro, temperature=1.0,
+                                                            ptx_coef=ptx_coef))
+    a = init_train_state(actor_p, tx)
+    c = init_train_state(critic_p, tx) if algo.use_critic else None
+    return jax.jit(upd)(a, c, exp, ptx, jax.random.key(key), jnp.float32(0.05))
+
+
+class TestUpdate:
+    @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+    def test_micro_batches_do_not_change_the_update(self, setup, mode):
+        algo = ppo_algorithm(loss_agg_mode=mode, entropy_coef=0.01)
+        _, exp = experience(setup, algo)
+        a1, c1, m1 = _run_update(setup, algo, exp, micro=1)
+        a2, c2, m2 = _run_update(setup, algo, exp, micro=2)
+        for x, y in zip(jax.tree.leaves((a1.params, c1.params)), jax.tree.leaves((a2.params, c2.params))):
+            np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-4)
+        assert int(a1.step) == 4 and int(c1.step) == 4  # 2 epochs × 2 minibatches
+
+    def test_first_step_is_on_policy(self, setup):
+        algo = ppo_algorithm()
+        _, exp = experience(setup, algo)
+        _, _, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        # one optimizer step on the rollout's own policy: ratio == 1 everywhere
+        assert float(m["policy_clipfrac"]) == 0.0
+        assert abs(float(m["approx_kl"])) < 1e-6
+        assert {"value_loss", "value_clipfrac", "entropy", "critic_grad_norm", "actor_grad_norm"} <= set(m)
+
+    def test_zero_advantage_zero_policy_gradient(self, setup):
+        algo = ppo_algorithm(use_critic=False, whiten_advantages=False)
+        _, exp = experience(setup, algo)
+        exp = exp._replace(advantages_BxT=jnp.zeros_like(exp.advantages_BxT))
+        a, c, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        assert c is None and float(m["actor_grad_norm"]) == 0.0
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(setup[2])):
+            np.testing.assert_array_equal(x, y)
+
+    def test_ptx_term_changes_update_and_reports_loss(self, setup):
+        algo = ppo_algorithm()
+        _, exp = experience(setup, algo)
+        rng = np.random.default_rng(0)
+        ids = jnp.asarray(rng.integers(1, V, size=(4, 9)), jnp.int32)
+        ones = jnp.ones_like(ids)
+        ptx = SFTBatch(ids, ones, ones, jnp.broadcast_to(jnp.arange(9), ids.shape), ones)
+        a0, _, _ = _run_update(setup, algo, exp, micro=2, ptx=ptx, ptx_coef=0.0)
+        a1, _, m1 = _run_update(setup, algo, exp, micro=2, ptx=ptx, ptx_coef=1.0)
+        a2, _, m2 = _run_update(setup, algo, exp, micro=1, ptx=ptx, ptx_coef=1.0)
+        assert float(m1["ptx_loss"]) > 0
+        np.testing.assert_allclose(m1["ptx_loss"], m2["ptx_loss"], rtol=1e-5)
+        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a0.params), jax.tree.leaves(a1.params)))
+        assert diff > 1e-5
+        for x, y in zip(jax.tree.leaves(a1.params), jax.tree.leaves(a2.params)):
+            np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+    def test_nan_guard_skips_update(self, setup):
+        algo = ppo_algorithm()
+        _, exp = experience(setup, algo)
+        exp = exp._replace(advantages_BxT=exp.advantages_BxT.at[0, 0].set(jnp.nan))
+        a, c, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        assert float(m["finite"]) == 0.0 and int(a.num_skipped) == 1
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(setup[2])):
+            np.testing.assert_array_equal(x, y)
+
+    def test_one_trace_across_iterations(self, setup):
+        actor, critic, actor_p, critic_p = setup
+        algo = ppo_algorithm()
+        traces = []
+        models = online.Models(actor=actor, critic=critic)
+        tx = optax.adam(1e-3)
+        upd = online.make_update(algo, models, actor_tx=tx, critic_tx=tx,
+                                 settings=online.UpdateSettings(epochs=1, num_minibatches=2, num_micro_batches=1,
+                                                                temperature=1.0))
+
+        def counted(*args):
+            traces.append(1)
+            return upd(*args)
+
+        f = jax.jit(counted)
+        a, c = init_train_state(actor_p, tx), init_train_state(critic_p, tx)
+        for i in range(3):
+            _, exp = experience(setup, algo, seed=i)
+            a, c, _ = f(a, c, exp, None, jax.random.key(i), jnp.float32(0.1 * i))
+        assert len(traces) == 1
+
+
+class TestPPOAdvantages:
+    def test_golden_against_python_loop(self, setup):
+        algo = ppo_algorithm(gamma=0.9, lam=0.8, whiten_advantages=False, kl_kind="k1")
+        _, exp = experience(setup, algo, kl_coef=0.3)
+        m = np.asarray(exp.response_mask_BxT)
+        lp, rl = np.asarray(exp.old_logp_BxT), np.asarray(exp.ref_logp_BxT)
+        v, s = np.asarray(exp.old_values_BxT), np.asarray(exp.score_B)
+        for b in range(B):
+            n = int(m[b].sum())
+            r = -0.3 * (lp[b, :n] - rl[b, :n])
+            r[n - 1] += s[b]
+            adv, nxt_v, nxt_a = np.zeros(n), 0.0, 0.0
+            for t in reversed(range(n)):
+                nxt_a = r[t] + 0.9 * nxt_v - v[b, t] + 0.9 * 0.8 * nxt_a
+                adv[t], nxt_v = nxt_a, v[b, t]
+            np.testing.assert_allclose(exp.advantages_BxT[b, :n], adv, atol=1e-5)
+            np.testing.assert_allclose(exp.returns_BxT[b, :n], adv + v[b, :n], atol=1e-5)
+            np.testing.assert_array_equal(exp.advantages_BxT[b, n:], 0)
+
+    def test_whitened(self, setup):
+        algo = ppo_algorithm()
+        _, exp = experience(setup, algo)
+        m = exp.response_mask_BxT
+        assert abs(float(ops.masked_mean(exp.advantages_BxT, m))) < 1e-5
+        assert abs(float(ops.masked_var(exp.advantages_BxT, m)) - 1) < 1e-3
+
+    def test_kl_in_loss_leaves_rewards_unshaped(self, setup):
+        algo = ppo_algorithm(kl_placement="loss", kl_kind="k3")
+        actor, critic, actor_p, critic_p = setup
+        models = online.Models(actor=actor, critic=critic)
+        ro = make_rollout(0)
+        ev = online.evaluate_rollout(models, actor_p, jax.tree.map(lambda x: x * 1.1, actor_p), critic_p, None, ro,
+                                     temperature=1.0)
+        score = jnp.ones(B)
+        _, rewards = online.make_experience(algo, ro, ev, score, jnp.float32(0.5))
+        np.testing.assert_allclose(jnp.sum(rewards, -1), score, atol=1e-6)
+        with pytest.raises(ValueError, match="kl_placement"):
+            ppo_algorithm(kl_placement="both")
