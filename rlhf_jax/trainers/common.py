@@ -20,7 +20,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from rlhf_jax import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
 from rlhf_jax.config import RunConfig, save_config
+from rlhf_jax.train.metrics import MetricsLogger, Progress
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import StepMetrics, check_finite
 
@@ -40,7 +41,10 @@ class ModelLoadConfig:
 
     path: str = ""  # Hugging Face model folder (config.json + *.safetensors), e.g. an SFT export
     tokenizer_path: Optional[str] = None  # tokenizer folder; null = `path`
-    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype (bf16 on TPU/GPU)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bf16 on TPU/GPU; f32 on CPU)
+    param_dtype: Optional[Literal["float32", "bfloat16"]] = None  # storage dtype of params; null = `dtype`
+    remat: str = "none"  # activation checkpointing: "none", "full" or a jax.checkpoint_policies name
+    scan_layers: bool = False  # nn.scan over layers (one compiled block; faster compiles for deep models)
 
     def __post_init__(self):
         if not self.path:
@@ -92,8 +96,10 @@ def load_model(model_cfg: ModelLoadConfig, *, mesh: jax.sharding.Mesh, head: str
     """Load a HF folder as `head` ("lm" or "scalar") and place its params with the logical-axis rules."""
     from rlhf_jax import models
 
-    dtype = jnp.dtype(model_cfg.dtype)
-    model, params = models.load_pretrained(model_cfg.path, dtype=dtype, head=head)
+    model, params = models.load_pretrained(
+        model_cfg.path, dtype=jnp.dtype(model_cfg.dtype), head=head, remat=model_cfg.remat,
+        scan_layers=model_cfg.scan_layers,
+        param_dtype=None if model_cfg.param_dtype is None else jnp.dtype(model_cfg.param_dtype))
     shardings = shd.param_shardings(model, mesh, rules=rules)
     params = jax.device_put(params, shardings)
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path)
@@ -153,24 +159,12 @@ def sum_over(eval_step: Callable, params: Any, batches: Any, mesh: jax.sharding.
 
 
 # --------------------------------------------------------------------------------------------- logging
-class JsonlLog:
-    """Append-only metrics.jsonl (main process). On resume, lines past the resumed step are dropped, so
-    a run killed after logging step j > k and resumed from checkpoint k re-logs j exactly once."""
-
-    def __init__(self, path: pathlib.Path, *, resume_step: int):
-        self.path = path
-        self.main = distributed.is_main_process()
-        if self.main and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    def close(self) -> None:
-        pass
+def truncate_metrics(path: pathlib.Path, *, after_step: int) -> None:
+    """Drop metrics.jsonl records with step > `after_step` (main process): a run killed after logging step
+    j > k and resumed from checkpoint k then logs each step exactly once."""
+    if distributed.is_main_process() and path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def read_jsonl(path: pathlib.Path | str) -> list[dict]:
@@ -179,11 +173,11 @@ def read_jsonl(path: pathlib.Path | str) -> list[dict]:
 
 
 def base_metrics(m: StepMetrics) -> dict[str, float]:
-    """loss / grad_norm / lr / count / skipped of fetched step metrics."""
-    out = {"train/loss": float(m.loss), "train/grad_norm": float(m.grad_norm), "train/count": float(m.count),
-           "train/skipped_updates": float(m.num_skipped)}
+    """loss / grad_norm / lr / count / skipped of fetched step metrics (logged under split "train")."""
+    out = {"loss": float(m.loss), "grad_norm": float(m.grad_norm), "count": float(m.count),
+           "skipped_updates": float(m.num_skipped)}
     if m.lr is not None:
-        out["train/lr"] = float(m.lr)
+        out["lr"] = float(m.lr)
     return out
 
 
@@ -199,10 +193,12 @@ class LoopSpec:
       train_step: jitted `(state, batch, key) -> (state, StepMetrics)`.
       batches: checkpointable iterator of host batches (`state()` / `restore()`).
       total_steps: optimizer steps of the whole run.
-      describe: fetched StepMetrics -> dict of named floats (trainer-specific aux such as accuracy).
-      evaluate: optional `state -> dict of floats` (run every `run.eval_every` steps and at the end).
-      stop_at_step: stop early after this step as if killed (tests); checkpoints as usual until then.
+      describe: fetched StepMetrics -> named floats, logged under split "train".
+      evaluate: optional `state -> named floats`, logged under split "eval" every `run.eval_every` steps and
+        at the end.
+      stop_at_step: stop after this step as if killed (tests); checkpoints as usual until then.
       extra_meta: optional `() -> dict` saved in the checkpoint meta (e.g. a KL controller's host state).
+      name: label of the progress bar.
     """
 
     run: RunConfig
@@ -215,6 +211,7 @@ class LoopSpec:
     evaluate: Optional[Callable[[TrainState], dict[str, float]]] = None
     stop_at_step: Optional[int] = None
     extra_meta: Optional[Callable[[], dict]] = None
+    name: str = "train"
 
 
 def restore_if_any(spec: LoopSpec, state: TrainState, ckpt: Checkpointer) -> tuple[TrainState, int]:
@@ -226,7 +223,8 @@ def restore_if_any(spec: LoopSpec, state: TrainState, ckpt: Checkpointer) -> tup
     source = ckpt if directory == ckpt.directory else Checkpointer(directory, read_only=True)
     state, meta = source.restore(step, target=abstract_like(state))
     spec.batches.restore(meta["data"])
-    print(f"[rlhf_jax] resumed from {directory}/{step} (data position {meta['data']})", flush=True)
+    if distributed.is_main_process():
+        print(f"[rlhf_jax] resumed from {directory}/{step} (data position {meta['data']})", flush=True)
     return state, int(state.step)
 
 
@@ -234,64 +232,69 @@ def train_loop(spec: LoopSpec, state: TrainState) -> tuple[TrainState, dict[str,
     """Resume, then step until `total_steps`: log, evaluate and checkpoint on the run's cadence.
 
     Returns:
-      (final state, last logged metrics including the final evaluation).
+      (final state, latest metrics as "<split>/<name>" floats, the final evaluation included).
     """
     run = spec.run
     ckpt = Checkpointer(spec.output_dir / "checkpoints", keep_last_n=run.keep_last_n,
                         keep_best_metric=run.keep_best_metric, keep_best_mode=run.keep_best_mode)
     state, start = restore_if_any(spec, state, ckpt)
-    log = JsonlLog(spec.output_dir / "metrics.jsonl", resume_step=start)
+    truncate_metrics(spec.output_dir / "metrics.jsonl", after_step=start)
+    main = distributed.is_main_process()
+    logger = MetricsLogger(spec.output_dir, tensorboard=run.tensorboard, wandb=run.wandb,
+                           wandb_project=run.wandb_project, is_main=main)
+    progress = Progress(spec.total_steps, desc=spec.name, enabled=run.progress, is_main=main, initial=start)
     key = jax.random.key(run.seed)
     last = min(spec.total_steps, spec.stop_at_step or spec.total_steps)
     pending: Optional[StepMetrics] = None
     latest: dict[str, float] = {}
     skips = 0
-    t0, t_log = time.perf_counter(), start
+    clock = [time.perf_counter(), start]
 
-    def flush() -> None:
-        nonlocal pending, skips, latest, t0, t_log
+    def flush() -> None:  # fetch and report the pending step's metrics (a few scalars)
+        nonlocal pending, skips
         if pending is None:
             return
-        m = jax.device_get(pending)
-        pending = None
+        m, pending = jax.device_get(pending), None
         check_finite(m, nan_policy=run.nan_policy)
         skips = 0 if bool(m.finite) else skips + 1
         if skips >= run.max_nan_skips:
             raise RuntimeError(f"{skips} consecutive non-finite steps (last at step {int(m.step)}); stopping")
         done = int(m.step) + 1
+        values = spec.describe(m)
+        progress.update(1, loss=values["loss"])
         if done % run.log_every == 0 or done == last:
             now = time.perf_counter()
-            latest = {**spec.describe(m), "time/steps_per_s": (done - t_log) / max(now - t0, 1e-9)}
-            log.log(done, latest)
-            t0, t_log = now, done
-            if distributed.is_main_process():
-                print(f"[step {done}/{spec.total_steps}] " + _short(latest), flush=True)
+            values["steps_per_s"] = (done - clock[1]) / max(now - clock[0], 1e-9)
+            clock[:] = [now, done]
+            latest.update({f"train/{k}": v for k, v in logger.log(done, values).items()})
 
-    for step in range(start, last):
-        batch = shd.shard_batch(next(spec.batches), spec.mesh)
-        state, metrics = spec.train_step(state, batch, key)
-        flush()  # step N-1's metrics, while step N runs
-        pending = metrics
-        done = step + 1
-        is_end = done == last
-        want_eval = spec.evaluate is not None and (done == spec.total_steps or (run.eval_every and done % run.eval_every == 0))
-        want_save = is_end or (run.save_every and done % run.save_every == 0)
-        if want_eval or want_save:
-            flush()
-        if want_eval:
-            ev = spec.evaluate(state)
-            latest = {**latest, **ev}
-            log.log(done, ev)
-            if distributed.is_main_process():
-                print(f"[eval {done}] " + _short(ev), flush=True)
-        if want_save:
-            meta = {"data": spec.batches.state(), "step": done, **(spec.extra_meta() if spec.extra_meta else {})}
-            ckpt.save(done, state, meta=meta, metrics=latest)
-    flush()
-    ckpt.close()
-    log.close()
+    try:
+        for step in range(start, last):
+            batch = shd.shard_batch(next(spec.batches), spec.mesh)
+            state, metrics = spec.train_step(state, batch, key)
+            flush()  # step N-1's metrics, while step N runs
+            pending = metrics
+            done = step + 1
+            every = lambda n: bool(n) and done % n == 0  # noqa: E731
+            want_eval = spec.evaluate is not None and (done == spec.total_steps or every(run.eval_every))
+            want_save = done == last or every(run.save_every)
+            if want_eval or want_save:
+                flush()  # a non-finite step raises here, before anything is saved
+            if want_eval:
+                ev = logger.log(done, spec.evaluate(state), split="eval")
+                latest.update({f"eval/{k}": v for k, v in ev.items()})
+                if main:
+                    print(f"[{spec.name} eval @ {done}] " + _short(ev), flush=True)
+            if want_save:
+                meta = {"data": spec.batches.state(), "step": done, **(spec.extra_meta() if spec.extra_meta else {})}
+                ckpt.save(done, state, meta=meta, metrics=dict(latest))
+        flush()
+    finally:
+        progress.close()
+        logger.close()
+        ckpt.close()
     return state, latest
 
 
 def _short(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -101,13 +102,12 @@ def reward_moments(model, params, batch: PreferenceBatch) -> tuple[jax.Array, ja
     return jnp.sum(v_2B).astype(jnp.float32), jnp.sum(r_2B), jnp.sum(r_2B * r_2B)
 
 
-def pair_metrics(prefix: str, loss_sum: float, aux: RMAux) -> dict[str, float]:
+def pair_metrics(loss_sum: float, aux: RMAux) -> dict[str, float]:
     """loss / accuracy / mean chosen and rejected reward / margin from summed RMAux."""
     n = max(float(aux.pairs), 1.0)
     chosen, rejected = float(aux.chosen_sum) / n, float(aux.rejected_sum) / n
-    return {f"{prefix}/loss": float(loss_sum) / n, f"{prefix}/accuracy": float(aux.correct) / n,
-            f"{prefix}/reward_chosen": chosen, f"{prefix}/reward_rejected": rejected,
-            f"{prefix}/reward_margin": chosen - rejected, f"{prefix}/pairs": float(aux.pairs)}
+    return {"loss": float(loss_sum) / n, "accuracy": float(aux.correct) / n, "reward_chosen": chosen,
+            "reward_rejected": rejected, "reward_margin": chosen - rejected, "pairs": float(aux.pairs)}
 
 
 def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
@@ -134,7 +134,7 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     def describe(m: StepMetrics) -> dict[str, float]:
         base = common.base_metrics(m)
-        return {**base, **pair_metrics("train", float(m.loss) * float(m.aux.pairs), m.aux)}
+        return {**base, **pair_metrics(float(m.loss) * float(m.aux.pairs), m.aux)}
 
     evaluate = None
     if splits.eval is not None:
@@ -142,10 +142,11 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
         def evaluate(state) -> dict[str, float]:
             (loss_sum, _), aux = common.sum_over(eval_step, state.params, splits.eval, mesh)
-            return pair_metrics("eval", loss_sum, aux)
+            return pair_metrics(loss_sum, aux)
 
     spec = common.LoopSpec(run=cfg.run, output_dir=out, mesh=mesh, train_step=step, batches=splits.train,
-                           total_steps=total, describe=describe, evaluate=evaluate, stop_at_step=stop_at_step)
+                           total_steps=total, describe=describe, evaluate=evaluate, stop_at_step=stop_at_step,
+                           name="rm")
     state, latest = common.train_loop(spec, state)
     result = {**latest, "output_dir": str(out), "steps": int(state.step), "data": splits.stats.as_dict()}
     if int(state.step) < total:
@@ -174,8 +175,6 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
 def load_reward_stats(model_dir) -> tuple[float, float]:
     """(mean, std) stored with an exported reward model (config.json keys written by `train`)."""
-    import pathlib
-
     config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
     if "rlhf_jax_reward_mean" not in config:
         raise KeyError(f"{model_dir}/config.json has no rlhf_jax_reward_mean/std: not an rlhf_jax reward model export")

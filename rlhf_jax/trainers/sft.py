@@ -90,7 +90,7 @@ def train(cfg: SFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
                            lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
 
     def describe(m: StepMetrics) -> dict[str, float]:
-        return {**common.base_metrics(m), "train/sequences": float(m.aux.sequences)}
+        return {**common.base_metrics(m), "sequences": float(m.aux.sequences)}
 
     evaluate = None
     if splits.eval is not None:
@@ -100,10 +100,11 @@ def train(cfg: SFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
         def evaluate(state) -> dict[str, float]:
             loss_sum, count = common.sum_over(eval_step, state.params, splits.eval, mesh)
             loss = float(loss_sum) / max(float(count), 1.0)
-            return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     spec = common.LoopSpec(run=cfg.run, output_dir=out, mesh=mesh, train_step=step, batches=splits.train,
-                           total_steps=total, describe=describe, evaluate=evaluate, stop_at_step=stop_at_step)
+                           total_steps=total, describe=describe, evaluate=evaluate, stop_at_step=stop_at_step,
+                           name="sft")
     state, latest = common.train_loop(spec, state)
     result = {**latest, "output_dir": str(out), "steps": int(state.step)}
     if cfg.export and int(state.step) == total:
