@@ -1,4 +1,4 @@
-"""Helpers for the data tests: a ChatML tokenizer builder and writers for every supported file type."""
+"""Helpers for the data tests: writers for every supported file type."""
 
 from __future__ import annotations
 
@@ -6,35 +6,10 @@ import gzip
 import json
 import pathlib
 import shutil
-import sysconfig
 
 import datasets
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 FILE_KINDS = ("jsonl", "json", "jsonl.gz", "parquet", "arrow", "disk")
-
-
-def build_tokenizer(out_dir: pathlib.Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train([str(stdlib / n) for n in ("textwrap.py", "string.py", "difflib.py", "argparse.py")], trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
-    hf.chat_template = CHATML
-    hf.save_pretrained(out_dir)
-    return hf
 
 
 def write_rows(rows: list[dict], folder: pathlib.Path, kind: str, name: str = "data") -> str:

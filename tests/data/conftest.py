@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ._helpers import build_tokenizer
+from rlhf_jax.fixtures import build_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    """Byte-level BPE with pad/eos tokens and a ChatML chat template."""
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    """The project's offline byte-level BPE tokenizer (pad/eos tokens, ChatML chat template)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))  # trained once, then from the content-keyed cache
