@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 TRAINERS: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhf_jax.trainers.sft", "SFTConfig", "supervised fine-tuning (completion-only loss, packing)"),
     "rm": ("rlhf_jax.trainers.rm", "RMConfig", "reward model: scalar head + Bradley-Terry loss"),
+    "dpo": ("rlhf_jax.trainers.dpo", "DPOConfig", "offline preferences: DPO (all TRL loss types), SimPO, ORPO, KTO"),
+    "ppo": ("rlhf_jax.trainers.ppo", "PPOConfig", "online RLHF: PPO (+ptx, adaptive KL) with a reward model and/or Python rewards"),
 }
 
 EXIT_USER_ERROR = 2
