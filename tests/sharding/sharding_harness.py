@@ -1,9 +1,10 @@
-"""Shared by the 8-device and multi-process sharding checks: a tiny model, one SFT step and one
-PPO-style step, each runnable unsharded (1 device, plain jit) or on a mesh via rlhf_jax.sharding.
+"""Shared by the 8-device and multi-process sharding checks: the tiny rlhf_jax.models decoder, one SFT
+step and one PPO-style step (policy LM + scalar value model), each runnable unsharded (1 device, plain
+jit) or on a mesh via rlhf_jax.sharding.
 
-Dims divide every mesh axis size up to 16 (heads, kv heads, mlp, vocab over ``tensor``; embed over
-``fsdp``; batch = 2 x devices over ``data`` x ``fsdp``), so a mesh shape the tests were not written
-for still divides.
+Dims divide every mesh axis size up to 8 (q heads 16, kv heads 8, mlp 128, vocab 128 over ``tensor``;
+embed 64 over ``fsdp``; batch = 2 x devices over ``data`` x ``fsdp``), so a mesh shape the tests were
+not written for still divides.
 """
 
 from __future__ import annotations
@@ -11,77 +12,33 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import ops
+from rlhf_jax import fixtures, models, ops
 from rlhf_jax import sharding as shd
 
 SEQ = 8
 
 
-class TinyLM(nn.Module):
-    """Stand-in decoder naming the same logical axes as rlhf_jax.models (GQA attention + MLP)."""
-
-    vocab: int = 128
-    embed: int = 64
-    heads: int = 16
-    kv_heads: int = 16
-    head_dim: int = 4
-    mlp: int = 128
-    layers: int = 1
-    head: str = "lm"
-
-    def _p(self, name, shape, axes, init=nn.initializers.normal(0.2)):
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape)
-
-    @nn.compact
-    def __call__(self, ids_BxS, mask_BxS):
-        emb_VxD = self._p("embed", (self.vocab, self.embed), ("vocab", "embed"))
-        x = jnp.take(emb_VxD, ids_BxS, axis=0)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        S = ids_BxS.shape[1]
-        allowed = jnp.tril(jnp.ones((S, S), bool))[None, None] & (mask_BxS[:, None, None, :] > 0)
-        for i in range(self.layers):
-            scale = self._p(f"norm_{i}", (self.embed,), ("norm",), nn.initializers.ones)
-            h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
-            q = jnp.einsum("bsd,dhk->bshk", h, self._p(f"q_{i}", (self.embed, self.heads, self.head_dim),
-                                                       ("embed", "q_heads", "head_dim")))
-            k = jnp.einsum("bsd,dhk->bshk", h, self._p(f"k_{i}", (self.embed, self.kv_heads, self.head_dim),
-                                                       ("embed", "kv_heads", "head_dim")))
-            v = jnp.einsum("bsd,dhk->bshk", h, self._p(f"v_{i}", (self.embed, self.kv_heads, self.head_dim),
-                                                       ("embed", "kv_heads", "head_dim")))
-            rep = self.heads // self.kv_heads
-            k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-            logits = jnp.einsum("bshk,bthk->bhst", q, k) / np.sqrt(self.head_dim)
-            att = jax.nn.softmax(jnp.where(allowed, logits, -1e9), axis=-1)
-            o = jnp.einsum("bhst,bthk->bshk", att, v)
-            o = nn.with_logical_constraint(o, ("batch", "length", "act_heads", None))
-            x = x + jnp.einsum("bshk,hkd->bsd", o, self._p(f"o_{i}", (self.heads, self.head_dim, self.embed),
-                                                          ("q_heads", "head_dim", "embed")))
-            u = jax.nn.gelu(jnp.einsum("bsd,df->bsf", x, self._p(f"wi_{i}", (self.embed, self.mlp), ("embed", "mlp"))))
-            u = nn.with_logical_constraint(u, ("batch", "length", "act_mlp"))
-            x = x + jnp.einsum("bsf,fd->bsd", u, self._p(f"wo_{i}", (self.mlp, self.embed), ("mlp", "embed")))
-        if self.head == "scalar":
-            return jnp.einsum("bsd,do->bso", x, self._p("score", (self.embed, 1), ("embed", None)))[..., 0]
-        out = jnp.einsum("bsd,dv->bsv", x, self._p("lm_head", (self.embed, self.vocab), ("embed", "vocab")))
-        return nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
+def tiny_model_config():
+    """Llama-style (RoPE, RMSNorm, SwiGLU, GQA 16/8 heads), float32, one layer, untied LM head."""
+    return models.ModelConfig.from_hf(fixtures.tiny_config("llama", vocab_size=128, hidden=64, layers=1, heads=16,
+                                                           kv_heads=8, intermediate=128))
 
 
-#: name of the large matrix whose shards are checked, and its logical axes
-BIG_PARAM = ("wi_0", ("embed", "mlp"))
+def big_param(params):
+    """The large matrix whose shards are checked: MLP up-projection, logical ("embed", "mlp")."""
+    return params["layers_0"]["mlp"]["up"]
 
 
 def build(head: str = "lm"):
-    """(init_fn(key) -> params, apply_fn(params, ids, mask), logical specs)."""
-    model = TinyLM(head=head)
-    dummy = (jnp.zeros((1, SEQ), jnp.int32), jnp.ones((1, SEQ), jnp.int32))
-    init = lambda key: nn.meta.unbox(model.init(key, *dummy)["params"])  # noqa: E731
-    specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *dummy))["params"]
-    return init, (lambda p, ids, mask: model.apply({"params": p}, ids, mask)), specs
+    """(init_fn(key) -> params, apply_fn(params, ids, mask), logical specs) of the real rlhf_jax.models decoder."""
+    model = models.Transformer(tiny_model_config(), head=head)
+    init = functools.partial(models.init_params, model)
+    return init, (lambda p, ids, mask: model.apply({"params": p}, ids, mask)), models.logical_specs(model)
 
 
 class SFTBatch(NamedTuple):

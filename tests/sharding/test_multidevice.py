@@ -12,6 +12,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_sharding_invariance_on_simulated_devices():
     n = int(os.environ.get("RLHF_JAX_TEST_DEVICES", "8"))
