@@ -1,0 +1,300 @@
+"""Critic-free online RL: GRPO (with DAPO / Dr. GRPO presets), RLOO, REINFORCE++ and ReMax.
+
+Same experience and update as PPO (``rlhf_jax.trainers.online``), without a critic; the algorithms are
+the pure advantage functions of ``critic_free.py``. One iteration:
+
+1. ``rollout.batch_size`` prompts, each repeated G = ``algo.group_size`` times (contiguous groups) →
+   ``rollout.generate`` → scores (Python reward functions with weights and/or a reward model, clip,
+   no-EOS penalty; ``group_rollout.Sampler``).
+2. DAPO dynamic sampling (optional): groups whose G scores are all equal are dropped and more prompts
+   are sampled, at most ``algo.max_sampling_tries`` batches; if still short, dropped groups fill the rest
+   (counted in ``dynamic_sampling/filled_groups``).
+3. ReMax: the greedy (τ = 0) response of each prompt is scored; its score is the baseline.
+4. actor + reference log-probs (one jit) → overlong penalty (DAPO, in tokens) → advantages (one jit)
+   → ``algo.epochs`` × minibatches × micro-batches of the clipped loss (one jit).
+
+Presets (``algo.preset``, GRPO only) fill the fields left null: ``grpo`` (group std, seq-mean-token-mean,
+β = 0.04 k3 in the loss), ``dapo`` (clip-higher ε_high = 0.28, token-mean, β = 0, dynamic sampling, overlong
+penalty over the last ⌈T/5⌉ tokens), ``dr_grpo`` (no std scaling, constant divisor T, β = 0).
+
+Usage: ``rlhf-jax grpo configs/grpo_tiny_cpu.yaml``; ``rlhf-jax rloo|reinforce_pp|remax CONFIG``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar, Literal, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.config import OptimConfig, RunConfig, require
+from rlhf_jax.data import DataConfig
+from rlhf_jax.rollout.types import logprob_temperature
+from rlhf_jax.train.metrics import Timer
+from rlhf_jax.train.optim import make_optimizer
+from rlhf_jax.train.state import create_train_state
+from rlhf_jax.trainers import common, critic_free, online, online_host
+from rlhf_jax.trainers import group_rollout as gr
+from rlhf_jax.trainers.ppo import RewardConfig, RolloutConfig
+
+#: Per-algorithm defaults of the fields left null: (scale, loss_agg_mode, kl_coef, kl_kind, kl_placement).
+ALGO_DEFAULTS = {
+    "grpo": ("group", "seq-mean-token-mean", 0.04, "k3", "loss"),  # Shao et al. 2024
+    "rloo": ("group", "token-mean", 0.05, "k1", "reward"),  # TRL RLOOTrainer
+    "reinforce_pp": ("group", "token-mean", 0.01, "k1", "reward"),  # OpenRLHF reinforce
+    "remax": ("group", "token-mean", 0.01, "k1", "reward"),  # Li et al. 2023
+}
+#: Preset overrides (GRPO family): field -> value.
+PRESETS = {
+    "grpo": {},
+    "dapo": dict(clip_eps_high=0.28, loss_agg_mode="token-mean", kl_coef=0.0, dynamic_sampling=True,
+                 overlong_buffer=-1),  # -1: ⌈T/5⌉ (DAPO: 4096 of 20480)
+    "dr_grpo": dict(scale="none", loss_agg_mode="constant", kl_coef=0.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticFreeHyper:
+    """The algorithm and its update; null fields take the preset's / algorithm's default (see ``resolve``)."""
+
+    algorithm: Literal["grpo", "rloo", "reinforce_pp", "remax"] = "grpo"
+    preset: Literal["grpo", "dapo", "dr_grpo"] = "grpo"  # GRPO variants; must be "grpo" for other algorithms
+    group_size: int = 4  # G responses per prompt (ReMax may use 1)
+    scale: Optional[Literal["group", "batch", "none"]] = None  # GRPO std scaling
+    rloo_normalize: bool = False  # RLOO: standardise advantages over the batch
+    gamma: float = 1.0  # REINFORCE++ discount
+    epochs: int = 1
+    num_minibatches: int = 1
+    num_micro_batches: int = 1
+    clip_eps: float = 0.2  # ε_low
+    clip_eps_high: Optional[float] = None  # ε_high (clip-higher); null = preset or ε_low
+    dual_clip: Optional[float] = None
+    loss_agg_mode: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"]] = None
+    entropy_coef: float = 0.0
+    kl_coef: Optional[float] = None  # β
+    kl_kind: Optional[Literal["k1", "k2", "k3"]] = None
+    kl_placement: Optional[Literal["loss", "reward"]] = None
+    kl_importance_weighted: bool = False  # KL in the loss weighted by π_θ/π_old (unbiased off-policy)
+    dynamic_sampling: Optional[bool] = None  # DAPO: drop zero-variance groups and refill
+    max_sampling_tries: int = 4  # prompt batches sampled at most per iteration with dynamic sampling
+    overlong_buffer: Optional[int] = None  # DAPO L_cache in tokens (null/0 = off; -1 = ⌈T/5⌉)
+    overlong_coef: float = 1.0  # weight of the overlong penalty added to the score
+
+    def __post_init__(self):
+        require(self.algorithm == "grpo" or self.preset == "grpo", "algo.preset",
+                f"presets apply to algorithm=grpo, not {self.algorithm}")
+        min_g = 1 if self.algorithm in ("remax", "reinforce_pp") else 2
+        require(self.group_size >= min_g, "algo.group_size", f"{self.algorithm} needs >= {min_g}, got {self.group_size}")
+        for k in ("epochs", "num_minibatches", "num_micro_batches", "max_sampling_tries"):
+            require(getattr(self, k) >= 1, f"algo.{k}", f"must be >= 1, got {getattr(self, k)}")
+
+    def resolve(self, max_new_tokens: int) -> "Resolved":
+        """Fill null fields from ``PRESETS[preset]`` then ``ALGO_DEFAULTS[algorithm]`` (derived, no mutation)."""
+        preset = PRESETS[self.preset] if self.algorithm == "grpo" else {}
+        scale, agg, beta, kind, place = ALGO_DEFAULTS[self.algorithm]
+        pick = lambda field, default: (getattr(self, field) if getattr(self, field) is not None  # noqa: E731
+                                       else preset.get(field, default))
+        buf = pick("overlong_buffer", 0)
+        buf = -(-max_new_tokens // 5) if buf == -1 else buf
+        require(0 <= buf <= max_new_tokens, "algo.overlong_buffer", f"must be in [0, {max_new_tokens}], got {buf}")
+        return Resolved(scale=pick("scale", scale), loss_agg_mode=pick("loss_agg_mode", agg),
+                        kl_coef=float(pick("kl_coef", beta)), kl_kind=pick("kl_kind", kind),
+                        kl_placement=pick("kl_placement", place), clip_eps_high=pick("clip_eps_high", None),
+                        dynamic_sampling=bool(pick("dynamic_sampling", False)), overlong_buffer=int(buf))
+
+
+class Resolved(NamedTuple):
+    scale: str
+    loss_agg_mode: str
+    kl_coef: float
+    kl_kind: str
+    kl_placement: str
+    clip_eps_high: Optional[float]
+    dynamic_sampling: bool
+    overlong_buffer: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticFreeConfig:
+    """A critic-free online-RL run; ``run.total_steps`` counts iterations."""
+
+    ALGORITHM: ClassVar[Optional[str]] = None  # set by the per-subcommand subclasses
+
+    model: common.ModelLoadConfig  # actor init (SFT export); the reference is a frozen copy
+    data: DataConfig  # prompt rows (+ extra columns passed to reward functions, e.g. GSM8K `answer`)
+    reward: RewardConfig = RewardConfig(functions=("rlhf_jax.tasks:gold_score",))
+    algo: CriticFreeHyper = CriticFreeHyper()
+    rollout: RolloutConfig = RolloutConfig(batch_size=8)  # batch_size = PROMPTS per iteration
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    actor_optim: OptimConfig = OptimConfig(learning_rate=1e-6)
+    run: RunConfig = RunConfig(total_steps=100, log_every=1)
+    mesh: shd.MeshConfig = shd.MeshConfig()
+    sample_every: int = 0
+    num_samples: int = 4
+
+    def __post_init__(self):
+        require(self.run.total_steps is not None, "run.total_steps", "needs the number of iterations")
+        require(self.ALGORITHM is None or self.algo.algorithm == self.ALGORITHM, "algo.algorithm",
+                f"this subcommand runs {self.ALGORITHM}; got {self.algo.algorithm}")
+        a, b = self.algo, self.rollout.batch_size * self.algo.group_size
+        require(b % a.num_minibatches == 0 and (b // a.num_minibatches) % a.num_micro_batches == 0,
+                "algo.num_minibatches", f"{b} responses (batch_size x group_size) must divide into "
+                f"{a.num_minibatches} minibatches of {a.num_micro_batches} micro-batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(CriticFreeConfig):
+    ALGORITHM: ClassVar[Optional[str]] = "grpo"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig(CriticFreeConfig):
+    ALGORITHM: ClassVar[Optional[str]] = "rloo"
+    algo: CriticFreeHyper = CriticFreeHyper(algorithm="rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforcePPConfig(CriticFreeConfig):
+    ALGORITHM: ClassVar[Optional[str]] = "reinforce_pp"
+    algo: CriticFreeHyper = CriticFreeHyper(algorithm="reinforce_pp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReMaxConfig(CriticFreeConfig):
+    ALGORITHM: ClassVar[Optional[str]] = "remax"
+    algo: CriticFreeHyper = CriticFreeHyper(algorithm="remax", group_size=1)
+
+
+def build_algorithm(h: CriticFreeHyper, r: Resolved, *, max_new_tokens: int) -> online.Algorithm:
+    """The :class:`online.Algorithm` of a resolved config."""
+    return critic_free.critic_free_algorithm(
+        h.algorithm, group_size=h.group_size, scale=r.scale, rloo_normalize=h.rloo_normalize, gamma=h.gamma,
+        kl_kind=r.kl_kind, kl_placement=r.kl_placement, kl_importance_weighted=h.kl_importance_weighted,
+        clip_eps=h.clip_eps, clip_eps_high=r.clip_eps_high, dual_clip=h.dual_clip, entropy_coef=h.entropy_coef,
+        loss_agg_mode=r.loss_agg_mode, agg_constant=float(max_new_tokens))
+
+
+def collect_groups(sampler: gr.Sampler, params, prompts, key, *, group_size: int, dynamic: bool,
+                   max_tries: int) -> tuple:
+    """Sample prompt batches until every group has reward variance (or ``max_tries``); see module docstring.
+
+    Returns ``(rollout, score_B, index_B, texts, host metrics)`` with exactly one batch of groups.
+    """
+    kept, pool, mets_all = [], [], []
+    n_groups = None
+    for t in range(max_tries if dynamic else 1):
+        batch = gr.repeat_prompts(next(prompts), group_size)
+        ro, score, mets, texts = sampler(params, batch, jax.random.fold_in(key, t))
+        mets_all.append(mets)
+        rows = (ro, score, batch.index_B, texts["prompts"], texts["responses"],
+                texts["gold"] if texts.get("gold") is not None else [None] * len(score))
+        n_groups = len(score) // group_size
+        if not dynamic:
+            kept.append(rows)
+            break
+        ok = np.repeat(critic_free.group_has_variance(score, group_size=group_size), group_size)
+        kept.append(_subset(rows, np.flatnonzero(ok)))
+        pool.append(_subset(rows, np.flatnonzero(~ok)))
+        if sum(len(k[1]) for k in kept) >= n_groups * group_size:
+            break
+    tries = len(mets_all)
+    have = sum(len(k[1]) for k in kept)
+    parts = kept + pool
+    merged = (gr.concat_rows([p[0] for p in parts]),) + tuple(
+        np.concatenate([np.asarray(p[i], dtype=object if i >= 3 else None) for p in parts]) for i in (1, 2, 3, 4, 5))
+    sel = np.arange(n_groups * group_size)
+    ro, score, index, prompts_t, resp_t, gold_t = _subset(merged, sel)
+    mets = {k: float(np.mean([m[k] for m in mets_all])) for k in mets_all[0]}
+    if dynamic:
+        mets.update({"dynamic_sampling/tries": float(tries),
+                     "dynamic_sampling/filled_groups": float(max(0, n_groups * group_size - have) // group_size),
+                     "dynamic_sampling/kept_fraction": have / (tries * n_groups * group_size)})
+    texts = {"prompts": list(prompts_t), "responses": list(resp_t),
+             "gold": None if gold_t[0] is None else [float(g) for g in gold_t]}
+    return ro, score.astype(np.float32), index.astype(np.int64), texts, mets
+
+
+def _subset(rows: tuple, idx: np.ndarray) -> tuple:
+    return (gr.take_rows(rows[0], idx),) + tuple(np.asarray(r, dtype=object if i >= 2 else None)[idx]
+                                                 for i, r in enumerate(rows[1:], start=1))
+
+
+def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
+    """Run the critic-free trainer; returns the metric history, final state and export path."""
+    out = common.start_run(cfg, cfg.run)
+    mesh = common.make_mesh(cfg.mesh)
+    actor = common.load_model(cfg.model, mesh=mesh, head="lm")
+    h, T = cfg.algo, cfg.rollout.max_new_tokens
+    r = h.resolve(T)
+    ref_params = gr.frozen_copy(actor.params, cfg.frozen_dtype)
+    prompts = gr.prompt_data(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    sampler = gr.make_sampler(cfg.model, cfg.reward, cfg.rollout, cfg.data, actor, mesh, prompts.data)
+    iters = cfg.run.total_steps
+    tx = make_optimizer(cfg.actor_optim, iters * h.epochs * h.num_minibatches)
+    actor_state, actor_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
+    algo = build_algorithm(h, r, max_new_tokens=T)
+    temp = logprob_temperature(cfg.rollout.temperature)
+    models = online.Models(actor=actor.model)
+    settings = online.UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
+                                     num_micro_batches=h.num_micro_batches, temperature=temp)
+    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    evaluate = shd.jit_sharded(functools.partial(online.evaluate_rollout, models, temperature=temp), mesh,
+                               in_shardings=(actor_sh.params, actor.shardings, None, None, bsh), out_shardings=bsh)
+
+    def experience_fn(ro, ev, score, baseline, kl_coef):
+        if r.overlong_buffer:
+            score = score + h.overlong_coef * critic_free.overlong_penalty(ro.lengths_B, max_length=T,
+                                                                           cache_length=r.overlong_buffer)
+        ev = ev._replace(values_BxT=jnp.where(ro.response_mask_BxT > 0, baseline[:, None], 0.0))
+        exp, rewards_bxt = online.make_experience(algo, ro, ev, score, kl_coef)
+        return exp, online_host.rollout_metrics(exp, rewards_bxt, ev, eos_ids=sampler.eos_ids)
+
+    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
+    update = shd.jit_sharded(online.make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
+                             in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
+                             donate_argnums=(0,))
+    base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)
+
+    def step(it, state):
+        timer = Timer()
+        k_gen, k_upd, k_greedy = jax.random.split(jax.random.fold_in(base_key, it), 3)
+        with timer("generate"):
+            ro, score, index, texts, host_mets = collect_groups(
+                sampler, state.params, prompts, k_gen, group_size=h.group_size, dynamic=r.dynamic_sampling,
+                max_tries=h.max_sampling_tries)
+            baseline = np.zeros_like(score)
+            if h.algorithm == "remax":
+                uniq = gr.take_rows(_prompt_rows(ro, index), np.arange(0, len(score), h.group_size))
+                _, b, _, _ = sampler(state.params, uniq, k_greedy, temperature=0.0)
+                baseline = np.repeat(b, h.group_size)
+                host_mets["remax_baseline"] = float(np.mean(b))
+        with timer("score"):
+            ro = shd.shard_batch(ro, mesh)
+            ev = evaluate(state.params, ref_params, None, None, ro)
+            exp, roll_mets = make_exp(ro, ev, shd.shard_batch(score, mesh), shd.shard_batch(baseline, mesh), kl_coef)
+            jax.block_until_ready(exp)
+        with timer("train"):
+            state, _, upd = update(state, None, exp, None, k_upd, kl_coef)
+            mets = {**jax.device_get(roll_mets), **jax.device_get(upd)}
+        values = {**{k: float(v) for k, v in mets.items()}, **host_mets, **timer.as_metrics(), "kl_coef": r.kl_coef,
+                  "skipped_updates": float(state.num_skipped)}
+        return state, values, online_host.sample_rows(texts, score, cfg.num_samples)
+
+    state, history = gr.run_iterations(h.algorithm, run=cfg.run, output_dir=out, state=actor_state, prompts=prompts,
+                                       step=step, iterations=iters, sample_every=cfg.sample_every,
+                                       stop_at_step=stop_at_step, progress_keys=("score", "kl"))
+    result = {"output_dir": str(out), "iterations": len(history), "history": history, "state": state,
+              "model": actor.model, "tokenizer": actor.tokenizer, "resolved": r._asdict()}
+    if stop_at_step is None or stop_at_step >= iters:
+        result["export_dir"] = str(common.export_model(actor, state.params, out / "model"))
+    return result
+
+
+def _prompt_rows(ro, index):
+    from rlhf_jax.data import PromptBatch
+
+    return PromptBatch(np.asarray(ro.prompt_ids_BxP), np.asarray(ro.prompt_mask_BxP), np.asarray(index))
