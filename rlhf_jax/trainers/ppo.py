@@ -17,9 +17,9 @@ Usage: ``rlhf-jax ppo configs/ppo_tiny_cpu.yaml model.path=runs/demo/sft/model r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-import time
 from typing import Literal, Optional
 
 import jax
@@ -38,6 +38,18 @@ from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.state import create_train_state
 from rlhf_jax.trainers import common, online, online_host
 from rlhf_jax.trainers.ppo_algo import ppo_algorithm
+
+
+#: Python-level traces of the jitted pieces (tests assert one per piece: no recompiles across iterations).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _counted(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        TRACE_COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +237,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     rm_sh = rm.shardings if rm else None
-    evaluate = shd.jit_sharded(functools.partial(online.evaluate_rollout, models, temperature=temp), mesh,
+    evaluate = shd.jit_sharded(_counted("evaluate", functools.partial(online.evaluate_rollout, models,
+                                                                       temperature=temp)), mesh,
                                in_shardings=(actor_sh.params, actor.shardings, critic_sh.params, rm_sh, bsh),
                                out_shardings=bsh)
 
@@ -235,9 +248,10 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         exp, rewards_bxt = online.make_experience(algo, rollout, ev, score, kl_coef)
         return exp, online_host.rollout_metrics(exp, rewards_bxt, ev, eos_ids=eos_ids)
 
-    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
+    make_exp = shd.jit_sharded(_counted("experience", experience_fn), mesh, in_shardings=(bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
     update = shd.jit_sharded(
-        online.make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx, settings=settings), mesh,
+        _counted("update", online.make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx,
+                                              settings=settings)), mesh,
         in_shardings=(actor_sh, critic_sh, bsh, bsh if ptx_iter is not None else None, rep, rep),
         out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1))
     scorer = online_host.Scorer(
