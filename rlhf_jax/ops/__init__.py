@@ -6,7 +6,7 @@ float32; float64 inputs (``jax_enable_x64``) stay float64.
 """
 
 from rlhf_jax.ops.advantages import discounted_returns, gae, group_advantages, rloo_advantages
-from rlhf_jax.ops.dpo import DPO_LOSS_TYPES, F_DIVERGENCES, dpo_loss, f_divergence_scores
+from rlhf_jax.ops.dpo import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, dpo_loss, f_divergence_scores
 from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_shaped_rewards
 from rlhf_jax.ops.kl_control import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
 from rlhf_jax.ops.logprobs import entropy, sequence_logprobs, token_logprobs
@@ -41,6 +41,7 @@ __all__ = [
     "AdaptiveKLState",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "adaptive_kl_init",
     "adaptive_kl_update",

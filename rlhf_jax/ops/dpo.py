@@ -23,6 +23,7 @@ DPO_LOSS_TYPES = (
 )  # fmt: skip
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 _ALPHA_EXP_CLAMP = 80.0  # TRL's clamp for float32/bfloat16 before exp
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -31,21 +32,23 @@ log_sigmoid = jax.nn.log_sigmoid
 def f_divergence_scores(logratios: jax.Array, *, f_divergence: str, alpha: float = 0.5) -> jax.Array:
     r"""Per-sequence score f(u) of a log-ratio u for f-DPO (Wang et al. 2023, "Beyond Reverse KL").
 
-    TRL 1.x: reverse_kl: u; forward_kl: :math:`-e^{-u}`; js_divergence: :math:`\log\sigma(u)`;
-    alpha_divergence: :math:`e^{(\alpha-1)u}/(\alpha-1)` with the exponent clamped at 80
+    Exactly TRL 1.16's ``f'(t)`` at :math:`t = e^u` (constants included: they cancel in the
+    chosen − rejected difference but not in the length-normalised ``ipo``/``sigmoid_norm``):
+    reverse_kl: u; forward_kl: :math:`1 - e^{-u}`; js_divergence: :math:`\log 2 + \log\sigma(u)`;
+    alpha_divergence: :math:`(e^{(\alpha-1)u} - 1)/(\alpha-1)` with the exponent clamped at 80
     (reverse_kl when |α − 1| < 1e-6).
     """
     if f_divergence == "reverse_kl":
         return logratios
     if f_divergence == "forward_kl":
-        return -jnp.exp(-logratios)
+        return 1.0 - jnp.exp(-logratios)
     if f_divergence == "js_divergence":
-        return log_sigmoid(logratios)
+        return jnp.log(2.0) + log_sigmoid(logratios)
     if f_divergence == "alpha_divergence":
         if abs(alpha - 1.0) < 1e-6:
             return logratios
         t = jnp.minimum((alpha - 1.0) * logratios, _ALPHA_EXP_CLAMP)
-        return jnp.exp(t) / (alpha - 1.0)
+        return (jnp.exp(t) - 1.0) / (alpha - 1.0)
     raise ValueError(f"rlhf_jax.ops.dpo_loss: unknown f_divergence {f_divergence!r}; expected {F_DIVERGENCES}")
 
 
@@ -114,6 +117,12 @@ def dpo_loss(
     name = "dpo_loss"
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"rlhf_jax.ops.dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"rlhf_jax.ops.dpo_loss: f_divergence={f_divergence!r} is only defined for {F_DIVERGENCE_LOSS_TYPES} "
+            f"(as in TRL 1.16: the f-DPO log Z term cancels only in the chosen - rejected difference); "
+            f"got loss_type={loss_type!r}"
+        )
     check_rank(name, "policy_chosen_logps_B", policy_chosen_logps_B, 1)
     check_same_shape(
         name,
@@ -153,14 +162,13 @@ def dpo_loss(
     elif loss_type == "ipo":
         losses = jnp.square(avg_delta - 1 / (2 * beta))
     elif loss_type == "exo_pair":
-        eps = 1e-3 if eps == 0 else eps
-        if not 0 < eps < 1:
+        if not 0 < eps < 1:  # TRL 1.16 raises at 0 (the EXO paper recommends 1e-3)
             raise ValueError(f"rlhf_jax.ops.dpo_loss: exo_pair needs 0 < label_smoothing < 1, got {eps}")
         losses = jax.nn.sigmoid(x) * (log_sigmoid(x) - jnp.log1p(-eps)) + jax.nn.sigmoid(-x) * (
             log_sigmoid(-x) - jnp.log(eps)
         )
     elif loss_type == "nca_pair":
-        cr, rj = beta * s_c, beta * s_r
+        cr, rj = beta * u_c, beta * u_r
         losses = -log_sigmoid(cr) - 0.5 * log_sigmoid(-cr) - 0.5 * log_sigmoid(-rj)
     elif loss_type == "robust":
         if not 0 <= eps < 0.5:
@@ -168,9 +176,9 @@ def dpo_loss(
         losses = (-(1 - eps) * log_sigmoid(x) + eps * log_sigmoid(-x)) / (1 - 2 * eps)
     elif loss_type == "bco_pair":
         d = jnp.asarray(bco_delta, dtype)
-        losses = -log_sigmoid(beta * s_c - d) - log_sigmoid(-(beta * s_r - d))
+        losses = -log_sigmoid(beta * u_c - d) - log_sigmoid(-(beta * u_r - d))
     elif loss_type == "sppo_hard":
-        losses = jnp.square(s_c - 0.5 / beta) + jnp.square(s_r + 0.5 / beta)
+        losses = jnp.square(u_c - 0.5 / beta) + jnp.square(u_r + 0.5 / beta)
     elif loss_type == "aot":
         d = jnp.sort(pc - pr) - jnp.sort(rc - rr)
         losses = _smoothed_sigmoid(beta * d, eps)

@@ -21,10 +21,10 @@ def np_scores(u, f, alpha):
     if f == "reverse_kl":
         return u
     if f == "forward_kl":
-        return -np.exp(-u)
+        return 1 - np.exp(-u)
     if f == "js_divergence":
-        return logsig(u)
-    return np.exp(np.minimum((alpha - 1) * u, 80.0)) / (alpha - 1)
+        return np.log(2) + logsig(u)
+    return (np.exp(np.minimum((alpha - 1) * u, 80.0)) - 1) / (alpha - 1)
 
 
 def np_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, lc=None, lr=None, f="reverse_kl", alpha=0.5, tau=0.05, delta=0.0):
@@ -40,16 +40,16 @@ def np_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, lc=None, lr=None, f="reve
     elif loss_type == "ipo":
         loss = (sc / np.maximum(lc, 1) - sr / np.maximum(lr, 1) - 1 / (2 * beta)) ** 2
     elif loss_type == "exo_pair":
-        e = ls if ls else 1e-3
+        e = ls
         loss = sig(x) * (logsig(x) - np.log1p(-e)) + sig(-x) * (logsig(-x) - np.log(e))
     elif loss_type == "nca_pair":
-        loss = -logsig(beta * sc) - 0.5 * logsig(-beta * sc) - 0.5 * logsig(-beta * sr)
+        loss = -logsig(beta * uc) - 0.5 * logsig(-beta * uc) - 0.5 * logsig(-beta * ur)
     elif loss_type == "robust":
         loss = (-(1 - ls) * logsig(x) - (-ls * logsig(-x))) / (1 - 2 * ls)
     elif loss_type == "bco_pair":
-        loss = -logsig(beta * sc - delta) - logsig(-(beta * sr - delta))
+        loss = -logsig(beta * uc - delta) - logsig(-(beta * ur - delta))
     elif loss_type == "sppo_hard":
-        loss = (sc - 0.5 / beta) ** 2 + (sr + 0.5 / beta) ** 2
+        loss = (uc - 0.5 / beta) ** 2 + (ur + 0.5 / beta) ** 2
     elif loss_type == "aot":
         dd = np.sort(pc - pr) - np.sort(rc - rr)
         loss = -logsig(beta * dd) * (1 - ls) - logsig(-beta * dd) * ls
@@ -82,7 +82,7 @@ def _inputs(seed=0, b=6):
 
 
 CASES = [(t, f) for t in ops.DPO_LOSS_TYPES for f in ("reverse_kl",)] + [
-    (t, f) for t in ("sigmoid", "ipo", "nca_pair", "sppo_hard", "sigmoid_norm") for f in ("forward_kl", "js_divergence", "alpha_divergence")
+    (t, f) for t in ("sigmoid", "ipo", "hinge", "discopop", "sigmoid_norm") for f in ("forward_kl", "js_divergence", "alpha_divergence")
 ]
 
 
@@ -105,15 +105,18 @@ class TestDpoLoss:
     def test_float32_jit_matches_eager(self, loss_type):
         pc, pr, rc, rr, lc, lr = (jnp.asarray(a, jnp.float32) for a in _inputs(1))
 
+        ls = 1e-3 if loss_type == "exo_pair" else 0.0  # exo_pair needs label_smoothing > 0 (as TRL)
+
         def f(a, b, c, d, e, g):
-            return ops.dpo_loss(a, b, c, d, beta=0.2, loss_type=loss_type, chosen_lengths_B=e, rejected_lengths_B=g)
+            return ops.dpo_loss(a, b, c, d, beta=0.2, loss_type=loss_type, chosen_lengths_B=e, rejected_lengths_B=g,
+                                label_smoothing=ls)
 
         eager, jitted = f(pc, pr, rc, rr, lc, lr), jax.jit(f)(pc, pr, rc, rr, lc, lr)
         chex.assert_shape(eager, (6,))
         for a, b in zip(eager, jitted):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         want = np_dpo(*(np.asarray(x, np.float64) for x in (pc, pr, rc, rr)), beta=0.2, loss_type=loss_type,
-                      lc=np.asarray(lc), lr=np.asarray(lr))[0]  # fmt: skip
+                      lc=np.asarray(lc), lr=np.asarray(lr), ls=ls)[0]  # fmt: skip
         np.testing.assert_allclose(eager[0], want, rtol=1e-4, atol=1e-5)
 
     def test_sigmoid_hand_value_and_cdpo(self):
@@ -137,11 +140,11 @@ class TestDpoLoss:
     def test_rewards_are_stop_gradient_and_loss_differentiable(self):
         pc, pr, rc, rr, lc, lr = (jnp.asarray(a, jnp.float32) for a in _inputs(3))
         for loss_type in ops.DPO_LOSS_TYPES:
-            g_rew = jax.grad(lambda x: ops.dpo_loss(x, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths_B=lc,
-                                                    rejected_lengths_B=lr)[1].sum())(pc)  # fmt: skip
+            kw = dict(beta=0.1, loss_type=loss_type, chosen_lengths_B=lc, rejected_lengths_B=lr,
+                      label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0)
+            g_rew = jax.grad(lambda x: ops.dpo_loss(x, pr, rc, rr, **kw)[1].sum())(pc)  # noqa: B023
             np.testing.assert_array_equal(g_rew, np.zeros(6))
-            g = jax.grad(lambda x: ops.dpo_loss(x, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths_B=lc,
-                                                rejected_lengths_B=lr)[0].mean())(pc)  # fmt: skip
+            g = jax.grad(lambda x: ops.dpo_loss(x, pr, rc, rr, **kw)[0].mean())(pc)  # noqa: B023
             assert np.isfinite(g).all() and np.abs(g).sum() > 0, loss_type
 
     def test_errors(self):
