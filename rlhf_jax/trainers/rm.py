@@ -148,7 +148,8 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
                            total_steps=total, describe=describe, evaluate=evaluate, stop_at_step=stop_at_step,
                            name="rm")
     state, latest = common.train_loop(spec, state)
-    result = {**latest, "output_dir": str(out), "steps": int(state.step), "data": splits.stats.as_dict()}
+    result = {**latest, "output_dir": str(out), "steps": int(state.step), "data": splits.stats.as_dict(),
+              "data_skipped_rows": sum(splits.stats.skipped.values())}
     if int(state.step) < total:
         return result
     extra = {}
