@@ -25,6 +25,13 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "rm": ("rlhf_jax.trainers.rm", "RMConfig", "reward model: scalar head + Bradley-Terry loss"),
     "dpo": ("rlhf_jax.trainers.dpo", "DPOConfig", "offline preferences: DPO (all TRL loss types), SimPO, ORPO, KTO"),
     "ppo": ("rlhf_jax.trainers.ppo", "PPOConfig", "online RLHF: PPO (+ptx, adaptive KL) with a reward model and/or Python rewards"),
+    "grpo": ("rlhf_jax.trainers.grpo", "GRPOConfig", "critic-free online RL: GRPO (algo.preset grpo | dapo | dr_grpo)"),
+    "rloo": ("rlhf_jax.trainers.grpo", "RLOOConfig", "critic-free online RL: RLOO (leave-one-out baseline)"),
+    "reinforce_pp": ("rlhf_jax.trainers.grpo", "ReinforcePPConfig", "critic-free online RL: REINFORCE++ (whitened KL-shaped returns)"),
+    "remax": ("rlhf_jax.trainers.grpo", "ReMaxConfig", "critic-free online RL: ReMax (greedy-response baseline)"),
+    "raft": ("rlhf_jax.trainers.raft", "RAFTConfig", "RAFT / best-of-n: sample, keep the best, SFT on them, repeat"),
+    "online_dpo": ("rlhf_jax.trainers.online_dpo", "OnlineDPOConfig", "online DPO on best-vs-worst pairs of the policy's own samples"),
+    "label": ("rlhf_jax.trainers.label", "LabelConfig", "write prompt/chosen/rejected JSONL ranked by an RM, a function or a judge LM"),
 }
 
 EXIT_USER_ERROR = 2

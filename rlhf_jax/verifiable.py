@@ -121,7 +121,7 @@ def arith_sft_rows(n: int, *, seed: int, accuracy: float = 1.0, max_operand: int
         p = rng.choice(prompts)
         ans = arith_answer(p)
         if rng.random() >= accuracy:
-            ans = str((int(ans) + rng.randint(1, 9)) % (2 * max_operand + 1))
+            ans = str((int(ans) + rng.randint(1, 2 * max_operand)) % (2 * max_operand + 1))  # never the right one
         rows.append({"prompt": p, "completion": ans})
     return rows
 

@@ -1,0 +1,221 @@
+"""Tests for the critic-free family: advantage plug-ins (golden values, masks, jit), DAPO pieces, presets,
+dynamic sampling, and (slow) that GRPO / RLOO / REINFORCE++ raise a tiny model's arithmetic accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rlhf_jax.config import ConfigError, load_config
+from rlhf_jax.data import PromptBatch
+from rlhf_jax.trainers import critic_free as cf
+from rlhf_jax.trainers import grpo
+from rlhf_jax.trainers.online import Experience, Forward
+
+B, T = 6, 5
+
+
+def make_exp(score, lengths, *, old=None, ref=None, values=None):
+    b = len(score)
+    mask = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(b, T)).astype(np.float32) * mask if old is None else old
+    ref = rng.normal(size=(b, T)).astype(np.float32) * mask if ref is None else ref
+    z = np.zeros((b, T), np.float32)
+    return Experience(np.ones((b, 2), np.int32), np.ones((b, 2), np.int32), np.ones((b, T), np.int32), mask,
+                      jnp.asarray(old), jnp.asarray(ref), jnp.asarray(z if values is None else values),
+                      jnp.asarray(z), jnp.asarray(z), jnp.asarray(score, jnp.float32))
+
+
+SCORE = np.array([1.0, 0.0, 0.0, 2.0, 2.0, 5.0], np.float32)
+LENS = np.array([5, 3, 1, 4, 2, 5])
+
+
+class TestAdvantages:
+    @pytest.mark.parametrize("jit", [False, True])
+    def test_grpo_group_std(self, jit):
+        fn = lambda e, k: cf.grpo_advantages(e, k, group_size=3, scale="group", kl_kind="k3", kl_in_reward=False)  # noqa: E731
+        fn = jax.jit(fn) if jit else fn
+        exp = make_exp(SCORE, LENS)
+        adv, ret, _ = fn(exp, jnp.float32(0.1))
+        g = SCORE.reshape(2, 3)
+        want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+        np.testing.assert_allclose(np.asarray(adv), want[:, None] * np.asarray(exp.response_mask_BxT), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(ret), 0.0)
+
+    def test_grpo_kl_in_reward_uses_sequence_return(self):
+        exp = make_exp(SCORE, LENS)
+        adv, _, rewards = cf.grpo_advantages(exp, jnp.float32(0.5), group_size=3, scale="none", kl_kind="k1",
+                                             kl_in_reward=True)
+        m = np.asarray(exp.response_mask_BxT)
+        r = SCORE - 0.5 * np.sum((np.asarray(exp.old_logp_BxT) - np.asarray(exp.ref_logp_BxT)) * m, axis=1)
+        want = (r.reshape(2, 3) - r.reshape(2, 3).mean(1, keepdims=True)).reshape(-1)
+        np.testing.assert_allclose(np.asarray(adv)[:, 0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(rewards).sum(1), r, rtol=1e-5, atol=1e-6)
+
+    def test_rloo(self):
+        exp = make_exp(SCORE, LENS)
+        adv, _, _ = cf.rloo_advantages(exp, jnp.float32(0.0), group_size=3, normalize=False, kl_kind="k1",
+                                       kl_in_reward=True)
+        g = SCORE.reshape(2, 3)
+        want = (g - (g.sum(1, keepdims=True) - g) / 2).reshape(-1)
+        np.testing.assert_allclose(np.asarray(adv)[:, 0], want, rtol=1e-6)
+        assert np.all(np.asarray(adv)[np.asarray(exp.response_mask_BxT) == 0] == 0)
+
+    def test_reinforce_pp_whitens_over_the_batch(self):
+        exp = make_exp(SCORE, LENS)
+        beta = 0.1
+        adv, ret, _ = cf.reinforce_pp_advantages(exp, jnp.float32(beta), gamma=1.0, kl_kind="k1", kl_in_reward=True)
+        m = np.asarray(exp.response_mask_BxT).astype(bool)
+        kl = (np.asarray(exp.old_logp_BxT) - np.asarray(exp.ref_logp_BxT)) * m
+        r = -beta * kl
+        r[np.arange(B), LENS - 1] += SCORE
+        g = np.flip(np.cumsum(np.flip(r, 1), 1), 1) * m  # reward-to-go
+        np.testing.assert_allclose(np.asarray(ret), g, rtol=1e-5, atol=1e-6)
+        mu, sd = g[m].mean(), g[m].std(ddof=1)
+        np.testing.assert_allclose(np.asarray(adv)[m], (g[m] - mu) / np.sqrt(sd ** 2 + 1e-8), rtol=1e-4, atol=1e-5)
+        assert np.all(np.asarray(adv)[~m] == 0)
+
+    def test_reinforce_pp_padding_invariance(self):
+        exp = make_exp(SCORE, LENS)
+        adv, _, _ = cf.reinforce_pp_advantages(exp, jnp.float32(0.1), gamma=1.0, kl_kind="k1", kl_in_reward=True)
+        m = np.asarray(exp.response_mask_BxT)
+        garbage = exp._replace(old_logp_BxT=jnp.where(m > 0, exp.old_logp_BxT, 9.0),
+                               ref_logp_BxT=jnp.where(m > 0, exp.ref_logp_BxT, -9.0))
+        adv2, _, _ = cf.reinforce_pp_advantages(garbage, jnp.float32(0.1), gamma=1.0, kl_kind="k1", kl_in_reward=True)
+        np.testing.assert_allclose(np.asarray(adv), np.asarray(adv2), rtol=1e-6)
+
+    def test_remax_subtracts_greedy_baseline(self):
+        base = np.array([0.5, 0.5, 1.0, 1.0, 3.0, 3.0], np.float32)
+        mask = (np.arange(T)[None] < LENS[:, None]).astype(np.float32)
+        exp = make_exp(SCORE, LENS, values=base[:, None] * mask)
+        adv, _, _ = cf.remax_advantages(exp, jnp.float32(0.0), kl_kind="k1", kl_in_reward=True)
+        np.testing.assert_allclose(np.asarray(adv), (SCORE - base)[:, None] * mask, rtol=1e-6)
+
+
+def test_zero_advantage_gives_zero_policy_gradient():
+    algo = cf.critic_free_algorithm("grpo", group_size=3, loss_agg_mode="seq-mean-token-mean")
+    exp = make_exp(np.ones(B, np.float32), LENS)  # equal scores → zero advantages
+    exp = exp._replace(advantages_BxT=algo.advantages(exp, jnp.float32(0.0))[0])
+    den = algo.denominators(exp)
+
+    def loss(logp):
+        return algo.loss(Forward(logp, jnp.zeros_like(logp), None), exp, den, jnp.float32(0.0))[0]
+
+    g = jax.grad(loss)(exp.old_logp_BxT + 0.3)
+    np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-7)
+    # and a masked token never gets gradient even with non-zero advantages and KL
+    exp2 = exp._replace(advantages_BxT=jnp.ones((B, T)) * exp.response_mask_BxT)
+    g2 = jax.grad(lambda lp: algo.loss(Forward(lp, jnp.zeros_like(lp), None), exp2, den, jnp.float32(0.1))[0])(
+        exp.old_logp_BxT + 0.3)
+    assert np.all(np.asarray(g2)[np.asarray(exp.response_mask_BxT) == 0] == 0)
+    assert np.any(np.asarray(g2) != 0)
+
+
+def test_overlong_penalty_golden():
+    got = cf.overlong_penalty(jnp.array([0, 6, 7, 8, 9, 10, 11]), max_length=10, cache_length=4)
+    np.testing.assert_allclose(np.asarray(got), [0, 0, -0.25, -0.5, -0.75, -1.0, -1.0])
+    with pytest.raises(ValueError, match="cache_length"):
+        cf.overlong_penalty(jnp.array([1]), max_length=4, cache_length=5)
+
+
+def test_group_has_variance():
+    np.testing.assert_array_equal(cf.group_has_variance(np.array([1, 1, 0, 1, 2, 2]), group_size=2), [False, True, False])
+    with pytest.raises(ValueError, match="groups of 4"):
+        cf.group_has_variance(np.zeros(6), group_size=4)
+
+
+class TestPresets:
+    def test_dapo(self):
+        r = grpo.CriticFreeHyper(preset="dapo").resolve(16)
+        assert (r.clip_eps_high, r.loss_agg_mode, r.kl_coef, r.dynamic_sampling, r.overlong_buffer) == \
+            (0.28, "token-mean", 0.0, True, 4)
+
+    def test_dr_grpo_and_grpo(self):
+        r = grpo.CriticFreeHyper(preset="dr_grpo").resolve(16)
+        assert (r.scale, r.loss_agg_mode, r.kl_coef, r.dynamic_sampling) == ("none", "constant", 0.0, False)
+        r = grpo.CriticFreeHyper().resolve(16)
+        assert (r.scale, r.loss_agg_mode, r.kl_coef, r.kl_kind, r.kl_placement) == \
+            ("group", "seq-mean-token-mean", 0.04, "k3", "loss")
+        # explicit fields win over the preset
+        r = grpo.CriticFreeHyper(preset="dapo", clip_eps_high=0.3, kl_coef=0.01).resolve(16)
+        assert (r.clip_eps_high, r.kl_coef) == (0.3, 0.01)
+
+    def test_algorithm_defaults(self):
+        assert grpo.CriticFreeHyper(algorithm="rloo").resolve(8).kl_placement == "reward"
+        assert grpo.CriticFreeHyper(algorithm="remax", group_size=1).resolve(8).kl_kind == "k1"
+
+    def test_errors_name_the_key(self, tmp_path):
+        with pytest.raises(ConfigError, match="algo.preset"):
+            grpo.CriticFreeHyper(algorithm="rloo", preset="dapo")
+        with pytest.raises(ConfigError, match="algo.group_size"):
+            grpo.CriticFreeHyper(algorithm="grpo", group_size=1)
+        with pytest.raises(ConfigError, match="algo.algorithm"):
+            load_config(grpo.RLOOConfig, None, ("model.path=x", "data.path=y", "algo.algorithm=grpo"))
+        with pytest.raises(ConfigError, match="algo.num_minibatches"):
+            load_config(grpo.GRPOConfig, None, ("model.path=x", "data.path=y", "algo.num_minibatches=3"))
+        assert load_config(grpo.ReMaxConfig, None, ("model.path=x", "data.path=y")).algo.group_size == 1
+
+    @pytest.mark.parametrize("name", ["grpo_tiny_cpu", "grpo_dapo_tiny_cpu", "grpo_dr_tiny_cpu", "rloo_tiny_cpu",
+                                      "reinforce_pp_tiny_cpu", "remax_tiny_cpu", "grpo_gsm8k_qwen2_7b_8xh100",
+                                      "grpo_gsm8k_tiny_cpu"])
+    def test_shipped_configs_load(self, name):
+        from rlhf_jax import cli
+
+        import pathlib
+        path = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+        algo = name.split("_tiny")[0].split("_gsm8k")[0].replace("grpo_dapo", "grpo").replace("grpo_dr", "grpo")
+        cfg = cli.load_trainer_config(algo, str(path))
+        assert cfg.algo.algorithm == algo
+
+
+class FakeSampler:
+    """Scores of each call come from a list; rollouts are rows of ids so selection can be checked."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = list(scores), 0
+
+    def __call__(self, params, batch, key, temperature=None):
+        from rlhf_jax.rollout.types import Rollout
+
+        s = np.asarray(self.scores[self.calls], np.float32)
+        self.calls += 1
+        b = len(s)
+        ids = (np.arange(b)[:, None] + 100 * self.calls).astype(np.int32) * np.ones((1, 2), np.int32)
+        ro = Rollout(ids, np.ones((b, 2), np.int32), ids, np.ones((b, 2), np.int32), np.zeros((b, 2), np.float32),
+                     np.zeros((b, 2), np.float32), np.full((b,), 2, np.int32))
+        texts = {"prompts": [f"p{i}" for i in range(b)], "responses": [f"r{self.calls}_{i}" for i in range(b)],
+                 "gold": None}
+        return ro, s, {"reward/x": float(s.mean())}, texts
+
+
+def prompt_iter(n):
+    while True:
+        yield PromptBatch(np.ones((n, 2), np.int32), np.ones((n, 2), np.int32), np.arange(n))
+
+
+def test_dynamic_sampling_drops_zero_variance_groups_and_refills():
+    # 2 prompts x G=2 per call: call 1 keeps group 1 only, call 2 keeps group 0 → full after 2 tries
+    sampler = FakeSampler([[1, 1, 0, 1], [0, 1, 3, 3], [9, 9, 9, 9]])
+    ro, score, index, texts, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0),
+                                                        group_size=2, dynamic=True, max_tries=4)
+    np.testing.assert_array_equal(score, [0, 1, 0, 1])
+    assert texts["responses"] == ["r1_2", "r1_3", "r2_0", "r2_1"]
+    np.testing.assert_array_equal(np.asarray(ro.response_ids_BxT)[:, 0], [102, 103, 200, 201])
+    assert mets["dynamic_sampling/tries"] == 2 and mets["dynamic_sampling/filled_groups"] == 0
+    assert mets["dynamic_sampling/kept_fraction"] == 0.5
+
+
+def test_dynamic_sampling_bounded_tries_fill_with_dropped_groups():
+    sampler = FakeSampler([[1, 1, 0, 1], [2, 2, 3, 3]])
+    _, score, _, texts, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0), group_size=2,
+                                                   dynamic=True, max_tries=2)
+    np.testing.assert_array_equal(score, [0, 1, 1, 1])  # the kept group, then the first dropped one
+    assert mets["dynamic_sampling/tries"] == 2 and mets["dynamic_sampling/filled_groups"] == 1
+    sampler = FakeSampler([[1, 1, 0, 1]])
+    _, score, _, _, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0), group_size=2,
+                                               dynamic=False, max_tries=4)
+    np.testing.assert_array_equal(score, [1, 1, 0, 1])
+    assert "dynamic_sampling/tries" not in mets
