@@ -78,7 +78,3 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, *, mesh: O
                        num_skipped=jax.device_put(jnp.zeros((), jnp.int32), shardings.num_skipped))
     return state, shardings
 
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs carrying each leaf's sharding (the restore target Orbax needs)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -15,7 +15,8 @@ import optax
 import pytest
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.train.state import TrainState, abstract_like, create_train_state, init_train_state
+from rlhf_jax.checkpoint import abstract_like
+from rlhf_jax.train.state import TrainState, create_train_state, init_train_state
 
 
 def _params():
