@@ -5,7 +5,9 @@ Stages (each a function `stage(ctx) -> dict` in `STAGES`; a later stage such as 
      corpora (`rlhf_jax.tasks`: SFT rows, gold-labelled preference pairs, RL prompts) as JSONL;
   1. sft: fine-tune the tiny Llama on mixed-quality descriptions (configs/sft_tiny_cpu.yaml);
   2. rm: train a reward model from the SFT export on the preference pairs (configs/rm_tiny_cpu.yaml) and
-     report its held-out pairwise accuracy (target >= 90%).
+     report its held-out pairwise accuracy (target >= 90%);
+  3. ppo: PPO from the SFT export against that reward model (configs/ppo_tiny_cpu.yaml); prints the gold
+     score and KL of sampled responses before -> after.
 Everything lands under OUT (default runs/demo): data/, base_model/, <stage>/{metrics.jsonl, checkpoints/,
 model/, curves.png}, and demo_summary.json.
 """
@@ -87,8 +89,27 @@ def stage_rm(ctx: DemoContext) -> dict:
     return rm.train(load_trainer_config("rm", str(CONFIG_DIR / "rm_tiny_cpu.yaml"), overrides))
 
 
+def stage_ppo(ctx: DemoContext) -> dict:
+    """PPO from the SFT export against the reward model; prints gold score and KL before -> after."""
+    from rlhf_jax.cli import load_trainer_config
+    from rlhf_jax.trainers import ppo
+
+    iters = QUICK_STEPS if ctx.quick else 60
+    overrides = [f"run.output_dir={ctx.stage_dir('ppo')}", "run.resume=never", "run.tensorboard=false",
+                 f"run.total_steps={iters}", f"run.log_every={max(iters // 6, 1)}", f"run.save_every={iters}",
+                 f"model.path={ctx.results['sft']['export_dir']}", f"reward.model_path={ctx.results['rm']['export_dir']}",
+                 f"data.path={ctx.data['prompts_train']}"]
+    if ctx.quick:
+        overrides += ["rollout.batch_size=8", "sample_every=0"]
+    result = ppo.train(load_trainer_config("ppo", str(CONFIG_DIR / "ppo_tiny_cpu.yaml"), overrides))
+    table = ppo.before_after(result["history"])
+    print(ppo.format_before_after(table), flush=True)
+    return {"output_dir": result["output_dir"], "export_dir": result.get("export_dir"), "before_after": table}
+
+
 #: (name, stage) in run order; later algorithms append theirs (e.g. ("ppo", stage_ppo)).
-STAGES: list[tuple[str, Callable[[DemoContext], dict]]] = [("setup", stage_setup), ("sft", stage_sft), ("rm", stage_rm)]
+STAGES: list[tuple[str, Callable[[DemoContext], dict]]] = [("setup", stage_setup), ("sft", stage_sft), ("rm", stage_rm),
+                                                           ("ppo", stage_ppo)]
 
 
 def _report(ctx: DemoContext, seconds: dict[str, float]) -> str:
@@ -129,6 +150,10 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, quick: bool = False) -> d
         summary["rm_heldout_accuracy"] = ctx.results["rm"].get("eval/accuracy")
         print(f"\nreward model held-out pairwise accuracy: {summary['rm_heldout_accuracy']:.3f} "
               f"({int(ctx.results['rm'].get('eval/pairs', 0))} pairs)")
+    if "ppo" in ctx.results:
+        summary["ppo_before_after"] = ctx.results["ppo"]["before_after"]
+        from rlhf_jax.trainers.ppo import format_before_after
+        print("\n" + format_before_after(summary["ppo_before_after"]))
     (ctx.out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"demo finished in {total:.0f} s; everything is under {ctx.out} (summary: {ctx.out / 'demo_summary.json'})")
     return summary

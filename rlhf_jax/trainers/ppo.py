@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from typing import Literal, Optional
 
 import jax
@@ -282,7 +283,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     history: list[dict] = []
     try:
         for it in range(start, last):
-            timer = Timer()
+            timer, t_iter = Timer(), time.perf_counter()
             k_gen, k_upd = jax.random.split(jax.random.fold_in(base_key, it))
             with timer("generate"):
                 host_batch = next(prompts)
@@ -315,6 +316,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
                       "skipped_updates": float(a.num_skipped)}
             if values["finite"] < 1 and cfg.run.nan_policy == "stop":
                 raise RuntimeError(f"non-finite PPO loss/gradient at iteration {done}; the update was skipped")
+            values["time/iteration"] = time.perf_counter() - t_iter
             history.append(values)
             progress.update(1, score=values["score"], kl=values["kl"])
             if done % cfg.run.log_every == 0 or done == last:
@@ -335,3 +337,19 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     if last == iters:
         result["export_dir"] = str(common.export_model(actor, state["actor"].params, out / "model"))
     return result
+
+
+def before_after(history: list[dict], *, window: int = 5) -> dict:
+    """Mean of the first vs the last ``window`` iterations (samples drawn from the policy at that time)."""
+    keys = [k for k in ("gold_score", "score", "rm_score", "kl", "response_length", "eos_rate") if k in history[0]]
+    w = max(1, min(window, len(history) // 2))
+    mean = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    return {k: {"before": mean(history[:w], k), "after": mean(history[-w:], k)} for k in keys} | {"window": w}
+
+
+def format_before_after(table: dict) -> str:
+    """A small text table of :func:`before_after`."""
+    w = table["window"]
+    lines = [f"PPO: sampled responses, first {w} vs last {w} iterations", f"{'metric':<16}{'before':>10}{'after':>10}"]
+    lines += [f"{k:<16}{v['before']:>10.3f}{v['after']:>10.3f}" for k, v in table.items() if k != "window"]
+    return "\n".join(lines)

@@ -83,16 +83,35 @@ def test_config_errors_name_the_key(tiny_llama, task_data, reward_file, tmp_path
         _cfg(tiny_llama, task_data, reward_file, tmp_path, iters=2, extra=["kl.placement=both"])
 
 
+VOWELS_SRC = textwrap.dedent(
+    """
+    def vowels(prompts, responses, **columns):
+        return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+    """
+)
+
+
 @pytest.mark.slow
-def test_learns_with_a_python_reward_alone(tiny_llama, task_data, reward_file, tmp_path):
-    """No reward model: the Python reward (fraction of whitespace) rises clearly within 30 iterations."""
+def test_learns_with_a_python_reward_alone(task_data, tmp_path):
+    """No reward model, critic from the actor: a Python reward (fraction of vowels) rises clearly in 30 iterations.
+
+    A near-character-level tokenizer (vocab 300) keeps the random policy's entropy low enough that 30 × 16
+    samples carry signal (on the 4096-token fixture vocabulary a random policy is almost uniform).
+    """
+    from rlhf_jax import fixtures
+
+    tok = fixtures.build_tokenizer(tmp_path / "tok", vocab_size=300)
+    model = fixtures.build_tiny_model(tmp_path / "model", "llama", tokenizer=tok, hidden=32, layers=2, heads=4,
+                                      kv_heads=2, max_positions=128)
+    (tmp_path / "vowels.py").write_text(VOWELS_SRC)
     cfg = load_config(ppo.PPOConfig, None, [
-        f"model.path={tiny_llama}", f"data.path={task_data['prompts_train']}", "data.max_prompt_len=16",
-        f"reward.functions=['{reward_file}:spaces']", "rollout.batch_size=16", "rollout.max_new_tokens=8",
+        f"model.path={model}", f"data.path={task_data['prompts_train']}", "data.max_prompt_len=16",
+        f"reward.functions=['{tmp_path / 'vowels.py'}:vowels']", "rollout.batch_size=16", "rollout.max_new_tokens=8",
         "ppo.epochs=2", "ppo.num_minibatches=1", "kl.coef=0.01", "actor_optim.learning_rate=3e-3",
-        "critic_optim.learning_rate=3e-3", f"run.output_dir={tmp_path}", "run.total_steps=30", "run.log_every=10",
-        "run.tensorboard=false", "run.progress=off"])
+        "critic_optim.learning_rate=3e-3", f"run.output_dir={tmp_path / 'run'}", "run.total_steps=30",
+        "run.log_every=10", "run.tensorboard=false", "run.progress=off"])
     hist = ppo.train(cfg)["history"]
-    before = np.mean([h["reward/spaces"] for h in hist[:5]])
-    after = np.mean([h["reward/spaces"] for h in hist[-5:]])
-    assert after > before + 0.15, (before, after)
+    before = np.mean([h["reward/vowels"] for h in hist[:5]])
+    after = np.mean([h["reward/vowels"] for h in hist[-5:]])
+    assert after > before + 0.1, (before, after)
+    assert hist[-1]["entropy"] < hist[0]["entropy"]

@@ -1,0 +1,208 @@
+"""One PPO iteration: rlhf_jax vs TRL 1.12 `PPOTrainer` (PyTorch), same CPU, same run, same weights.
+
+Workload (the shared one of /work/shared/peers/bench_trl.py `ppo`): 32 prompts of exactly 64 tokens, one
+response each of exactly 64 sampled tokens (temperature 1, EOS suppressed), policy + frozen reference +
+value model + reward model (value and reward: the same backbone with a scalar head), k1 KL in the reward
+with β = 0.05, γ = 1, λ = 0.95, 1 PPO epoch × 1 minibatch (one AdamW step for the actor and one for the
+critic per iteration), float32. Models: Llama-style `tiny` (hidden 256 × 4 layers) and `small` (~100M),
+written once with our `save_pretrained` plus the fixture BPE tokenizer, so both sides load identical weights.
+
+Each side runs `warmup + iters` iterations; the first `warmup` (compilation on our side) are dropped and
+the median of the rest is reported, with the split generate / score (teacher-forced forwards of
+actor/reference/critic/reward + rewards) / train. TRL runs first as a subprocess of the TRL venv
+(`.venv-trl/bin/python`, `PYTHONPATH=.trl112`); its split comes from timing TRL's own
+`batch_generation`, `get_reward` and no-grad `forward` calls.
+
+Usage: python benchmarks/ppo.py [--model tiny|small|both] [--iters 3] [--warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+B, P, T = 32, 64, 64
+
+
+# ----------------------------------------------------------------------------------------- TRL side
+def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int) -> dict:
+    """Runs inside the TRL venv (imports torch + trl only here)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    transformers.logging.set_verbosity_error()
+    split = {"generate": 0.0, "score": 0.0}
+
+    def timed(name, fn, only_no_grad=False):
+        def wrapper(*a, **k):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                split[name] += time.perf_counter() - t0
+        return wrapper
+
+    trl_ppo.batch_generation = timed("generate", trl_ppo.batch_generation)
+    trl_ppo.get_reward = timed("score", trl_ppo.get_reward, only_no_grad=True)
+    trl_ppo.forward = timed("score", trl_ppo.forward, only_no_grad=True)
+
+    class IterTimer(TrainerCallback):
+        def __init__(self):
+            self.rows, self.t = [], None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+            split.update(generate=0.0, score=0.0)
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            total = now - self.t
+            self.rows.append({"iteration_s": total, "generate_s": split["generate"], "score_s": split["score"],
+                              "train_s": total - split["generate"] - split["score"]})
+            self.t = now
+            split.update(generate=0.0, score=0.0)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    prompts = [json.loads(line)["input_ids"] for line in open(prompts_path)]
+    total = warmup + iters
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    for m in (value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    ds = Dataset.from_dict({"input_ids": [prompts[i % len(prompts)] for i in range(B * total)]})
+    cfg = PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"), learning_rate=1e-5, lr_scheduler_type="constant",
+        logging_steps=10_000, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
+        seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=1, max_grad_norm=1.0,
+        per_device_train_batch_size=B, total_episodes=B * total, num_ppo_epochs=1, num_mini_batches=1,
+        local_rollout_forward_batch_size=B, response_length=T, stop_token=None, temperature=1.0, kl_coef=0.05,
+        kl_estimator="k1", gamma=1.0, lam=0.95, num_sample_generations=0, missing_eos_penalty=None)
+    timer = IterTimer()
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(B)), callbacks=[timer])
+    trainer.train()
+    import trl
+
+    return {"framework": f"trl {trl.__version__} PPOTrainer, torch {torch.__version__}", "rows": timer.rows[warmup:],
+            "warmup_rows": timer.rows[:warmup], "params": int(sum(p.numel() for p in policy.parameters()))}
+
+
+# ---------------------------------------------------------------------------------------- our side
+def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Model folder (weights + fixture tokenizer) and a JSONL of B prompts of exactly P tokens."""
+    from benchmarks import _common as C
+    from rlhf_jax import fixtures
+
+    model_dir = C.build_llama(root / f"llama-{size}", size)
+    tok = fixtures.build_tokenizer(root / "tokenizer", vocab_size=8192)
+    tok.save_pretrained(str(model_dir))
+    import numpy as np
+
+    # words that re-encode to exactly themselves: concatenations tokenise to exactly those ids
+    words = []
+    for i in range(len(tok)):
+        s = tok.decode([i])
+        if len(s) > 1 and s[0] == " " and s[1:].isalpha() and tok.encode(s, add_special_tokens=False) == [i]:
+            words.append(s)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(B):
+        text = "".join(rng.choice(words, size=P))
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) == P, (len(ids), P)
+        rows.append({"prompt": text, "input_ids": ids})
+    prompts = root / f"prompts-{size}.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, prompts
+
+
+def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int) -> dict:
+    from rlhf_jax.config import load_config
+    from rlhf_jax.trainers import ppo
+
+    cfg = load_config(ppo.PPOConfig, None, [
+        f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={P}",
+        "data.shuffle=false", f"reward.model_path={model_dir}", "reward.normalize=false", "reward.functions=[]",
+        f"rollout.batch_size={B}", f"rollout.max_new_tokens={T}", f"rollout.min_new_tokens={T}",
+        "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", "kl.coef=0.05", "kl.kind=k1",
+        "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
+        f"run.total_steps={warmup + iters}", "run.resume=never", "run.tensorboard=false", "run.progress=off",
+        "run.save_every=0", "run.keep_last_n=1"])
+    hist = ppo.train(cfg)["history"]
+    rows = [{"iteration_s": h["time/iteration"], "generate_s": h["time/generate"], "score_s": h["time/score"],
+             "train_s": h["time/train"]} for h in hist]
+    return {"framework": "rlhf_jax (jax " + __import__("jax").__version__ + ")", "rows": rows[warmup:],
+            "warmup_rows": rows[:warmup]}
+
+
+def summary(res: dict) -> dict:
+    med = lambda k: statistics.median(r[k] for r in res["rows"])  # noqa: E731
+    return {k: med(k) for k in ("iteration_s", "generate_s", "score_s", "train_s")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny", choices=["tiny", "small", "both"])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temp dir)")
+    ap.add_argument("--peer", nargs=2, metavar=("MODEL_DIR", "PROMPTS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:  # inside the TRL venv
+        print("PEER_JSON " + json.dumps(run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters)), flush=True)
+        return
+    from benchmarks import _common as C
+
+    root = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench-ppo-"))
+    trl_python = ROOT / ".venv-trl" / "bin" / "python"
+    records = []
+    for size in (["tiny", "small"] if args.model == "both" else [args.model]):
+        model_dir, prompts = build_models(root, size)
+        env = {**os.environ, "PYTHONPATH": str(ROOT / ".trl112"), "CUDA_VISIBLE_DEVICES": "",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true"}
+        proc = subprocess.run([str(trl_python), __file__, "--peer", str(model_dir), str(prompts),
+                               "--iters", str(args.iters), "--warmup", str(args.warmup)],
+                              env=env, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"TRL peer failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        trl = json.loads(line[-1][len("PEER_JSON "):])
+        ours = run_ours(model_dir, prompts, root / f"ours-{size}", warmup=args.warmup, iters=args.iters)
+        t, o = summary(trl), summary(ours)
+        rows = [("model", f"llama {size} ({trl['params'] / 1e6:.1f}M params)"),
+                ("workload", f"{B} rollouts x {T} new tokens, prompt {P}, 1 epoch x 1 minibatch, f32"),
+                ("TRL s/iteration", f"{t['iteration_s']:.3f}"), ("rlhf_jax s/iteration", f"{o['iteration_s']:.3f}"),
+                ("speed-up (TRL / ours)", f"{t['iteration_s'] / o['iteration_s']:.2f}x")]
+        for k in ("generate_s", "score_s", "train_s"):
+            rows.append((f"  {k[:-2]}: TRL / ours (s)", f"{t[k]:.3f} / {o[k]:.3f}"))
+        C.print_table(rows, title=f"PPO iteration, llama-{size}")
+        records.append({"size": size, "trl": {**trl, "median": t}, "ours": {**ours, "median": o},
+                        "speedup": t["iteration_s"] / o["iteration_s"]})
+    C.emit_json({"bench": "ppo", "B": B, "P": P, "T": T, "results": records, "machine": C.machine_info()})
+
+
+if __name__ == "__main__":
+    main()
