@@ -28,6 +28,8 @@ from rlhf_jax import models
 from rlhf_jax.rollout import sampling
 from rlhf_jax.rollout.types import Rollout
 
+_CACHE_AXES = (None, "batch", "length", "act_kv_heads", None)  # KVCache leaves [L, B, Smax, K, hd]
+
 # Incremented each time `_generate_impl` is traced (tests assert it stays bounded).
 TRACE_COUNT = 0
 
@@ -71,6 +73,8 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0)
     cache_mask_BxS = jnp.zeros((B, S), jnp.int32).at[:, : P - 1].set(prompt_mask_BxP[:, : P - 1])
     cache = models.init_cache(model.config, B, S, dtype=s.cache_dtype)
+    # Logical names only (a no-op without `nn.logical_axis_rules`): cache split like the attention heads.
+    cache = jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES), cache)
     if P > 1:  # prefill: logits unused, so the LM head over [B, P-1] is dead code
         _, cache = model.apply(
             {"params": params},

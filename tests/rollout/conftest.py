@@ -3,28 +3,19 @@
 import jax
 import pytest
 
-from rlhf_jax import models
+from rlhf_jax import fixtures, models
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 VOCAB = 96
 
 
-def tiny_config(family: str, **overrides) -> models.ModelConfig:
-    """2 layers, hidden 32, 4 query / 2 kv heads (GPT-2: 4/4), vocab 96. `initializer_range` 0.2 makes the
-    next-token distributions peaked, so greedy ties are unlikely. Mistral gets a sliding window of 6 slots,
-    shorter than prompt + response, so the window is exercised while decoding."""
-    base = dict(model_type=family, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                num_kv_heads=4 if family == "gpt2" else 2, head_dim=8, intermediate_size=64,
-                max_position_embeddings=128, norm_eps=1e-5,
-                activation="gelu_new" if family == "gpt2" else "silu", initializer_range=0.2)
-    family_fields = {
-        "gpt2": dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True),
-        "llama": dict(),
-        "mistral": dict(sliding_window=6),
-        "qwen2": dict(qkv_bias=True),
-        "qwen3": dict(qk_norm=True),
-    }[family]
-    return models.ModelConfig(**{**base, **family_fields, **overrides})
+def tiny_config(family: str) -> models.ModelConfig:
+    """The team fixture `rlhf_jax.fixtures.tiny_config` (2 layers, hidden 32, 4 query heads), vocab 96,
+    with `initializer_range` 0.2 so next-token distributions are peaked (greedy ties unlikely). Mistral's
+    sliding window is cut to 6 slots, shorter than prompt + response, so the window is exercised while
+    decoding."""
+    config = models.ModelConfig.from_hf(fixtures.tiny_config(family, vocab_size=VOCAB, hidden=32, max_positions=128))
+    return config.replace(initializer_range=0.2, sliding_window=6 if family == "mistral" else config.sliding_window)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -13,6 +13,7 @@ from rlhf_jax.rollout import decode, sampling
 from .conftest import VOCAB
 
 PAD = 0
+T = 10  # most tests share (T, eos, temperature) so they reuse one compiled program
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 33)), [40]]  # mixed lengths → left padding (P = 16)
 
 
@@ -33,9 +34,9 @@ def _first_eos(ids_T, eos):
 def test_logp_matches_teacher_forced_every_family(family_model):
     family, model, params = family_model
     ids, mask = _batch()
-    r = rollout.generate(model, params, ids, mask, key=jax.random.key(1), max_new_tokens=10,
+    r = rollout.generate(model, params, ids, mask, key=jax.random.key(1), max_new_tokens=T,
                          eos_token_id=1, pad_token_id=PAD)
-    chex.assert_shape([r.response_ids_BxT, r.response_mask_BxT, r.logp_BxT, r.sampling_logp_BxT], (4, 10))
+    chex.assert_shape([r.response_ids_BxT, r.response_mask_BxT, r.logp_BxT, r.sampling_logp_BxT], (4, T))
     chex.assert_shape(r.lengths_B, (4,))
     np.testing.assert_array_equal(r.prompt_ids_BxP, ids)
     tf_logp = ops.token_logprobs(_teacher_forced_logits(model, params, r), r.response_ids_BxT)
@@ -76,7 +77,7 @@ def test_logp_convention_with_truncation(llama_model, temperature, top_k, top_p)
 def test_greedy_is_argmax_of_teacher_forced(family_model):
     family, model, params = family_model
     ids, mask = _batch()
-    r = rollout.generate(model, params, ids, mask, key=jax.random.key(0), max_new_tokens=12, temperature=0.0,
+    r = rollout.generate(model, params, ids, mask, key=jax.random.key(0), max_new_tokens=T, temperature=0.0,
                          eos_token_id=1, pad_token_id=PAD)
     logits = np.asarray(_teacher_forced_logits(model, params, r))
     m = np.asarray(r.response_mask_BxT, bool)
@@ -84,14 +85,14 @@ def test_greedy_is_argmax_of_teacher_forced(family_model):
     np.testing.assert_allclose(chosen[m], logits.max(-1)[m], atol=1e-5, err_msg=family)
     np.testing.assert_allclose(np.asarray(r.logp_BxT)[m],
                                np.asarray(ops.token_logprobs(jnp.asarray(logits), r.response_ids_BxT))[m], atol=1e-5)
-    r2 = rollout.generate(model, params, ids, mask, key=jax.random.key(9), max_new_tokens=12, temperature=0.0,
+    r2 = rollout.generate(model, params, ids, mask, key=jax.random.key(9), max_new_tokens=T, temperature=0.0,
                           eos_token_id=1, pad_token_id=PAD)
     np.testing.assert_array_equal(r.response_ids_BxT, r2.response_ids_BxT)  # greedy ignores the key
 
 
 def test_padding_and_batch_mates_do_not_change_a_row(llama_model):
     model, params = llama_model
-    kw = dict(key=jax.random.key(0), max_new_tokens=8, temperature=0.0, eos_token_id=1, pad_token_id=PAD)
+    kw = dict(key=jax.random.key(0), max_new_tokens=T, temperature=0.0, eos_token_id=1, pad_token_id=PAD)
     alone = rollout.generate(model, params, *_batch([PROMPTS[1]], buckets=(2,)), **kw)
     batched = rollout.generate(model, params, *_batch(), **kw)  # same prompt, 14 pad slots, other rows
     np.testing.assert_array_equal(alone.response_ids_BxT[0], batched.response_ids_BxT[1])
@@ -166,7 +167,7 @@ def test_stops_early_when_every_row_finished(llama_model):
 def test_deterministic_for_a_key(llama_model):
     model, params = llama_model
     ids, mask = _batch()
-    run = lambda k: rollout.generate(model, params, ids, mask, key=jax.random.key(k), max_new_tokens=12,  # noqa: E731
+    run = lambda k: rollout.generate(model, params, ids, mask, key=jax.random.key(k), max_new_tokens=T,  # noqa: E731
                                      eos_token_id=1, pad_token_id=PAD)
     a, b, c = run(7), run(7), run(8)
     for x, y in zip(a, b):
@@ -177,7 +178,7 @@ def test_deterministic_for_a_key(llama_model):
 def test_new_params_do_not_retrace(llama_model):
     model, params = llama_model
     ids, mask = _batch()
-    kw = dict(key=jax.random.key(0), max_new_tokens=6, eos_token_id=1, pad_token_id=PAD)
+    kw = dict(key=jax.random.key(0), max_new_tokens=T, eos_token_id=1, pad_token_id=PAD)
     first = rollout.generate(model, params, ids, mask, **kw)
     n = decode.TRACE_COUNT
     for scale in (1.5, 2.0, 3.0):
@@ -206,11 +207,11 @@ def test_bucketed_dataset_compiles_one_program_per_bucket(llama_model):
 
 def test_rollout_crosses_jit(llama_model):
     model, params = llama_model
-    r = rollout.generate(model, params, *_batch(), key=jax.random.key(0), max_new_tokens=5, eos_token_id=1,
+    r = rollout.generate(model, params, *_batch(), key=jax.random.key(0), max_new_tokens=T, eos_token_id=1,
                          pad_token_id=PAD)
     total = jax.jit(lambda ro: (ro.ids_BxS.shape, jnp.sum(ro.logp_BxT * ro.response_mask_BxT)))
     shape, s = total(r)
-    assert shape == (4, 21)
+    assert shape == (4, 16 + T)
     np.testing.assert_allclose(s, np.sum(np.asarray(r.logp_BxT)), rtol=1e-6)
     np.testing.assert_array_equal(r.loss_mask_BxS[:, :16], 0)
     np.testing.assert_array_equal(r.loss_mask_BxS[:, 16:], r.response_mask_BxT)
