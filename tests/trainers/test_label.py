@@ -65,7 +65,7 @@ def test_labelled_pairs_feed_rm_and_dpo(tiny_llama, task_data, tmp_path, ranker)
     # ... and trains the reward model and DPO directly (one CLI subcommand each, 2 steps)
     for cmd, extra in (("rm", []), ("dpo", ["loss.beta=0.1"])):
         code = cli.main([cmd, f"configs/{cmd}_tiny_cpu.yaml", f"model.path={tiny_llama}", f"data.path={out}",
-                         "data.eval_path=null", "data.eval_fraction=0.0", "run.keep_best_metric=null", "run.total_steps=2", "batch_size=4",
+                         "data.eval_path=null", "data.eval_fraction=0.0", "run.keep_best_metric=null", "optim.warmup_steps=0", "run.total_steps=2", "batch_size=4",
                          f"run.output_dir={tmp_path / cmd}", "run.tensorboard=false", *extra])
         assert code == 0, cmd
         assert (tmp_path / cmd / "model" / "config.json").exists()
