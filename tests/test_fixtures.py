@@ -76,15 +76,12 @@ def test_tiny_model_loads_with_ours_and_transformers(tok, tmp_path, family, head
 
     cls = transformers.AutoModelForCausalLM if head == "lm" else transformers.AutoModelForSequenceClassification
     hf = cls.from_pretrained(str(path)).eval()
-    with torch.no_grad():
-        ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).logits.float().numpy()
     mask = enc["attention_mask"]
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)  # left padding: HF needs explicit positions to match ours
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.float().numpy()
     if head == "lm":
-        # left padding: HF needs explicit positions to match ours
-        pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        with torch.no_grad():
-            ref = hf(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(pos)).logits.float().numpy()
         assert np.abs(ref - out)[mask == 1].max() < 1e-4
     else:
         np.testing.assert_allclose(ref[:, 0], out[:, -1], atol=1e-4)  # left padding: last slot is real

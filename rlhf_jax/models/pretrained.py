@@ -143,6 +143,10 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "l
     got_struct, want_struct = jax.tree.structure(params), jax.tree.structure(expected)
     if got_struct != want_struct:
         raise ModelLoadError(f"{path}: loaded param tree {got_struct} != model's {want_struct}")
+    for (kp, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
+        if got.shape != want.shape:
+            raise ModelLoadError(f"{path}: param {jax.tree_util.keystr(kp)} has shape {got.shape}, "
+                                 f"expected {want.shape}")
     return model, params
 
 
