@@ -75,9 +75,14 @@ class PreferenceLossConfig:
             require(self.loss_type is None, "loss.loss_type", f"{self.algorithm} has no loss_type; set null")
         require(self.f_divergence in ops.F_DIVERGENCES, "loss.f_divergence",
                 f"must be one of {ops.F_DIVERGENCES}, got {self.f_divergence!r}")
-        require(self.algorithm == "dpo" or self.f_divergence == "reverse_kl", "loss.f_divergence",
-                f"applies to algorithm=dpo only, not {self.algorithm}")
+        require(self.f_divergence == "reverse_kl" or (
+            self.algorithm == "dpo" and self.resolved_loss_type in ops.F_DIVERGENCE_LOSS_TYPES), "loss.f_divergence",
+            f"applies to algorithm=dpo with loss_type in {ops.F_DIVERGENCE_LOSS_TYPES} only (as TRL 1.16)")
         require(0 <= self.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        require(self.resolved_loss_type != "exo_pair" or self.label_smoothing > 0, "loss.label_smoothing",
+                "exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        require(self.resolved_loss_type != "robust" or self.label_smoothing < 0.5, "loss.label_smoothing",
+                "robust needs label_smoothing < 0.5")
 
     @property
     def resolved_loss_type(self) -> Optional[str]:
@@ -140,10 +145,9 @@ def _sum_where(valid_B, x_B) -> jax.Array:
     return jnp.sum(jnp.where(valid_B, x_B, 0.0))
 
 
-def pair_loss(model, params, batch: pc.PairBatch, key, *, loss: PreferenceLossConfig):
-    """`((loss_sum, pairs), PrefAux)` of a DPO-family / SimPO / ORPO loss on `batch`."""
-    del key
-    logp_2B, n_2B = pc.completion_logps(model, params, *pc.stacked_rows(batch))
+def pair_loss_from_logps(logp_2B, n_2B, batch: pc.PairBatch, *, loss: PreferenceLossConfig):
+    """`((loss_sum, pairs), PrefAux)` of a DPO-family / SimPO / ORPO loss given the policy's completion
+    log-prob sums `logp_2B` and token counts `n_2B` of the rows chosen ++ rejected."""
     b = logp_2B.shape[0] // 2
     lc, lr, nc, nr = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
     valid = (nc > 0) & (nr > 0)
@@ -170,10 +174,8 @@ def pair_loss(model, params, batch: pc.PairBatch, key, *, loss: PreferenceLossCo
     return (_sum_where(valid, losses), pairs), aux
 
 
-def kto_loss(model, params, batch: pc.KTOBatch, key, *, loss: PreferenceLossConfig):
-    """`((loss_sum, rows), PrefAux)` of KTO on `batch` (KL rows scored in the same forward pass)."""
-    del key
-    logp_2B, n_2B = pc.completion_logps(model, params, *pc.stacked_rows(batch))
+def kto_loss_from_logps(logp_2B, n_2B, batch: pc.KTOBatch, *, loss: PreferenceLossConfig):
+    """`((loss_sum, rows), PrefAux)` of KTO given the policy's sums/counts of the rows ++ KL rows."""
     b = logp_2B.shape[0] // 2
     lp, lp_kl, n, n_kl = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
     valid = n > 0
@@ -193,9 +195,16 @@ def kto_loss(model, params, batch: pc.KTOBatch, key, *, loss: PreferenceLossConf
 
 
 def make_loss_fn(model, loss: PreferenceLossConfig):
-    """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`."""
-    fn = kto_loss if loss.algorithm == "kto" else pair_loss
-    return lambda params, batch, key: fn(model, params, batch, key, loss=loss)
+    """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
+    the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`."""
+    from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
+
+    def loss_fn(params, batch, key):
+        del key
+        logp_2B, n_2B = pc.completion_logps(model, params, *pc.stacked_rows(batch))
+        return from_logps(logp_2B, n_2B, batch, loss=loss)
+
+    return loss_fn
 
 
 def preference_metrics(loss_sum: float, aux: PrefAux, *, kto: bool) -> dict[str, float]:
