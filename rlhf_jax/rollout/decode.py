@@ -157,10 +157,28 @@ def _rules_key() -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
 
 
+class _Frozen(NamedTuple):
+    """A pytree as a hashable compile-cache key (treedef + leaves; shardings are hashable)."""
+
+    treedef: Any
+    leaves: tuple
+
+    @classmethod
+    def of(cls, tree) -> "_Frozen | None":
+        if tree is None:
+            return None
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(treedef, tuple(leaves))
+
+    def thaw(self):
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(model, settings: SamplingSettings, param_shardings, batch_sharding, rules):
+def _compiled(model, settings: SamplingSettings, frozen_param_shardings, batch_sharding, rules):
     """One `jax.jit` per (model, settings, shardings, axis rules); jit itself caches per input shape."""
     del rules  # only part of the key: a program traced under other logical-axis rules is not reused
+    param_shardings = None if frozen_param_shardings is None else frozen_param_shardings.thaw()
     in_shardings = out_shardings = None
     if param_shardings is not None or batch_sharding is not None:
         in_shardings = (param_shardings, batch_sharding, batch_sharding, None)
@@ -263,5 +281,5 @@ def generate(
         min_new_tokens=int(min_new_tokens),
         cache_dtype=cache_dtype,
     )
-    fn = _compiled(model, settings, param_shardings, batch_sharding, _rules_key())
+    fn = _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key())
     return fn(params, prompt_ids_BxP, prompt_mask_BxP, key)
