@@ -140,9 +140,11 @@ def test_logical_specs_match_params(family, scan):
     specs = logical_specs(model)
     chex.assert_trees_all_equal_structs(jax.tree.map(lambda _: 0, params),
                                         jax.tree.map(lambda _: 0, specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
-    for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), jax.tree.leaves(params)):
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for spec, (path, leaf) in zip(spec_leaves, jax.tree_util.tree_leaves_with_path(params)):
         assert len(spec) == leaf.ndim and set(spec) <= AXES
-        assert (spec[0] == "layers") == (scan and leaf.ndim > 0 and spec[0] == "layers")
+        in_scanned_block = path[0].key == "layers"
+        assert (spec[0] == "layers") == in_scanned_block, (path, spec)
     if scan:
         assert logical_specs(model)["layers"]["attn"]["q"] == PartitionSpec("layers", "embed", "q_heads", "head_dim")
 
