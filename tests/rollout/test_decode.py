@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ops, rollout
+from rlhf_jax import models, ops, rollout
 from rlhf_jax.rollout import decode, sampling
 
-from .conftest import VOCAB
+from .conftest import VOCAB, tiny_config
 
 PAD = 0
 T = 10  # most tests share (T, eos, temperature) so they reuse one compiled program
@@ -234,3 +234,23 @@ def test_bad_inputs_raise(llama_model):
         rollout.generate(model, params, ids, mask, **{**kw, "eos_token_id": ()})
     with pytest.raises(ValueError, match="top_p"):
         rollout.generate(model, params, ids, mask, top_p=1.5, **kw)
+
+
+def test_compiled_program_updates_cache_in_place_and_skips_prefill_logits():
+    """The KV cache is carried through the while_loop without copies, and the prefill's [B, P-1, V] LM-head
+    product is dead code (only single-token logits are ever computed)."""
+    V = 112  # distinct from every other width of the fixture, so shapes with V identify the LM head
+    model = models.Transformer(tiny_config("llama").replace(vocab_size=V), head="lm")
+    params = models.init_params(model, jax.random.key(0))
+    ids, mask = _batch()
+    settings = decode.SamplingSettings(max_new_tokens=T, temperature=1.0, top_k=None, top_p=None, eos_token_ids=(1,),
+                                       pad_token_id=PAD, min_new_tokens=0, cache_dtype=None)
+    lowered = decode._compiled(model, settings, None, None, ()).lower(params, ids, mask, jax.random.key(0))
+    hlo = lowered.compile().as_text()
+    c = model.config
+    cache_shape = f"f32[{c.num_layers},4,{16 + T},{c.num_kv_heads},{c.head_dim}]"
+    assert " while(" in hlo
+    copies = [ln for ln in hlo.splitlines() if " copy(" in ln and ln.split("=")[1].strip().startswith(cache_shape)]
+    assert not copies, copies[:3]
+    assert f"[4,15,{V}]" not in hlo and f"[60,{V}]" not in hlo
+    assert f"f32[4,1,{V}]" in hlo or f"f32[4,{V}]" in hlo
