@@ -35,9 +35,11 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Wall-clock seconds of the measured iterations (after warmup)."""
+    """Wall-clock and process-CPU seconds of the measured iterations (after warmup). CPU time (all threads)
+    is less sensitive than wall time to other jobs on a shared machine."""
 
     times_s: tuple[float, ...]
+    cpu_times_s: tuple[float, ...] = ()
 
     @property
     def median_s(self) -> float:
@@ -47,6 +49,10 @@ class Timing:
     def min_s(self) -> float:
         return min(self.times_s)
 
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_times_s)
+
 
 def time_call(fn: Callable[[], Any], *, warmup: int, iters: int) -> Timing:
     """Run `fn` `warmup` times untimed, then `iters` times timed. `fn` must block until its result is ready."""
@@ -54,12 +60,13 @@ def time_call(fn: Callable[[], Any], *, warmup: int, iters: int) -> Timing:
         raise ValueError(f"time_call: need iters >= 1 and warmup >= 0, got iters={iters} warmup={warmup}")
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return Timing(tuple(times))
+        cpu.append(time.process_time() - c0)
+    return Timing(tuple(times), tuple(cpu))
 
 
 def reset_peak_rss() -> bool:
