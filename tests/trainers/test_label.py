@@ -48,9 +48,10 @@ def test_labelled_pairs_feed_rm_and_dpo(tiny_llama, task_data, tmp_path, ranker)
     fn_file = tmp_path / "length_reward.py"
     fn_file.write_text(LENGTH_FN)
     out = tmp_path / "pairs.jsonl"
+    # the judge is the (random) policy itself; ' Yes' is 2 tokens of the fixture BPE, ' the' is one
     overrides = [f"model.path={tiny_llama}", f"data.path={task_data['prompts_train']}", "data.max_prompt_len=16",
                  f"output_path={out}", f"ranker={ranker}", "num_samples=3", "rollout.batch_size=12",
-                 "rollout.max_new_tokens=8", f"reward.functions=[{fn_file}:length]", "judge.verdict=' Yes'"]
+                 "rollout.max_new_tokens=8", f"reward.functions=[{fn_file}:length]", "judge.verdict=' the'"]
     res = label.train(cli.load_trainer_config("label", None, overrides))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert res["prompts"] == 32 and res["pairs"] == len(rows) > 16 and res["pairs"] + res["ties"] == 32
