@@ -1,0 +1,235 @@
+"""One DPO optimizer step: rlhf_jax vs TRL's `DPOTrainer` (PyTorch), same CPU, same run, same weights.
+
+Workload (as /work/shared/peers/README.md): 8 pairs, prompt 64 + completion 64 tokens (chosen and
+rejected each exactly 128 tokens), loss sigmoid, β = 0.1, AdamW lr 1e-5, grad-norm clip 1.0, frozen
+reference model in memory. Models: Llama-style `tiny` (hidden 256 × 4) and `small` (~100M, hidden
+768 × 12), written once with our `save_pretrained` (`benchmarks/_common.build_llama`) so both sides load
+the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (torch 2.13, trl 1.16,
+2 threads) — this same file with `--trl-worker`, after our side has finished (never concurrently).
+
+Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
+2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs. Also timed: the step with precomputed
+reference log-probs (`precompute_ref_logps: true`), and this CPU's f32 matmul rate (2048³ jnp.dot),
+against which the step's achieved rate is reported:
+
+    model FLOPs per step = 6·N·tokens (policy fwd + bwd) + 2·N·tokens (reference fwd)
+                           + 4 × (QKᵀ and AV products: 4·L·S²·H·d_head per sequence, causal counted in full)
+
+with N the matmul parameters (embedding lookup excluded), tokens = 16 × 128.
+
+Usage: python benchmarks/dpo.py [--model tiny|small|both] [--iters 5] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+B, P, C = 8, 64, 64
+BETA, LR = 0.1, 1e-5
+TRL_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-trl" / "bin" / "python"
+
+
+# ------------------------------------------------------------------------------------- TRL worker
+def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
+    """Time `iters` DPOTrainer steps after `warmup` (runs in the TRL venv; imports no jax)."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_DISABLED="true",
+                      ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(2)
+    import transformers
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models as tmodels
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.WordLevel({f"t{i}": i for i in range(vocab)},
+                                                                                 unk_token="t3")),
+                                  pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+    steps = warmup + iters
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(4, vocab, size=n).tolist()  # noqa: E731
+    rows = {"prompt_ids": [ids(P) for _ in range(B * steps)],
+            "chosen_ids": [ids(C - 1) + [2] for _ in range(B * steps)],
+            "rejected_ids": [ids(C - 1) + [2] for _ in range(B * steps)]}
+    text = Dataset.from_dict({"prompt": ["t5"] * B * steps, "chosen": [" t6"] * B * steps,
+                              "rejected": [" t7"] * B * steps})
+
+    class Timer(TrainerCallback):
+        times: list = []
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = Timer()
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), max_steps=steps, learning_rate=LR,
+                    lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10_000,
+                    save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+                    seed=0, dataloader_num_workers=0, dataloader_pin_memory=False, gradient_accumulation_steps=1,
+                    max_grad_norm=1.0, per_device_train_batch_size=B, beta=BETA, loss_type=["sigmoid"],
+                    max_length=None, precompute_ref_log_probs=False)
+    trainer = DPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=text, processing_class=tok,
+                         callbacks=[timer])
+    trainer.train_dataset = Dataset.from_dict(rows)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert tuple(batch["input_ids"].shape) == (2 * B, P + C), batch["input_ids"].shape
+    assert int(batch["completion_mask"].sum()) == 2 * B * C
+    trainer.train()
+    times = timer.times[warmup:]
+    return {"s_per_step": statistics.median(times), "times_s": times, "trl": __import__("trl").__version__,
+            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_trl(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
+    out = subprocess.run([str(TRL_PYTHON), __file__, "--trl-worker", str(model_dir), "--iters", str(iters),
+                          "--warmup", str(warmup)], capture_output=True, text=True, check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("TRL_JSON ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"TRL worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("TRL_JSON "):])
+
+
+# ------------------------------------------------------------------------------------------ ours
+def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import _common as Cm
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    t = Cm.time_call(lambda: f(a, a).block_until_ready(), warmup=1, iters=iters).median_s
+    return 2 * n**3 / t / 1e9
+
+
+def model_flops(cfg, params) -> float:
+    """Matmul FLOPs of one DPO step (see module docstring)."""
+    import jax
+    import numpy as np
+
+    n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n = n_all - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
+    if cfg.tie_word_embeddings:
+        n += cfg.vocab_size * cfg.hidden_size
+    s, tokens = P + C, 2 * B * (P + C)
+    attn_fwd = 2 * B * 4 * cfg.num_layers * s * s * cfg.num_heads * cfg.head_dim  # QK^T and AV, 2B rows
+    return 8 * n * tokens + 4 * attn_fwd  # policy fwd+bwd (3x) + reference fwd (1x) of attention
+
+
+def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+
+    from benchmarks import _common as Cm
+    from rlhf_jax.config import OptimConfig
+    from rlhf_jax.data import PreferenceBatch
+    from rlhf_jax.sharding import MeshConfig
+    from rlhf_jax.train.optim import make_optimizer
+    from rlhf_jax.train.state import create_train_state
+    from rlhf_jax.train.step import make_train_step
+    from rlhf_jax.trainers import common, dpo
+    from rlhf_jax.trainers import preference_common as pc
+
+    from rlhf_jax import models
+    from rlhf_jax import sharding as shd
+
+    mesh = common.make_mesh(MeshConfig())
+
+    def load_placed():
+        model, params = models.load_pretrained(model_dir)
+        sh = shd.param_shardings(model, mesh)
+        return model, jax.device_put(params, sh), sh
+
+    model, params, p_sh = load_placed()
+    _, ref_params, _ = load_placed()
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    s = P + C
+
+    def side():
+        ids = rng.integers(4, cfg.vocab_size, size=(B, s)).astype(np.int32)
+        ids[:, -1] = 2
+        loss = np.zeros((B, s), np.int32)
+        loss[:, P:] = 1
+        return ids, np.ones((B, s), np.int32), loss
+
+    batch = pc.PairBatch(PreferenceBatch(*side(), *side()), np.zeros(B, np.float32), np.zeros(B, np.float32))
+    batch = shd.shard_batch(batch, mesh)
+    tx = make_optimizer(OptimConfig(learning_rate=LR, max_grad_norm=1.0), 100)
+    state, state_sh = create_train_state(params, tx, mesh=mesh, params_shardings=p_sh)
+    loss = dpo.PreferenceLossConfig(algorithm="dpo", loss_type="sigmoid", beta=BETA)
+    step = make_train_step(dpo.make_loss_fn(model, loss), tx=tx, mesh=mesh, state_shardings=state_sh)
+    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh)
+    key = jax.random.key(0)
+    box = [state]
+
+    def live():
+        box[0], m = step(box[0], attach(ref_params, batch), key)
+        jax.block_until_ready(m.loss)
+
+    precomputed_batch = attach(ref_params, batch)
+    jax.block_until_ready(precomputed_batch)
+
+    def precomputed():
+        box[0], m = step(box[0], precomputed_batch, key)
+        jax.block_until_ready(m.loss)
+
+    t_live = Cm.time_call(live, warmup=warmup, iters=iters)
+    t_pre = Cm.time_call(precomputed, warmup=1, iters=iters)
+    assert step.jitted._cache_size() == 1
+    return {"s_per_step": t_live.median_s, "times_s": list(t_live.times_s), "precomputed_s_per_step": t_pre.median_s,
+            "flops_per_step": model_flops(cfg, params), "params": Cm.param_count(params)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="both", choices=["tiny", "small", "both"])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.trl_worker:
+        print("TRL_JSON " + json.dumps(trl_worker(args.trl_worker, args.iters, args.warmup)), flush=True)
+        return
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import _common as Cm
+
+    root = pathlib.Path(os.environ.get("RLHF_JAX_BENCH_MODELS", pathlib.Path(tempfile.gettempdir()) / "rlhf_jax_bench"))
+    sizes = ["tiny", "small"] if args.model == "both" else [args.model]
+    gflops = matmul_gflops()
+    record = {"machine": Cm.machine_info(), "matmul_f32_gflops": gflops, "workload": f"{B} pairs, {P}+{C} tokens"}
+    rows = [("f32 matmul 2048^3 (GFLOP/s)", f"{gflops:.1f}")]
+    for size in sizes:
+        model_dir = Cm.build_llama(root / f"llama-{size}", size)
+        ours = run_ours(model_dir, args.iters, args.warmup)
+        trl = run_trl(model_dir, args.iters, args.warmup)
+        achieved = ours["flops_per_step"] / ours["s_per_step"] / 1e9
+        record[size] = {"ours": ours, "trl": trl, "speedup": trl["s_per_step"] / ours["s_per_step"],
+                        "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops}
+        rows += [(f"{size} ({ours['params'] / 1e6:.1f}M): ours s/step", f"{ours['s_per_step']:.3f}"),
+                 (f"{size}: ours, precomputed ref, s/step", f"{ours['precomputed_s_per_step']:.3f}"),
+                 (f"{size}: TRL DPOTrainer s/step", f"{trl['s_per_step']:.3f}"),
+                 (f"{size}: speedup (TRL / ours)", f"{record[size]['speedup']:.2f}x"),
+                 (f"{size}: achieved GFLOP/s (fraction of matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})")]
+    Cm.print_table(rows, title="DPO step: rlhf_jax vs TRL (same CPU, same run)")
+    Cm.emit_json(record)
+
+
+if __name__ == "__main__":
+    main()
