@@ -165,10 +165,11 @@ class PPOConfig:
                 "must be divisible by ppo.num_micro_batches")
 
 
-def _frozen(params, dtype: str):
-    """A frozen copy (never donated, never in an optimizer), optionally cast to bf16."""
+def _frozen(params, shardings, dtype: str):
+    """A frozen copy in fresh buffers (never donated, never in an optimizer), floats cast to ``dtype``."""
     dt = jnp.dtype(dtype)
-    return jax.tree.map(lambda x: jnp.array(x, dtype=dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
+    cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
 def _prompt_data(cfg: PPOConfig, tokenizer, host_bs: int):
@@ -197,12 +198,12 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     tok = actor.tokenizer
     eos_ids = tuple(np.atleast_1d(actor.model.config.eos_token_id or tok.eos_token_id).tolist())
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-    ref_params = _frozen(actor.params, cfg.frozen_dtype)
+    ref_params = _frozen(actor.params, actor.shardings, cfg.frozen_dtype)
     rm = None
     if cfg.reward.model_path is not None:
         rm = common.load_model(dataclasses.replace(cfg.model, path=cfg.reward.model_path, tokenizer_path=None),
                                mesh=mesh, head="scalar", rules=shd.INFERENCE_RULES)
-        rm.params = _frozen(rm.params, cfg.frozen_dtype)
+        rm.params = _frozen(rm.params, rm.shardings, cfg.frozen_dtype)
     critic_path = cfg.critic_path or cfg.reward.model_path or cfg.model.path
     critic = common.load_model(dataclasses.replace(cfg.model, path=critic_path, tokenizer_path=None), mesh=mesh,
                                head="scalar")

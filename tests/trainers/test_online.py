@@ -21,8 +21,8 @@ V, B, P, T = 48, 8, 5, 6
 
 
 def tiny_config(**kw):
-    base = dict(model_type="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-6, activation="silu")
+    base = dict(model_type="llama", vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                head_dim=8, intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6, activation="silu")
     base.update(kw)
     return ModelConfig(**base)
 
@@ -52,12 +52,21 @@ def make_rollout(seed=0, b=B):
                    jnp.asarray(resp_mask), jnp.asarray(z), jnp.asarray(z), jnp.asarray(rlen, jnp.int32))
 
 
+_JITS = {}
+
+
+def _cached(key, build):
+    if key not in _JITS:
+        _JITS[key] = build()
+    return _JITS[key]
+
+
 def experience(setup, algo, seed=0, kl_coef=0.05):
     actor, critic, actor_p, critic_p = setup
     models = online.Models(actor=actor, critic=critic)
     ro = make_rollout(seed)
-    ev = jax.jit(functools.partial(online.evaluate_rollout, models, temperature=1.0))(actor_p, actor_p, critic_p,
-                                                                                     None, ro)
+    ev = _cached(("eval", actor), lambda: jax.jit(functools.partial(online.evaluate_rollout, models, temperature=1.0)))(
+        actor_p, actor_p, critic_p, None, ro)
     score = jnp.asarray(np.random.default_rng(seed + 100).normal(size=B), jnp.float32)
     exp, _ = online.make_experience(algo, ro, ev, score, jnp.float32(kl_coef))
     return models, exp
@@ -108,59 +117,64 @@ class TestEvaluateRollout:
         np.testing.assert_array_equal(online.has_eos(ids, mask, (2,)), [True, False, False])
 
 
-def _run_update(setup, algo, exp, *, micro, minibatches=2, epochs=2, ptx=None, ptx_coef=0.0, key=0):
+def _run_update(setup, algo_kw, exp, *, micro, minibatches=2, epochs=2, ptx=None, ptx_coef=0.0, key=0):
+    """One jitted update per distinct configuration (cached: each compile costs seconds on a busy CPU)."""
     actor, critic, actor_p, critic_p = setup
-    models = online.Models(actor=actor, critic=critic if algo.use_critic else None)
+    algo = ppo_algorithm(**algo_kw)
     tx = optax.adam(1e-2)
-    upd = online.make_update(algo, models, actor_tx=tx, critic_tx=tx if algo.use_critic else None,
-                             settings=online.UpdateSettings(epochs=epochs, num_minibatches=minibatches,
-                                                            num_micro_batches=micro, temperature=1.0,
-                                                            ptx_coef=ptx_coef))
+
+    def build():
+        models = online.Models(actor=actor, critic=critic if algo.use_critic else None)
+        upd = online.make_update(algo, models, actor_tx=tx, critic_tx=tx if algo.use_critic else None,
+                                 settings=online.UpdateSettings(epochs=epochs, num_minibatches=minibatches,
+                                                                num_micro_batches=micro, temperature=1.0,
+                                                                ptx_coef=ptx_coef))
+        return jax.jit(upd)
+
+    fn = _cached(("update", tuple(sorted(algo_kw.items())), micro, minibatches, epochs, ptx is None, ptx_coef), build)
     a = init_train_state(actor_p, tx)
     c = init_train_state(critic_p, tx) if algo.use_critic else None
-    return jax.jit(upd)(a, c, exp, ptx, jax.random.key(key), jnp.float32(0.05))
+    return fn(a, c, exp, ptx, jax.random.key(key), jnp.float32(0.05))
 
 
 class TestUpdate:
     @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
     def test_micro_batches_do_not_change_the_update(self, setup, mode):
-        algo = ppo_algorithm(loss_agg_mode=mode, entropy_coef=0.01)
-        _, exp = experience(setup, algo)
-        a1, c1, m1 = _run_update(setup, algo, exp, micro=1)
-        a2, c2, m2 = _run_update(setup, algo, exp, micro=2)
+        kw = dict(loss_agg_mode=mode, entropy_coef=0.01)
+        _, exp = experience(setup, ppo_algorithm(**kw))
+        a1, c1, m1 = _run_update(setup, kw, exp, micro=1)
+        a2, c2, m2 = _run_update(setup, kw, exp, micro=2)
         for x, y in zip(jax.tree.leaves((a1.params, c1.params)), jax.tree.leaves((a2.params, c2.params))):
             np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-4)
         assert int(a1.step) == 4 and int(c1.step) == 4  # 2 epochs × 2 minibatches
 
     def test_first_step_is_on_policy(self, setup):
-        algo = ppo_algorithm()
-        _, exp = experience(setup, algo)
-        _, _, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        _, exp = experience(setup, ppo_algorithm())
+        _, _, m = _run_update(setup, {}, exp, micro=1, minibatches=1, epochs=1)
         # one optimizer step on the rollout's own policy: ratio == 1 everywhere
         assert float(m["policy_clipfrac"]) == 0.0
         assert abs(float(m["approx_kl"])) < 1e-6
         assert {"value_loss", "value_clipfrac", "entropy", "critic_grad_norm", "actor_grad_norm"} <= set(m)
 
     def test_zero_advantage_zero_policy_gradient(self, setup):
-        algo = ppo_algorithm(use_critic=False, whiten_advantages=False)
-        _, exp = experience(setup, algo)
+        kw = dict(use_critic=False, whiten_advantages=False)
+        _, exp = experience(setup, ppo_algorithm(**kw))
         exp = exp._replace(advantages_BxT=jnp.zeros_like(exp.advantages_BxT))
-        a, c, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        a, c, m = _run_update(setup, kw, exp, micro=1, minibatches=1, epochs=1)
         assert c is None and float(m["actor_grad_norm"]) == 0.0
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(setup[2])):
             np.testing.assert_array_equal(x, y)
 
     def test_ptx_term_changes_update_and_reports_loss(self, setup):
-        algo = ppo_algorithm()
-        _, exp = experience(setup, algo)
+        _, exp = experience(setup, ppo_algorithm())
         rng = np.random.default_rng(0)
         ids = jnp.asarray(rng.integers(1, V, size=(4, 9)), jnp.int32)
         ones = jnp.ones_like(ids)
         ptx = SFTBatch(ids, ones, ones, jnp.broadcast_to(jnp.arange(9), ids.shape), ones)
-        a0, _, _ = _run_update(setup, algo, exp, micro=2, ptx=ptx, ptx_coef=0.0)
-        a1, _, m1 = _run_update(setup, algo, exp, micro=2, ptx=ptx, ptx_coef=1.0)
-        a2, _, m2 = _run_update(setup, algo, exp, micro=1, ptx=ptx, ptx_coef=1.0)
+        a0, _, _ = _run_update(setup, {}, exp, micro=2, ptx=None)
+        a1, _, m1 = _run_update(setup, {}, exp, micro=2, ptx=ptx, ptx_coef=1.0)
+        a2, _, m2 = _run_update(setup, {}, exp, micro=1, ptx=ptx, ptx_coef=1.0)
         assert float(m1["ptx_loss"]) > 0
         np.testing.assert_allclose(m1["ptx_loss"], m2["ptx_loss"], rtol=1e-5)
         diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a0.params), jax.tree.leaves(a1.params)))
@@ -169,10 +183,9 @@ class TestUpdate:
             np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
 
     def test_nan_guard_skips_update(self, setup):
-        algo = ppo_algorithm()
-        _, exp = experience(setup, algo)
+        _, exp = experience(setup, ppo_algorithm())
         exp = exp._replace(advantages_BxT=exp.advantages_BxT.at[0, 0].set(jnp.nan))
-        a, c, m = _run_update(setup, algo, exp, micro=1, minibatches=1, epochs=1)
+        a, c, m = _run_update(setup, {}, exp, micro=1, minibatches=1, epochs=1)
         assert float(m["finite"]) == 0.0 and int(a.num_skipped) == 1
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(setup[2])):
             np.testing.assert_array_equal(x, y)

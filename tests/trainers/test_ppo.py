@@ -51,9 +51,13 @@ def _leaves(result):
 @pytest.mark.slow
 def test_resume_mid_run_equals_uninterrupted_run(tiny_llama, task_data, reward_file, tmp_path):
     """Run 4 iterations straight; run 3 saving at 2 and 3, resume from 2 (as if killed after 3): same result."""
+    from rlhf_jax.rollout import decode
+
     ppo.TRACE_COUNTS.clear()
+    sampler_traces = decode.TRACE_COUNT
     full = ppo.train(_cfg(tiny_llama, task_data, reward_file, tmp_path / "full", iters=4))
     assert dict(ppo.TRACE_COUNTS) == {"evaluate": 1, "experience": 1, "update": 1}  # no recompiles
+    assert decode.TRACE_COUNT - sampler_traces <= 1
     out = tmp_path / "split"
     part = ppo.train(_cfg(tiny_llama, task_data, reward_file, out, iters=4, extra=["run.save_every=2"]),
                      stop_at_step=3)
