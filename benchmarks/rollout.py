@@ -160,10 +160,29 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
         copy_bandwidth_gbs=bw["copy_gbs"], read_bandwidth_gbs=bw["read_gbs"],
         bandwidth_floor_ms=step_bytes / (bw["read_gbs"] * 1e9) * 1e3,
         step_over_bandwidth=ours["step_s"] / (step_bytes / (bw["read_gbs"] * 1e9)),
-        max_abs_logit_diff_vs_torch=logit_diff,
+        max_abs_logit_diff_vs_torch=logit_diff, loadavg_1m_end=os.getloadavg()[0],
     )
     del models
     return rec
+
+
+def print_record(r: dict, machine: dict) -> None:
+    C.print_table([
+        ("params", f"{r['params'] / 1e6:.1f} M"),
+        ("batch × prompt → new", f"{r['batch']} × {r['prompt_len']} → {r['new_tokens']}"),
+        ("ours tokens/s", f"{r['ours_tokens_per_s']:.0f}  (median {r['ours_median_s']:.3f} s)"),
+        ("torch tokens/s", f"{r['torch_tokens_per_s']:.0f}  (median {r['torch_median_s']:.3f} s)"),
+        ("speedup (ours / torch)", f"{r['speedup']:.2f}×  (by process CPU time: {r['speedup_cpu_time']:.2f}×)"),
+        ("ours compile", f"{r['ours_compile_s']:.2f} s"),
+        ("peak RSS ours / torch", f"{r['ours_peak_rss_mb']:.0f} / {r['torch_peak_rss_mb']:.0f} MB"),
+        ("decode step", f"{r['decode_step_ms']:.2f} ms"),
+        ("matmul floor", f"{r['matmul_floor_ms']:.2f} ms  (step / floor = {r['step_over_matmul']:.2f})"),
+        ("bytes read / step", f"{r['bytes_per_step_mb']:.1f} MB"),
+        ("bandwidth copy / read", f"{r['copy_bandwidth_gbs']:.1f} / {r['read_bandwidth_gbs']:.1f} GB/s"),
+        ("bandwidth floor", f"{r['bandwidth_floor_ms']:.2f} ms  (step / floor = {r['step_over_bandwidth']:.2f})"),
+        ("max |logit diff| vs torch", f"{r['max_abs_logit_diff_vs_torch']:.2e}"),
+    ], title=f"rollout: {r['model']} Llama, load avg {machine.get('loadavg_1m', float('nan')):.1f} at start, "
+       f"{r['loadavg_1m_end']:.1f} at end, {machine['cpu_count']} cores")
 
 
 def main(argv=None) -> dict:
@@ -183,23 +202,10 @@ def main(argv=None) -> dict:
     sizes = ["tiny", "small"] if args.model == "both" else [args.model]
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="rlhf_jax_bench_"))
     machine = C.machine_info()
-    records = [bench_size(s, args, workdir) for s in sizes]
-    for r in records:
-        C.print_table([
-            ("params", f"{r['params'] / 1e6:.1f} M"),
-            ("batch × prompt → new", f"{r['batch']} × {r['prompt_len']} → {r['new_tokens']}"),
-            ("ours tokens/s", f"{r['ours_tokens_per_s']:.0f}  (median {r['ours_median_s']:.3f} s)"),
-            ("torch tokens/s", f"{r['torch_tokens_per_s']:.0f}  (median {r['torch_median_s']:.3f} s)"),
-            ("speedup (ours / torch)", f"{r['speedup']:.2f}×  (by process CPU time: {r['speedup_cpu_time']:.2f}×)"),
-            ("ours compile", f"{r['ours_compile_s']:.2f} s"),
-            ("peak RSS ours / torch", f"{r['ours_peak_rss_mb']:.0f} / {r['torch_peak_rss_mb']:.0f} MB"),
-            ("decode step", f"{r['decode_step_ms']:.2f} ms"),
-            ("matmul floor", f"{r['matmul_floor_ms']:.2f} ms  (step / floor = {r['step_over_matmul']:.2f})"),
-            ("bytes read / step", f"{r['bytes_per_step_mb']:.1f} MB"),
-            ("bandwidth copy / read", f"{r['copy_bandwidth_gbs']:.1f} / {r['read_bandwidth_gbs']:.1f} GB/s"),
-            ("bandwidth floor", f"{r['bandwidth_floor_ms']:.2f} ms  (step / floor = {r['step_over_bandwidth']:.2f})"),
-            ("max |logit diff| vs torch", f"{r['max_abs_logit_diff_vs_torch']:.2e}"),
-        ], title=f"rollout: {r['model']} Llama, load avg {machine.get('loadavg_1m', float('nan')):.2f}")
+    records = []
+    for size in sizes:  # print each size's table as soon as it is measured
+        records.append(bench_size(size, args, workdir))
+        print_record(records[-1], machine)
     record = {"benchmark": "rollout", "machine": machine, "results": records}
     C.emit_json(record)
     return record

@@ -24,8 +24,8 @@ class Rollout(NamedTuple):
         `ops.token_logprobs(logits / temperature, tokens)`, so the importance ratio
         π_θ / π_old compares the same distribution (see `rlhf_jax.rollout.sampling`).
       sampling_logp_BxT: float32 log-prob of each token under the distribution actually sampled from
-        (after top-k / top-p truncation and EOS suppression); equals `logp_BxT` when nothing truncates.
-        0 on padding.
+        (after top-k / top-p truncation and EOS suppression); equals `logp_BxT` when nothing truncates;
+        0 when greedy (a point mass) and on padding.
       lengths_B: int32 number of response tokens per row (= `response_mask_BxT.sum(-1)`, EOS included).
     """
 
