@@ -90,6 +90,7 @@ def trl_worker(model_dir: str, prompts_file: str, iters: int, warmup: int) -> di
                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10_000,
                      save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
                      seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=1, max_grad_norm=1.0,
+                     gradient_checkpointing=False, dataloader_pin_memory=False,
                      per_device_train_batch_size=N_PROMPTS * G, num_generations=G, max_completion_length=C,
                      temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": C}, beta=BETA,
                      loss_type="dapo", scale_rewards="group", num_iterations=1, shuffle_dataset=False,

@@ -273,3 +273,25 @@ def test_rl_raises_arithmetic_accuracy(tmp_path_factory, tmp_path, algorithm):
     print(f"{algorithm}: arithmetic exact-match (sampled, T=1) before {before:.3f} -> after {after:.3f}; "
           f"per-iteration batch accuracy {batch_acc}")
     assert after >= before + 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,config,metric", [
+    ("remax", "remax_tiny_cpu", "remax_baseline"),
+    ("grpo", "grpo_dapo_tiny_cpu", "dynamic_sampling/tries"),
+])
+def test_cli_subcommands_run(tiny_llama, task_data, tmp_path, command, config, metric):
+    """ReMax (greedy baseline) and the DAPO preset (dynamic sampling, overlong penalty) through the CLI."""
+    from rlhf_jax import cli
+    from rlhf_jax.trainers.common import read_jsonl
+
+    code = cli.main([command, f"configs/{config}.yaml", f"model.path={tiny_llama}",
+                     f"data.path={task_data['prompts_train']}", "run.total_steps=2", "run.log_every=1",
+                     "run.save_every=0", "rollout.batch_size=4", "rollout.max_new_tokens=6", "algo.num_minibatches=1",
+                     f"run.output_dir={tmp_path}"])
+    assert code == 0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(records) == 2 and all(metric in r and np.isfinite(r["loss"]) for r in records)
+    if command == "grpo":
+        assert all(1 <= r["dynamic_sampling/tries"] <= 4 and 0 <= r["dynamic_sampling/filled_groups"] <= 4
+                   for r in records)
