@@ -1,7 +1,8 @@
 """Name and layout mapping between our params and Hugging Face safetensors, per family.
 
 Each `TensorMap` ties one HF tensor to one or more of our leaves (paths in the unscanned layout, blocks
-named `layers_{i}`) with the two reshapes between them. Layout facts (transformers 5.x):
+named `layers_{i}`) with the two reshapes between them; `read_block` reads any rectangular slice of one
+of our leaves from the HF tensor, touching only the HF elements that slice needs (sharded loading). Layout facts (transformers 5.x):
 
 * GPT-2 (`models/gpt2/modeling_gpt2.py`) uses `Conv1D`, whose weight is stored (in, out), and fuses q/k/v
   into one `c_attn` of shape (D, 3D) with bias (3D,). Tied LM head: no `lm_head.weight` is saved.
@@ -14,10 +15,13 @@ named `layers_{i}`) with the two reshapes between them. Layout facts (transforme
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import json
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
 
@@ -25,49 +29,67 @@ Path = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one of our (unscanned) leaves sits inside its HF tensor `w`:
+
+        ours = transpose(w[..., block], perm).reshape(shape)
+
+    `block` = [start, stop) along the last HF axis (GPT-2's fused q/k/v), else the whole tensor. The
+    reshape only *splits* axes (`(H·hd,) → (H, hd)`), so every axis of `shape` belongs to exactly one
+    axis of the transposed tensor; `read_block` uses that to read a slice of ours without the rest.
+    """
+
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    block: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorMap:
-    """One HF tensor `hf_name` of shape `hf_shape` ↔ our leaves `paths`."""
+    """One HF tensor `hf_name` of shape `hf_shape` ↔ our leaves `paths`, laid out by `layouts`."""
 
     hf_name: str
     hf_shape: tuple[int, ...]
     paths: tuple[Path, ...]
-    to_ours: Callable  # hf array -> tuple of our arrays (one per path)
-    to_hf: Callable  # tuple of our arrays -> hf array
+    layouts: tuple[Layout, ...]  # one per path: HF → ours, read slice by slice (`read_block`)
+    to_hf: Callable  # tuple of our host (numpy) arrays -> HF numpy array
 
 
 def _same(name, shape, path):
-    return TensorMap(name, shape, (path,), lambda w: (w,), lambda ws: ws[0])
+    return TensorMap(name, shape, (path,), (Layout(shape, tuple(range(len(shape)))),), lambda ws: ws[0])
 
 
 def _transposed(name, shape, path):
-    return TensorMap(name, shape, (path,), lambda w: (w.T,), lambda ws: ws[0].T)
+    return TensorMap(name, shape, (path,), (Layout(shape[::-1], (1, 0)),), lambda ws: ws[0].T)
 
 
 def _reshaped(name, shape, path, our_shape):
-    return TensorMap(name, shape, (path,), lambda w: (w.reshape(our_shape),), lambda ws: ws[0].reshape(shape))
+    return TensorMap(name, shape, (path,), (Layout(our_shape, tuple(range(len(shape)))),),
+                     lambda ws: ws[0].reshape(shape))
 
 
 def _linear_in(name, shape, path, our_shape):
     """nn.Linear (out, in) → ours (in, *out_split)."""
-    return TensorMap(name, shape, (path,), lambda w: (w.T.reshape(our_shape),),
+    return TensorMap(name, shape, (path,), (Layout(our_shape, (1, 0)),),
                      lambda ws: ws[0].reshape(shape[1], shape[0]).T)
 
 
 def _linear_out(name, shape, path, our_shape):
     """nn.Linear (out, in) → ours (*in_split, out), for o_proj."""
-    return TensorMap(name, shape, (path,), lambda w: (w.T.reshape(our_shape),),
+    return TensorMap(name, shape, (path,), (Layout(our_shape, (1, 0)),),
                      lambda ws: ws[0].reshape(shape[1], shape[0]).T)
 
 
 def _fused_qkv(name, shape, paths, our_shape):
-    """GPT-2 `c_attn` (D, 3D) or bias (3D,) → q, k, v each reshaped to `our_shape`."""
-    def to_ours(w):
-        return tuple(part.reshape(our_shape) for part in jnp.split(w, 3, axis=-1))
+    """GPT-2 `c_attn` (D, 3D) or bias (3D,) → q, k, v: third j of the last axis, reshaped to `our_shape`."""
+    third = shape[-1] // 3
+    ident = tuple(range(len(shape)))
+    layouts = tuple(Layout(our_shape, ident, (j * third, (j + 1) * third)) for j in range(3))
 
     def to_hf(ws):
-        return jnp.concatenate([w.reshape(*shape[:-1], shape[-1] // 3) for w in ws], axis=-1)
+        return np.concatenate([np.asarray(w).reshape(*shape[:-1], third) for w in ws], axis=-1)
 
-    return TensorMap(name, shape, tuple(paths), to_ours, to_hf)
+    return TensorMap(name, shape, tuple(paths), layouts, to_hf)
 
 
 def tensor_maps(config: ModelConfig, *, head: str, prefix: str | None = None) -> list[TensorMap]:
@@ -142,6 +164,77 @@ def tensor_maps(config: ModelConfig, *, head: str, prefix: str | None = None) ->
     return maps
 
 
+# ----- reading a slice of one of our leaves -----
+def _groups(layout: Layout, mid_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Our axes grouped by the transposed-HF axis they split: `[(0,), (1, 2)]` for (D, H·hd) → (D, H, hd)."""
+    groups, axis = [], 0
+    for size in mid_shape:
+        group, prod = [axis], layout.shape[axis]
+        axis += 1
+        while prod < size:
+            group.append(axis)
+            prod *= layout.shape[axis]
+            axis += 1
+        if prod != size:
+            raise ValueError(f"layout {layout} does not split HF axes {tuple(mid_shape)}")
+        groups.append(tuple(group))
+    if axis != len(layout.shape):
+        raise ValueError(f"layout {layout} has axes left over after HF axes {tuple(mid_shape)}")
+    return groups
+
+
+def normalize_index(index: Sequence, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """A tuple of unit-step slices (as `jax.make_array_from_callback` passes) → ((start, stop), ...) per axis."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    out = []
+    for sl, n in zip(index, shape):
+        if not isinstance(sl, slice):
+            raise ValueError(f"index {index}: expected slices, got {sl!r}")
+        start, stop, step = sl.indices(n)
+        if step != 1:
+            raise ValueError(f"index {index}: only unit-step slices are supported")
+        out.append((start, max(start, stop)))
+    return tuple(out)
+
+
+def read_block(read: Callable[[tuple[slice, ...]], np.ndarray], hf_shape: Sequence[int], layout: Layout,
+               index: Sequence) -> np.ndarray:
+    """`ours[index]` for `ours = transpose(w[..., block], perm).reshape(layout.shape)`, reading only part of `w`.
+
+    For each group of our axes that splits one transposed-HF axis, the first axis's range [s, e) becomes
+    the contiguous HF range [s·n, e·n) (n = product of the group's inner sizes); the inner axes are read
+    whole and cut afterwards. With our sharding rules the inner axes (`head_dim`) are never split, so the
+    bytes read are exactly the bytes of the slice.
+
+    Args:
+      read: `slices -> np.ndarray`, e.g. a safetensors `get_slice(name).__getitem__`.
+      hf_shape: shape of the HF tensor `w`.
+      layout: where our leaf sits in `w`.
+      index: slices into our leaf (`layout.shape`); missing trailing axes mean whole axes.
+    """
+    ranges = normalize_index(index, layout.shape)
+    block_hf = list(hf_shape)
+    if layout.block is not None:
+        block_hf[-1] = layout.block[1] - layout.block[0]
+    mid_shape = [block_hf[a] for a in layout.perm]
+    groups = _groups(layout, mid_shape)
+    hf_slices: list = [None] * len(hf_shape)
+    covering, cut = [], []
+    for j, group in enumerate(groups):
+        first, inner = group[0], group[1:]
+        n = math.prod(layout.shape[a] for a in inner)
+        s, e = ranges[first]
+        lo, hi = s * n, e * n
+        axis = layout.perm[j]
+        if layout.block is not None and axis == len(hf_shape) - 1:
+            lo, hi = lo + layout.block[0], hi + layout.block[0]
+        hf_slices[axis] = slice(lo, hi)
+        covering += [e - s] + [layout.shape[a] for a in inner]
+        cut += [slice(None)] + [slice(*ranges[a]) for a in inner]
+    w = np.asarray(read(tuple(hf_slices)))
+    return np.transpose(w, layout.perm).reshape(covering)[tuple(cut)]
+
+
 # ----- scanned <-> unscanned layouts -----
 def is_scanned(params) -> bool:
     return "layers" in params
@@ -161,3 +254,46 @@ def unstack_layers(params, num_layers: int):
     for i in range(num_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
     return out
+
+
+# ----- streaming safetensors writer -----
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path, entries: Sequence[tuple[str, tuple[int, ...], np.dtype]], tensors, *,
+                      metadata: dict[str, str]) -> int:
+    """Writes one safetensors file, one tensor at a time (peak memory: one tensor, not the file).
+
+    Format (github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header length N, N bytes
+    of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` (padded with
+    spaces to a multiple of 8), then the tensors' raw little-endian bytes back to back in header order.
+    The header is built from `entries` before any data exists; `tensors` (an iterable, e.g. a generator
+    that gathers each tensor from the devices) must then yield exactly those arrays, in that order.
+
+    Returns:
+      bytes of tensor data written.
+    """
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, shape, dtype in entries:
+        dtype = np.dtype(dtype)
+        if dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    it = iter(tensors)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape, dtype in entries:
+            arr = next(it, None)
+            if arr is None or tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                got = None if arr is None else (tuple(arr.shape), arr.dtype)
+                raise ValueError(f"{path}: tensor {name!r}: expected {(tuple(shape), np.dtype(dtype))}, got {got}")
+            f.write(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).reshape(-1).view(np.uint8))
+    return offset

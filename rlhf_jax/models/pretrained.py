@@ -1,28 +1,36 @@
 """`load_pretrained` / `save_pretrained`: Hugging Face model directories ↔ (Transformer, params), no torch.
 
 Reads `config.json` and `model.safetensors` or sharded `model-0000i-of-0000n.safetensors` with
-`model.safetensors.index.json`, through `safetensors.safe_open(framework="flax")` (which, unlike
-`safetensors.numpy`, reads bf16). Writes the same layout with `metadata={"format": "pt"}` so PyTorch
+`model.safetensors.index.json`, slice by slice through `safetensors.safe_open(framework="numpy")`
+(bf16 works once `ml_dtypes` is imported), optionally straight into device shards. Writes the same layout,
+streaming one gathered tensor at a time, with `metadata={"format": "pt"}` so PyTorch
 `transformers.AutoModelFor{CausalLM,SequenceClassification}.from_pretrained` loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import os
 import pathlib
 import re
 import shutil
 import tempfile
 
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: the safetensors numpy backend then reads bf16)
+import numpy as np
+from jax import lax
 from safetensors import safe_open
-from safetensors.flax import save_file
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.errors import ModelLoadError
-from rlhf_jax.models.hf_io import is_scanned, stack_layers, tensor_maps, unstack_layers
+from rlhf_jax.models.hf_io import TensorMap, is_scanned, normalize_index, read_block, tensor_maps, write_safetensors
 from rlhf_jax.models.transformer import Transformer, init_params
 
 SINGLE_FILE = "model.safetensors"
@@ -49,7 +57,7 @@ def _open_tensors(path: pathlib.Path) -> dict[str, pathlib.Path]:
         if not f.is_file():
             raise ModelLoadError(f"{f}: safetensors file listed in {INDEX_FILE} is missing")
         try:
-            with safe_open(str(f), framework="flax") as fh:
+            with safe_open(str(f), framework="numpy") as fh:
                 names = list(fh.keys())
         except Exception as e:  # safetensors raises its own SafetensorError / OSError
             raise ModelLoadError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from e
@@ -62,15 +70,40 @@ def _open_tensors(path: pathlib.Path) -> dict[str, pathlib.Path]:
     return name_to_file
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+def _leaf_sources(maps: list[TensorMap]) -> dict[tuple[str, ...], tuple[TensorMap, int]]:
+    """Our unscanned leaf path → (the TensorMap holding it, its index among the map's paths)."""
+    return {p: (m, k) for m in maps for k, p in enumerate(m.paths)}
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(config: ModelConfig, head: str):
+    """Shapes and dtypes of the params (a trace of `init`, no compile), cached per (config, head)."""
+    model = Transformer(config, head=head)
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def _check_shardings(shardings, expected, path: pathlib.Path):
+    """`shardings` must be a pytree of `jax.sharding.Sharding` with exactly the params' structure."""
+    want, got = jax.tree.structure(expected), jax.tree.structure(shardings)
+    if want != got:
+        raise ValueError(f"{path}: shardings tree {got} does not match the params tree {want}")
+    for kp, sh in jax.tree_util.tree_leaves_with_path(shardings):
+        if not isinstance(sh, jax.sharding.Sharding):
+            raise ValueError(f"{path}: shardings{jax.tree_util.keystr(kp)} is {sh!r}, not a jax.sharding.Sharding")
+    return shardings
 
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "lm", remat: str = "none",
-                    scan_layers: bool = False) -> tuple[Transformer, dict]:
-    """Loads a local HF model directory.
+                    scan_layers: bool = False, shardings=None) -> tuple[Transformer, dict]:
+    """Loads a local HF model directory, optionally straight into device shards.
+
+    Without `shardings` every tensor is read whole and placed on the default device. With `shardings`,
+    each param is built by `jax.make_array_from_callback`: for every *addressable* shard the callback
+    reads only that slice of the HF tensor (`safe_open(...).get_slice`, mmap-backed) and applies the
+    HF → ours layout (transposes, GPT-2 Conv1D and fused q/k/v, head splits, layer stacking) to the slice
+    alone (`hf_io.read_block`). No full tensor is ever materialised on one device; host memory peaks at
+    this host's distinct shards of one param (memoised per param, so replicas are read once); on a
+    multi-host pod each host reads only the bytes its devices hold.
 
     Args:
       path: directory with `config.json` and safetensors weights.
@@ -79,13 +112,17 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "l
         `score.weight`; on a CausalLM checkpoint the score head starts at ZERO (every score is 0 until
         trained) and `lm_head` is dropped.
       remat, scan_layers: see `ModelConfig`.
+      shardings: None, a pytree of `jax.sharding.Sharding` with the params' exact structure (scanned or
+        not, as `scan_layers` says), or a callable `model -> that pytree` (e.g.
+        `lambda m: sharding.param_shardings(m, mesh)`), so callers need not build the model first.
 
     Returns:
-      (model, params) with params as plain arrays in `param_dtype`.
+      (model, params) with params as plain arrays in `param_dtype` (with the given shardings, if any).
 
     Raises:
       ModelLoadError: missing dir/file, truncated file, unsupported config, missing tensor, wrong shape,
         unexpected tensor — naming the file and tensor, expected vs found.
+      ValueError: `shardings` does not match the params tree.
     """
     path = pathlib.Path(path)
     if not path.is_dir():
@@ -101,53 +138,106 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "l
     maps = tensor_maps(config, head=head, prefix=prefix)
     if head == "scalar" and not has_score:
         maps = [m for m in maps if m.hf_name != "score.weight"]
+    model = Transformer(config, head=head)
+    expected = _abstract_params(config, head)
+    if callable(shardings):
+        shardings = shardings(model)
+    if shardings is not None:
+        _check_shardings(shardings, expected, path)
 
-    params: dict = {}
-    handles: dict = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles: dict = {}
         for m in maps:
             f = name_to_file.get(m.hf_name)
             if f is None:
                 raise ModelLoadError(f"{path}: tensor {m.hf_name!r} (shape {m.hf_shape}) is missing from the "
                                      f"checkpoint ({config.model_type}, head={head})")
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="flax").__enter__()
+            if f not in handles:  # numpy backend: host arrays; ml_dtypes (imported by jax) supplies bf16
+                handles[f] = stack.enter_context(safe_open(str(f), framework="numpy"))
             found = tuple(handles[f].get_slice(m.hf_name).get_shape())
             if found != m.hf_shape:
                 raise ModelLoadError(f"{f}: tensor {m.hf_name!r} has shape {found}, expected {m.hf_shape} "
                                      f"from config.json")
-            try:
-                tensor = handles[f].get_tensor(m.hf_name)
-            except Exception as e:
-                raise ModelLoadError(f"{f}: cannot read tensor {m.hf_name!r}: {e}") from e
-            for p, arr in zip(m.paths, m.to_ours(tensor)):
-                _set(params, p, jnp.asarray(arr, config.param_dtype))
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-
-    used = {m.hf_name for m in maps}
-    droppable = {"lm_head.weight"} if (head == "scalar" or config.tie_word_embeddings) else set()
-    droppable |= {"score.weight"} if head == "lm" else set()
-    extra = sorted(n for n in name_to_file if n not in used and n not in droppable and not _IGNORED.match(n))
-    if extra:
-        raise ModelLoadError(f"{path}: unexpected tensors for {config.model_type} (head={head}): {extra[:5]}"
-                             f"{' ...' if len(extra) > 5 else ''}")
-    if head == "scalar" and not has_score:
-        params["score"] = jnp.zeros((config.hidden_size, 1), config.param_dtype)
-    if scan_layers:
-        params = stack_layers(params, config.num_layers)
-
-    model = Transformer(config, head=head)
-    expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    got_struct, want_struct = jax.tree.structure(params), jax.tree.structure(expected)
-    if got_struct != want_struct:
-        raise ModelLoadError(f"{path}: loaded param tree {got_struct} != model's {want_struct}")
-    for (kp, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
-        if got.shape != want.shape:
-            raise ModelLoadError(f"{path}: param {jax.tree_util.keystr(kp)} has shape {got.shape}, "
-                                 f"expected {want.shape}")
+        used = {m.hf_name for m in maps}
+        droppable = {"lm_head.weight"} if (head == "scalar" or config.tie_word_embeddings) else set()
+        droppable |= {"score.weight"} if head == "lm" else set()
+        extra = sorted(n for n in name_to_file if n not in used and n not in droppable and not _IGNORED.match(n))
+        if extra:
+            raise ModelLoadError(f"{path}: unexpected tensors for {config.model_type} (head={head}): {extra[:5]}"
+                                 f"{' ...' if len(extra) > 5 else ''}")
+        readers = _leaf_readers(path, config, maps, expected, handles, name_to_file,
+                                zero_score=head == "scalar" and not has_score)
+        if shardings is None:
+            params = jax.tree.map(lambda read: jnp.asarray(read(())), readers)
+        else:
+            params = jax.tree.map(_make_sharded, readers, expected, shardings)
     return model, params
+
+
+def _leaf_readers(path, config, maps, expected, handles, name_to_file, *, zero_score: bool):
+    """A pytree like `expected` of `index -> np.ndarray` functions reading that slice of each param.
+
+    Raises ModelLoadError when the checkpoint's tensors do not cover the model's params exactly.
+    """
+    sources = _leaf_sources(maps)
+    L = config.num_layers
+    covered = set()
+
+    def tensor_reader(p: tuple[str, ...]):
+        m, k = sources[p]
+        covered.add(p)
+        f = name_to_file[m.hf_name]
+
+        def read(index):
+            try:
+                block = read_block(handles[f].get_slice(m.hf_name).__getitem__, m.hf_shape, m.layouts[k], index)
+            except Exception as e:
+                raise ModelLoadError(f"{f}: cannot read tensor {m.hf_name!r} {index}: {e}") from e
+            return block.astype(config.param_dtype, copy=False)
+
+        return read, m.layouts[k].shape
+
+    def one(kp, want):
+        names = tuple(k.key for k in kp)
+        where = f"{path}: param {jax.tree_util.keystr(kp)}"
+        if zero_score and names == ("score",):
+            return lambda index: np.zeros([e - s for s, e in normalize_index(index, want.shape)], want.dtype)
+        if names[0] == "layers":  # scanned: layer i of this param is HF layer i's tensor
+            per_layer = [(f"layers_{i}",) + names[1:] for i in range(L)]
+            if any(p not in sources for p in per_layer):
+                raise ModelLoadError(f"{where} has no tensor in the checkpoint")
+            reads = [tensor_reader(p) for p in per_layer]
+            shape = (L,) + reads[0][1]
+
+            def read(index):
+                (lo, hi), = normalize_index(tuple(index)[:1], (L,))
+                return np.stack([reads[i][0](tuple(index)[1:]) for i in range(lo, hi)])
+        else:
+            if names not in sources:
+                raise ModelLoadError(f"{where} has no tensor in the checkpoint")
+            read, shape = tensor_reader(names)
+        if tuple(shape) != tuple(want.shape):
+            raise ModelLoadError(f"{where} has shape {tuple(shape)}, expected {tuple(want.shape)}")
+        return read
+
+    readers = jax.tree_util.tree_map_with_path(one, expected)
+    unused = sorted(set(sources) - covered)
+    if unused:
+        raise ModelLoadError(f"{path}: checkpoint tensors map to params the model does not have: {unused[:5]}")
+    return readers
+
+
+def _make_sharded(read, want, sharding) -> jax.Array:
+    """One param from per-shard reads; a shard index seen before (a replica) reuses the slice already read."""
+    cache: dict = {}
+
+    def callback(index):
+        key = normalize_index(index, want.shape)
+        if key not in cache:
+            cache[key] = read(index)
+        return cache[key]
+
+    return jax.make_array_from_callback(want.shape, sharding, callback, dtype=want.dtype)
 
 
 def _parse_size(size) -> int | None:
@@ -159,25 +249,70 @@ def _parse_size(size) -> int | None:
     return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
 
 
-def hf_state_dict(model: Transformer, params) -> dict[str, jax.Array]:
-    """Our params → HF tensor name → array (HF layout, param dtype), in file order."""
-    config = model.config
-    if is_scanned(params):
-        params = unstack_layers(params, config.num_layers)
-    out = {}
-    for m in tensor_maps(config, head=model.head):
+@jax.jit
+def _take_layer(x, i):
+    return lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _host_copy(x, layer: int | None) -> np.ndarray:
+    """Full host (numpy) copy of `x` (or of `x[layer]`): one tensor at a time, so memory stays bounded.
+
+    A param spread over several processes is all-gathered (`multihost_utils.process_allgather`, a
+    collective: every process must make the same calls in the same order); a local one is fetched.
+    """
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return x if layer is None else x[layer]
+    if layer is not None:  # one jitted program per (shape, sharding), the layer index traced
+        x = _take_layer(x, np.int32(layer))
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hf_tensors(model: Transformer, params, maps: list[TensorMap]) -> Iterator[np.ndarray]:
+    """Each HF tensor of `maps` in order, as a host array in HF layout, built from our (sharded) params."""
+    scanned = is_scanned(params)
+    for m in maps:
         leaves = []
         for p in m.paths:
-            node = params
-            for key in p:
+            layer = int(p[0].removeprefix("layers_")) if scanned and p[0].startswith("layers_") else None
+            node = params["layers"] if layer is not None else params
+            for key in (p[1:] if layer is not None else p):
                 node = node[key]
-            leaves.append(jnp.asarray(node))
-        out[m.hf_name] = jnp.asarray(m.to_hf(tuple(leaves)))
+            leaves.append(_host_copy(node, layer))
+        yield np.asarray(m.to_hf(tuple(leaves)))
+
+
+def hf_state_dict(model: Transformer, params) -> dict[str, np.ndarray]:
+    """Our params (scanned or not, sharded or not) → HF tensor name → host array (HF layout, param dtype),
+    in file order. Holds the whole model in host memory; `save_pretrained` streams instead."""
+    maps = tensor_maps(model.config, head=model.head)
+    return {m.hf_name: arr for m, arr in zip(maps, _hf_tensors(model, params, maps))}
+
+
+def _entries(model: Transformer, params, maps: list[TensorMap]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(HF name, HF shape, dtype) of every tensor, from our params' dtypes, without touching data."""
+    scanned = is_scanned(params)
+    out = []
+    for m in maps:
+        p = m.paths[0]
+        node = params["layers"] if scanned and p[0].startswith("layers_") else params
+        for key in (p[1:] if node is not params else p):
+            node = node[key]
+        out.append((m.hf_name, m.hf_shape, np.dtype(node.dtype)))
     return out
 
 
 def save_pretrained(path, model: Transformer, params, *, tokenizer=None, max_shard_size=None) -> pathlib.Path:
     """Writes a HF model directory (config.json, safetensors, optional tokenizer) atomically.
+
+    `params` may be sharded over devices and processes. Tensors are gathered one at a time and streamed
+    into the safetensors file(s) (`hf_io.write_safetensors`), so host memory peaks at one tensor. On a
+    multi-host pod call it on EVERY process (the gathers are collectives); only process 0 writes (into
+    a temp dir renamed into place), and all processes return after it has finished.
 
     For `head="scalar"` the config is a `*ForSequenceClassification` with `num_labels=1`; its
     `pad_token_id` comes from the model config or the tokenizer so HF pools the last non-pad token.
@@ -187,35 +322,52 @@ def save_pretrained(path, model: Transformer, params, *, tokenizer=None, max_sha
         `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
     """
     path = pathlib.Path(path)
-    state = hf_state_dict(model, params)
+    maps = tensor_maps(model.config, head=model.head)
+    entries = _entries(model, params, maps)
     hf_config = model.config.to_hf(head=model.head)
     if hf_config.get("pad_token_id") is None and tokenizer is not None:
         hf_config["pad_token_id"] = tokenizer.pad_token_id
     limit = _parse_size(max_shard_size)
-    shards: list[dict] = [{}]
+    shards: list[list] = [[]]
     size = 0
-    for name, arr in state.items():
-        nbytes = arr.size * arr.dtype.itemsize
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
         if limit is not None and shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = arr
+        shards[-1].append(entry)
         size += nbytes
 
+    tensors = _hf_tensors(model, params, maps)
+    if jax.process_index() == 0:
+        _write_dir(path, shards, tensors, hf_config, tokenizer)
+    else:
+        for _ in tensors:  # take part in every gather; process 0 writes
+            pass
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_pretrained {path}")
+    return path
+
+
+def _write_dir(path: pathlib.Path, shards: list[list], tensors: Iterator[np.ndarray], hf_config: dict,
+               tokenizer) -> None:
+    """Writes config, weights (shard by shard, consuming `tensors` in order) and tokenizer to a temp dir
+    next to `path`, then renames it into place (an existing `path` is replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    meta = {"format": "pt"}
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            write_safetensors(tmp / SINGLE_FILE, shards[0], tensors, metadata=meta)
         else:
             weight_map, total = {}, 0
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                for name, arr in shard.items():
-                    weight_map[name] = fname
-                    total += arr.size * arr.dtype.itemsize
+                total += write_safetensors(tmp / fname, shard, tensors, metadata=meta)
+                weight_map.update({name: fname for name, _, _ in shard})
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2) + "\n")
         if tokenizer is not None:
@@ -230,4 +382,3 @@ def save_pretrained(path, model: Transformer, params, *, tokenizer=None, max_sha
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path

@@ -96,12 +96,13 @@ def load_model(model_cfg: ModelLoadConfig, *, mesh: jax.sharding.Mesh, head: str
     """Load a HF folder as `head` ("lm" or "scalar") and place its params with the logical-axis rules."""
     from rlhf_jax import models
 
+    # Each param is born sharded: every host reads only its devices' slices of the safetensors.
     model, params = models.load_pretrained(
         model_cfg.path, dtype=jnp.dtype(model_cfg.dtype), head=head, remat=model_cfg.remat,
         scan_layers=model_cfg.scan_layers,
-        param_dtype=None if model_cfg.param_dtype is None else jnp.dtype(model_cfg.param_dtype))
-    shardings = shd.param_shardings(model, mesh, rules=rules)
-    params = jax.device_put(params, shardings)
+        param_dtype=None if model_cfg.param_dtype is None else jnp.dtype(model_cfg.param_dtype),
+        shardings=lambda m: shd.param_shardings(m, mesh, rules=rules))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path)
     return LoadedModel(model=model, params=params, shardings=shardings, tokenizer=tokenizer)
 
@@ -135,9 +136,9 @@ def export_model(loaded: LoadedModel, params: Any, directory: pathlib.Path | str
     from rlhf_jax import models
 
     directory = pathlib.Path(directory)
-    params = gather_to_host(params)
+    # Every process: gathers tensor by tensor (collectives); process 0 writes.
+    models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
     if distributed.is_main_process():
-        models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
         if extra_config:
             update_hf_config(directory, extra_config)
         print(f"[rlhf_jax] exported Hugging Face model to {directory}", flush=True)
