@@ -251,7 +251,7 @@ def test_grpo_gsm8k_end_to_end_logs_accuracy(tiny_llama, shared_data_dir, tmp_pa
 
 ARITH_OVERRIDES = ("algo.group_size=8", "algo.num_minibatches=2", "rollout.batch_size=8", "rollout.max_new_tokens=3",
                    "reward.functions=[rlhf_jax.verifiable:arith_reward]",
-                   "reward.gold_function=rlhf_jax.verifiable:arith_reward", "actor_optim.learning_rate=2e-3",
+                   "reward.gold_function=rlhf_jax.verifiable:arith_reward",
                    "run.total_steps=40", "run.log_every=10", "run.tensorboard=false", "data.max_prompt_len=8")
 
 
@@ -264,8 +264,10 @@ def test_rl_raises_arithmetic_accuracy(tmp_path_factory, tmp_path, algorithm):
     s = h.sft_export(tmp_path_factory.getbasetemp(), "arith")
     prompts = verifiable.arith_prompts(max_operand=4) * 4
     before = h.sampled_accuracy(s["model"], s["tokenizer"], prompts, verifiable.arith_reward, max_new_tokens=3)
+    lr = "1e-3" if algorithm == "reinforce_pp" else "2e-3"  # REINFORCE++ oscillates at 2e-3 on this task
     cfg = cli.load_trainer_config(algorithm, None, (f"model.path={s['model']}", f"data.path={s['prompts']}",
-                                                    f"run.output_dir={tmp_path}", *ARITH_OVERRIDES))
+                                                    f"run.output_dir={tmp_path}", *ARITH_OVERRIDES,
+                                                    f"actor_optim.learning_rate={lr}"))
     res = grpo.train(cfg)
     after = h.sampled_accuracy((res["model"], res["state"].params), s["tokenizer"], prompts, verifiable.arith_reward,
                                max_new_tokens=3)
