@@ -230,6 +230,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
     h, T = cfg.algo, cfg.rollout.max_new_tokens
     r = h.resolve(T)
+    if r.dynamic_sampling and jax.process_count() > 1:  # hosts could draw different numbers of batches
+        raise ValueError("algo.dynamic_sampling: supported on a single host only (set algo.dynamic_sampling=false)")
     ref_params = gr.frozen_copy(actor.params, cfg.frozen_dtype)
     prompts = gr.prompt_data(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     sampler = gr.make_sampler(cfg.model, cfg.reward, cfg.rollout, cfg.data, actor, mesh, prompts.data)
