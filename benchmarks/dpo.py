@@ -220,6 +220,8 @@ def main() -> None:
         ours = run_ours(model_dir, args.iters, args.warmup)
         trl = run_trl(model_dir, args.iters, args.warmup)
         achieved = ours["flops_per_step"] / ours["s_per_step"] / 1e9
+        print(f"[{size}] ours {ours['s_per_step']:.3f} s/step (precomputed {ours['precomputed_s_per_step']:.3f}), "
+              f"TRL {trl['s_per_step']:.3f} s/step", flush=True)
         record[size] = {"ours": ours, "trl": trl, "speedup": trl["s_per_step"] / ours["s_per_step"],
                         "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops}
         rows += [(f"{size} ({ours['params'] / 1e6:.1f}M): ours s/step", f"{ours['s_per_step']:.3f}"),
