@@ -3,20 +3,21 @@
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import pytest
 from safetensors.flax import load_file, save_file
 
 from rlhf_jax.fixtures import tiny_config
-from rlhf_jax.models import ModelConfig, ModelLoadError, Transformer, init_params, load_pretrained, save_pretrained
+from rlhf_jax.models import ModelConfig, ModelLoadError, Transformer, load_pretrained, save_pretrained
+
+from .tiny import random_params
 
 
 @pytest.fixture(scope="module")
 def good_dir(tmp_path_factory) -> pathlib.Path:
     hf = tiny_config("llama", vocab_size=50, hidden=16, layers=1, heads=2, kv_heads=1, max_positions=32)
     model = Transformer(ModelConfig.from_hf(hf))
-    return save_pretrained(tmp_path_factory.mktemp("good") / "m", model, init_params(model, jax.random.key(0)))
+    return save_pretrained(tmp_path_factory.mktemp("good") / "m", model, random_params(model))
 
 
 def copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:

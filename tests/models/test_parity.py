@@ -17,11 +17,23 @@ def last_real_index(mask_BxS):
     return mask_BxS.shape[1] - 1 - np.argmax(mask_BxS[:, ::-1], axis=1)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """`checkpoint(family, head)` -> (dir, torch model): each tiny HF model is built and saved once."""
+    built = {}
+
+    def get(family, head="lm"):
+        if (family, head) not in built:
+            d = tmp_path_factory.mktemp(f"{family}-{head}")
+            built[family, head] = d, make_hf_model(family, d, head=head)
+        return built[family, head]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def lm_case(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    hf = make_hf_model(request.param, d)
-    return request.param, d, hf
+def lm_case(request, checkpoint):
+    return (request.param, *checkpoint(request.param))
 
 
 def test_load_matches_hf_logits_with_left_and_right_padding(lm_case):
@@ -48,11 +60,11 @@ def test_save_pretrained_loads_in_transformers_with_same_logits(lm_case, tmp_pat
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
-def test_scalar_head_matches_sequence_classification(family, tmp_path):
-    hf = make_hf_model(family, tmp_path / "in", head="scalar")
+def test_scalar_head_matches_sequence_classification(family, checkpoint, tmp_path):
+    d, hf = checkpoint(family, "scalar")
     ids, mask = padded_batch(seed=2)
     ref_B = hf_forward(hf, ids, mask)[:, 0]  # HF pools the last non-pad token (pad_token_id = 0)
-    model, params = load_pretrained(tmp_path / "in", head="scalar")
+    model, params = load_pretrained(d, head="scalar")
     scores_BxS = model.apply({"params": params}, ids, mask)
     assert scores_BxS.shape == (3, 10) and scores_BxS.dtype == np.float32
     ours_B = np.asarray(scores_BxS)[np.arange(3), last_real_index(mask)]
@@ -64,16 +76,17 @@ def test_scalar_head_matches_sequence_classification(family, tmp_path):
     np.testing.assert_allclose(hf_forward(hf2, ids, mask)[:, 0], ref_B, atol=TOL)
 
 
-def test_scalar_head_on_causal_lm_checkpoint_starts_at_zero(tmp_path):
-    make_hf_model("llama", tmp_path)
-    model, params = load_pretrained(tmp_path, head="scalar")
+def test_scalar_head_on_causal_lm_checkpoint_starts_at_zero(checkpoint):
+    d, _ = checkpoint("llama")
+    model, params = load_pretrained(d, head="scalar")
     assert "lm_head" not in params and params["score"].shape == (32, 1)
     ids, mask = padded_batch()
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, ids, mask)), 0.0)
 
 
-def test_sharded_checkpoint_loads(tmp_path):
-    hf = make_hf_model("qwen2", tmp_path, max_shard_size="20KB")
+def test_sharded_checkpoint_loads(checkpoint, tmp_path):
+    _, hf = checkpoint("qwen2")
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")  # the same torch model, split into files
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     ids, mask = padded_batch()

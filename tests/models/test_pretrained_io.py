@@ -6,14 +6,16 @@ import chex
 import pytest
 
 from rlhf_jax.fixtures import tiny_config
-from rlhf_jax.models import ModelConfig, Transformer, init_params, load_pretrained, save_pretrained
+from rlhf_jax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+
+from .tiny import random_params
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_bf16_round_trip_and_overwrite(family, tmp_path):
     hf = tiny_config(family, vocab_size=50, hidden=16, layers=2, heads=2, kv_heads=1, max_positions=32)
     model = Transformer(ModelConfig.from_hf(hf, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
-    params = init_params(model, jax.random.key(0))
+    params = random_params(model)
     save_pretrained(tmp_path / "m", model, params)
     save_pretrained(tmp_path / "m", model, params)  # overwriting an existing dir is atomic and leaves no temp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

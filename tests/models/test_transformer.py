@@ -1,4 +1,10 @@
-"""Behaviour of the Flax decoder itself: padding, packing, KV-cache decoding, scan/remat, bf16, specs."""
+"""Behaviour of the Flax decoder itself: padding, packing, KV-cache decoding, scan/remat, bf16, specs.
+
+Compiles dominate the cost on CPU: params are drawn on the host (no `init` compile), models are built once,
+and batches that test several rows at once share one compiled program.
+"""
+
+import functools
 
 import chex
 import jax
@@ -11,19 +17,26 @@ from rlhf_jax.models import (KVCache, ModelConfig, Transformer, default_position
                              logical_specs)
 from rlhf_jax.fixtures import tiny_config
 
+from .tiny import random_params
+
 V = 61
 AXES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers", "norm", None}
 
 
+@functools.lru_cache(maxsize=None)
 def make(family, **runtime):
+    """(model, params) per family and runtime options, built once per session."""
     hf = tiny_config(family, vocab_size=V, hidden=32, layers=2, heads=4, kv_heads=2, max_positions=64)
     if family == "mistral":
         hf["sliding_window"] = 5  # small enough to matter in these sequences
     model = Transformer(ModelConfig.from_hf(hf, **runtime))
-    params = init_params(model, jax.random.key(0))
-    # Random norms so that layout/broadcast bugs show up.
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
-    return model, params
+    return model, random_params(model)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(model: Transformer):
+    """One `jax.jit(model.apply)` per model, so equal (model, shapes) pairs share a compiled program."""
+    return jax.jit(model.apply)
 
 
 def rand_ids(shape, seed=0):
@@ -34,15 +47,15 @@ def rand_ids(shape, seed=0):
 def test_left_padded_row_equals_row_alone(family):
     model, params = make(family)
     ids = rand_ids((1, 7))
-    alone = model.apply({"params": params}, ids, jnp.ones((1, 7), jnp.int32))
-    padded_ids = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids], 1)
-    padded_mask = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 7), jnp.int32)], 1)
-    padded = jax.jit(model.apply)({"params": params}, padded_ids, padded_mask)
-    assert bool(jnp.isfinite(padded).all()), "padded query rows must not be NaN"
-    np.testing.assert_allclose(padded[:, 3:], alone, atol=1e-5)
-    right = model.apply({"params": params}, jnp.concatenate([ids, jnp.zeros((1, 3), jnp.int32)], 1),
-                        jnp.concatenate([jnp.ones((1, 7), jnp.int32), jnp.zeros((1, 3), jnp.int32)], 1))
-    np.testing.assert_allclose(right[:, :7], alone, atol=1e-5)
+    alone = model.apply({"params": params}, ids, jnp.ones((1, 7), jnp.int32))  # not jitted
+    pads, ones = jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 7), jnp.int32)
+    # Row 0 left-padded, row 1 right-padded: one jitted call checks both (rows are independent).
+    both_ids = jnp.concatenate([jnp.concatenate([pads, ids], 1), jnp.concatenate([ids, pads], 1)])
+    both_mask = jnp.concatenate([jnp.concatenate([pads, ones], 1), jnp.concatenate([ones, pads], 1)])
+    both = jitted(model)({"params": params}, both_ids, both_mask)
+    assert bool(jnp.isfinite(both).all()), "padded query rows must not be NaN"
+    np.testing.assert_allclose(both[:1, 3:], alone, atol=1e-5)
+    np.testing.assert_allclose(both[1:, :7], alone, atol=1e-5)
 
 
 def test_default_positions():
@@ -56,18 +69,20 @@ def test_packed_segments_equal_separate_sequences():
     packed = jnp.concatenate([a, b], 1)
     seg = jnp.array([[1] * 4 + [2] * 5])
     pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
-    out = model.apply({"params": params}, packed, jnp.ones((1, 9), jnp.int32), positions_BxS=pos, segment_ids_BxS=seg)
-    out_a = model.apply({"params": params}, a, jnp.ones((1, 4), jnp.int32))
-    out_b = model.apply({"params": params}, b, jnp.ones((1, 5), jnp.int32))
-    np.testing.assert_allclose(out[:, :4], out_a, atol=1e-5)
-    np.testing.assert_allclose(out[:, 4:], out_b, atol=1e-5)
+    out = jitted(model)({"params": params}, packed, jnp.ones((1, 9), jnp.int32), positions_BxS=pos,
+                        segment_ids_BxS=seg)
+    # a and b as two rows of one call (one compile); a is right-padded, which never changes its tokens.
+    rows = jnp.concatenate([jnp.concatenate([a, jnp.zeros((1, 1), a.dtype)], 1), b])
+    separate = jitted(model)({"params": params}, rows, jnp.array([[1, 1, 1, 1, 0], [1] * 5], jnp.int32))
+    np.testing.assert_allclose(out[:, :4], separate[:1, :4], atol=1e-5)
+    np.testing.assert_allclose(out[:, 4:], separate[1:], atol=1e-5)
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
     model, params = make("qwen2")
-    ids = rand_ids((1, 6))
+    ids = rand_ids((1, 7))  # (1, 7) eager: the primitives compiled for the padding test are reused
     changed = ids.at[0, 3:].set((ids[0, 3:] + 7) % V)
-    mask = jnp.ones((1, 6), jnp.int32)
+    mask = jnp.ones((1, 7), jnp.int32)
     a = model.apply({"params": params}, ids, mask)
     b = model.apply({"params": params}, changed, mask)
     np.testing.assert_array_equal(a[:, :3], b[:, :3])
@@ -77,19 +92,19 @@ def test_causal_future_tokens_do_not_change_past_logits():
 @pytest.mark.parametrize("family,scan", [("llama", False), ("gpt2", False), ("mistral", True), ("qwen3", True)])
 def test_prefill_then_token_by_token_equals_full_forward(family, scan):
     model, params = make(family, scan_layers=scan)
-    B, P, T = 2, 6, 5
+    step = jitted(model)
+    B, P, T = 2, 6, 4  # the full forward is [2, 10]: gpt2 reuses the padding test's compiled program
     prompt = rand_ids((B, P), 3)
     prompt_mask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6], jnp.int32)
     prompt = jnp.where(prompt_mask == 1, prompt, 0)
     new_tokens = rand_ids((B, T), 4)
     full_ids = jnp.concatenate([prompt, new_tokens], 1)
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((B, T), jnp.int32)], 1)
-    full = model.apply({"params": params}, full_ids, full_mask)
+    full = step({"params": params}, full_ids, full_mask)
 
     smax = P + T + 3  # spare slots stay masked
     cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((B, smax - P), jnp.int32)], 1)
     cache = init_cache(model.config, B, smax)
-    step = jax.jit(model.apply)
     pos = default_positions(prompt_mask)
     logits, cache = step({"params": params}, prompt, cache_mask, positions_BxS=pos, cache=cache, cache_index=0)
     chex.assert_shape(logits, (B, P, V))
@@ -106,31 +121,32 @@ def test_prefill_then_token_by_token_equals_full_forward(family, scan):
 
 def test_scan_layers_and_remat_match_unrolled():
     model, params = make("qwen3")
-    ids, mask = rand_ids((2, 7)), jnp.ones((2, 7), jnp.int32)
-    ref = model.apply({"params": params}, ids, mask)
+    ids, mask = rand_ids((2, 10)), jnp.ones((2, 10), jnp.int32)
+    ref = jitted(model)({"params": params}, ids, mask)  # [2, 10]: compiled by the padding test already
     from rlhf_jax.models import stack_layers, unstack_layers
     scanned = Transformer(model.config.replace(scan_layers=True, remat="dots_saveable"))
     stacked = stack_layers(params, 2)
-    chex.assert_trees_all_equal_shapes(stacked, init_params(scanned, jax.random.key(0)))
-    np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask), ref, atol=1e-5)
+    chex.assert_trees_all_equal_shapes(stacked, jax.eval_shape(lambda: init_params(scanned, jax.random.key(0))))
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask), ref, atol=1e-5)  # not jitted
     chex.assert_trees_all_equal(unstack_layers(stacked, 2), params)
     full = Transformer(model.config.replace(remat="full"))
     loss = lambda m, p: m.apply({"params": p}, ids, mask).sum()  # noqa: E731
-    g_ref = jax.grad(lambda p: loss(model, p))(params)
-    g_remat = jax.jit(jax.grad(lambda p: loss(full, p)))(params)
+    # Both gradients in one compiled program (one compile instead of two).
+    g_ref, g_remat = jax.jit(lambda p: (jax.grad(lambda q: loss(model, q))(p), jax.grad(lambda q: loss(full, q))(p)))(
+        params)
     chex.assert_trees_all_close(g_remat, g_ref, atol=1e-4)
 
 
 def test_bf16_compute_is_finite_and_close_to_f32():
     model, params = make("llama")
-    ids, mask = rand_ids((2, 7)), jnp.array([[0, 1, 1, 1, 1, 1, 1], [1] * 7])
-    ref = model.apply({"params": params}, ids, mask)
+    ids, mask = rand_ids((2, 5)), jnp.array([[0, 1, 1, 1, 1], [1] * 5], jnp.int32)
+    ref = jitted(model)({"params": params}, ids, mask)  # [2, 5]: compiled by the packing test already
     bf = Transformer(model.config.replace(dtype=jnp.bfloat16))
     out = jax.jit(bf.apply)({"params": params}, ids, mask)
     assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1)
     pb = Transformer(model.config.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
-    p16 = init_params(pb, jax.random.key(0))
+    p16 = jax.eval_shape(lambda: init_params(pb, jax.random.key(0)))  # init's output dtypes, no compile
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
 
 
@@ -152,9 +168,10 @@ def test_logical_specs_match_params(family, scan):
 def test_scalar_head_and_bad_head():
     model, params = make("llama")
     scalar = Transformer(model.config, head="scalar")
-    p = init_params(scalar, jax.random.key(0))
-    assert p["score"].shape == (32, 1) and "lm_head" not in p
-    out = scalar.apply({"params": p}, rand_ids((2, 5)), jnp.ones((2, 5), jnp.int32))
-    assert out.shape == (2, 5) and out.dtype == jnp.float32
+    abstract = jax.eval_shape(lambda: init_params(scalar, jax.random.key(0)))
+    assert abstract["score"].shape == (32, 1) and "lm_head" not in abstract
+    p = random_params(scalar)
+    out = scalar.apply({"params": p}, rand_ids((1, 7)), jnp.ones((1, 7), jnp.int32))  # eager, like the padding test
+    assert out.shape == (1, 7) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="head="):
         init_params(Transformer(model.config, head="value"), jax.random.key(0))
