@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,10 +12,18 @@ from rlhf_jax.models import load_pretrained
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return fixtures.build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024, cache_dir=cache,
-                                    max_text_bytes=1_000_000), cache
+def cache(tmp_path_factory):
+    """`RLHF_JAX_CACHE` points at a fresh folder for this module: every build below is cached there (once per
+    session, never under ~/.cache), through the environment variable rather than `cache_dir=`."""
+    d = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLHF_JAX_CACHE", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def tok(cache, tmp_path_factory):
+    return fixtures.build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024, max_text_bytes=1_000_000), cache
 
 
 def test_tokenizer_round_trip_and_specials(tok):
@@ -43,7 +52,8 @@ def test_chat_template_renders_and_marks_assistant(tok):
 
 def test_tokenizer_is_cached_and_deterministic(tok, tmp_path):
     tokenizer, cache = tok
-    again = fixtures.build_tokenizer(tmp_path, vocab_size=1024, cache_dir=cache, max_text_bytes=1_000_000)
+    assert fixtures.default_cache_dir() == cache
+    again = fixtures.build_tokenizer(tmp_path, vocab_size=1024, max_text_bytes=1_000_000)
     assert again.get_vocab() == tokenizer.get_vocab()
     assert len(list(cache.glob("tokenizer-*"))) == 1
 
@@ -58,17 +68,18 @@ def test_tiny_config_is_valid_for_each_family(family):
 @pytest.mark.parametrize("family,head", [("llama3", "lm"), ("gpt2", "scalar")])
 def test_tiny_model_loads_with_ours_and_transformers(tok, tmp_path, family, head):
     tokenizer, cache = tok
-    path = fixtures.build_tiny_model(tmp_path / "m", family, tokenizer=tokenizer, head=head, cache_dir=cache,
-                                     hidden=32, layers=2)
+    path = fixtures.build_tiny_model(tmp_path / "m", family, tokenizer=tokenizer, head=head, hidden=32, layers=2)
+    assert len(list(cache.glob(f"{family}-{head}-*"))) == 1  # built into $RLHF_JAX_CACHE
     assert (path / "tokenizer.json").is_file() and (path / "chat_template.jinja").is_file()
     model, params = load_pretrained(path, head=head)
     enc = tokenizer(["x = 1", "import os, sys"], padding=True, return_tensors="np")
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))
+    out = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(enc["input_ids"]),
+                                          jnp.asarray(enc["attention_mask"])))
     assert np.isfinite(out).all()
     if head == "scalar":
         assert np.abs(out).max() > 0  # the fixture reward model is not constant
-    again = fixtures.build_tiny_model(tmp_path / "m2", family, tokenizer=tokenizer, head=head, cache_dir=cache,
-                                      hidden=32, layers=2)
+    again = fixtures.build_tiny_model(tmp_path / "m2", family, tokenizer=tokenizer, head=head, hidden=32,
+                                      layers=2)  # a copy from the cache
     assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 
     torch = pytest.importorskip("torch")
