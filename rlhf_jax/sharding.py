@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -348,18 +349,38 @@ def mesh_context(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[Mesh]:
         yield mesh
 
 
+#: Env switch for :func:`gradient_compiler_options` ("0" turns the CPU dot library off).
+CPU_YNN_ENV = "RLHF_JAX_CPU_YNN"
+
+
+def gradient_compiler_options() -> dict[str, Any] | None:
+    """XLA compiler options for programs that differentiate a model (train steps, PPO/GRPO updates).
+
+    On XLA:CPU, dots are handed to YNNPACK (``xla_cpu_experimental_ynn_fusion_type=DOT``), which runs the
+    transposed products of the backward pass much better than the default emitter. Measured
+    (``benchmarks/ppo.py`` model "small", ~100M Llama, 32 × 128 tokens, 2-core AMD EPYC): actor forward +
+    backward 22.8 → 16.7 s, critic 17.7 → 15.1 s; a forward alone got slower (4.6 → 5.4 s), so
+    forward-only programs keep the default. None elsewhere (GPU/TPU) or when ``RLHF_JAX_CPU_YNN=0``.
+    """
+    if os.environ.get(CPU_YNN_ENV, "1") == "0" or jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
 def jit_sharded(fn: Callable[..., Any], mesh: Mesh, *, in_shardings: Any, out_shardings: Any,
                 donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
-                rules: Rules = LOGICAL_RULES) -> Callable[..., Any]:
+                rules: Rules = LOGICAL_RULES, compiler_options: dict[str, Any] | None = None) -> Callable[..., Any]:
     """``jax.jit`` with explicit in/out shardings and donation, called under :func:`mesh_context`.
 
     Every call (hence every trace) runs with the mesh and ``rules`` active, so activation
     constraints resolve the same way for every trainer. Donate the train state
     (``donate_argnums=(0,)``) so its buffers are updated in place. The jitted function is
-    available as ``.jitted`` (for ``.lower`` or ``._cache_size()``).
+    available as ``.jitted`` (for ``.lower`` or ``._cache_size()``). ``compiler_options``: XLA options for
+    this program only (e.g. :func:`gradient_compiler_options`).
     """
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=donate_argnums, static_argnums=static_argnums)
+                     donate_argnums=donate_argnums, static_argnums=static_argnums,
+                     compiler_options=compiler_options)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

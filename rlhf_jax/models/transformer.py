@@ -217,7 +217,9 @@ class Transformer(nn.Module):
     """Decoder-only transformer with an LM head (`head="lm"`, logits [B,S,V] in the compute dtype) or a scalar
     head (`head="scalar"`, float32 scores [B,S]; the param `score.kernel` [D,1] is HF's `score.weight` [1,D]).
 
-    Call without cache: `apply(p, ids_BxS, mask_BxS)` → logits. With `cache`/`cache_index`/`positions_BxS`:
+    Call without cache: `apply(p, ids_BxS, mask_BxS)` → logits. `head_span=(start, stop)` (static ints) runs
+    the final norm and head on positions [start, stop) only, e.g. the response positions of a rollout: the
+    `[B, S, V]` logits of the prompt are never computed. With `cache`/`cache_index`/`positions_BxS`:
     the S tokens go to slots [cache_index, cache_index + S), `attention_mask` is `[B, Smax]` over the whole
     cache, and the result is `(logits, new_cache)`.
     """
@@ -227,7 +229,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxS, attention_mask_BxS, *, positions_BxS=None, segment_ids_BxS=None,
-                 cache: KVCache | None = None, cache_index=None):
+                 cache: KVCache | None = None, cache_index=None, head_span: tuple[int, int] | None = None):
         c = self.config
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
@@ -277,6 +279,8 @@ class Transformer(nn.Module):
             for i in range(c.num_layers):
                 carry, _ = block(c, name=f"layers_{i}")(carry, context)
         x, cache_kv, _ = carry
+        if head_span is not None:  # only these positions reach the head: [B, stop - start, D]
+            x = x[:, head_span[0] : head_span[1]]
         x = Norm(c, "final_norm")(x)
 
         if self.head == "scalar":

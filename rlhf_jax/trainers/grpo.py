@@ -83,6 +83,7 @@ class CriticFreeHyper:
     max_sampling_tries: int = 4  # prompt batches sampled at most per iteration with dynamic sampling
     overlong_buffer: Optional[int] = None  # DAPO L_cache in tokens (null/0 = off; -1 = ⌈T/5⌉)
     overlong_coef: float = 1.0  # weight of the overlong penalty added to the score
+    old_logp: Literal["rollout", "recompute"] = "rollout"  # π_old from the sampler or an actor forward (see ppo)
 
     def __post_init__(self):
         require(self.algorithm == "grpo" or self.preset == "grpo", "algo.preset",
@@ -244,7 +245,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     settings = online.UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
                                      num_micro_batches=h.num_micro_batches, temperature=temp)
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
-    evaluate = shd.jit_sharded(functools.partial(online.evaluate_rollout, models, temperature=temp), mesh,
+    evaluate = shd.jit_sharded(functools.partial(online.evaluate_rollout, models, temperature=temp,
+                                                 old_logp=h.old_logp), mesh,
                                in_shardings=(actor_sh.params, actor.shardings, None, None, bsh), out_shardings=bsh)
 
     def experience_fn(ro, ev, score, baseline, kl_coef):
@@ -258,7 +260,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
     update = shd.jit_sharded(online.make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
                              in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
-                             donate_argnums=(0,))
+                             donate_argnums=(0,), compiler_options=shd.gradient_compiler_options())
     base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)
 
     def step(it, state):

@@ -31,7 +31,7 @@ import optax
 
 from rlhf_jax import ops
 from rlhf_jax.data.batches import SFTBatch
-from rlhf_jax.rollout.types import Rollout, response_logits
+from rlhf_jax.rollout.types import Rollout
 from rlhf_jax.train.state import TrainState
 
 
@@ -122,6 +122,16 @@ class UpdateSettings(NamedTuple):
     num_micro_batches: int
     temperature: float
     ptx_coef: float = 0.0
+    # The critic's rollout values come from the update's own (differentiated) critic forward instead of a
+    # separate pass in `evaluate_rollout`; advantages are then computed inside the update. Exact only when
+    # the update is ONE optimizer step over the whole batch (1 epoch × 1 minibatch × 1 micro-batch): the
+    # critic has not moved, so V_old = stop_gradient(V_θ). See :func:`fused_values_allowed`.
+    fused_values: bool = False
+
+
+def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches: int) -> bool:
+    """Whether the critic's rollout values may be taken from the update's forward (one step, whole batch)."""
+    return epochs == 1 and num_minibatches == 1 and num_micro_batches == 1
 
 
 # ---------------------------------------------------------------------------------------- forwards
@@ -131,8 +141,10 @@ def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt
 
     Same convention as the sampler's ``Rollout.logp_BxT`` (see ``rlhf_jax.rollout.sampling``).
     """
-    logits_BxSxV = model.apply({"params": params}, ids_BxS, mask_BxS)
-    logits_BxTxV = response_logits(logits_BxSxV, prompt_length) / temperature
+    S = ids_BxS.shape[1]
+    # the head runs on the T positions that predict the response only (see `response_logits`)
+    logits_BxTxV = model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(prompt_length - 1, S - 1))
+    logits_BxTxV = logits_BxTxV / temperature
     mask_BxT = mask_BxS[:, prompt_length:]
     logp_BxT = jnp.where(mask_BxT > 0, ops.token_logprobs(logits_BxTxV, response_ids_BxT), 0.0)
     ent_BxT = ops.entropy(logits_BxTxV) if with_entropy else jnp.zeros_like(logp_BxT)
@@ -155,14 +167,29 @@ def reward_model_scores(model, params, ids_BxS, mask_BxS) -> jax.Array:
 
 
 def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, reward_params,
-                     rollout: Rollout, *, temperature: float) -> RolloutEval:
-    """Teacher-forced pass of all models over a rollout (pure; jit with ``models`` static)."""
+                     rollout: Rollout, *, temperature: float, old_logp: str = "recompute",
+                     with_values: bool = True) -> RolloutEval:
+    """Teacher-forced pass of all models over a rollout (pure; jit with ``models`` static).
+
+    ``old_logp``: "recompute" runs the actor teacher-forced (OpenRLHF, verl); "rollout" takes the
+    sampler's own ``Rollout.logp_BxT`` (the same distribution, ``log_softmax(logits / τ)`` of the same
+    params, from the KV-cache decode; TRL ``PPOTrainer`` likewise keeps the generation logits) and saves
+    one actor forward. The two agree to float rounding (``tests/rollout``: 1e-5 in float32); in bf16
+    compute the decode and the full forward round differently, so pick "recompute" there if the first
+    ratio must be exactly 1. ``with_values=False`` skips the critic (values 0; the update computes them,
+    ``UpdateSettings.fused_values``).
+    """
+    if old_logp not in ("recompute", "rollout"):
+        raise ValueError(f"old_logp must be 'recompute' or 'rollout', got {old_logp!r}")
     ids, mask, P = rollout.ids_BxS, rollout.mask_BxS, rollout.prompt_length
     fwd = dict(prompt_length=P, temperature=temperature, with_entropy=False)
-    logp, _ = policy_forward(models.actor, actor_params, ids, mask, rollout.response_ids_BxT, **fwd)
+    if old_logp == "rollout":
+        logp = jnp.where(rollout.response_mask_BxT > 0, rollout.logp_BxT, 0.0).astype(jnp.float32)
+    else:
+        logp, _ = policy_forward(models.actor, actor_params, ids, mask, rollout.response_ids_BxT, **fwd)
     ref_logp, _ = policy_forward(models.actor, ref_params, ids, mask, rollout.response_ids_BxT, **fwd)
     values = (critic_values(models.critic, critic_params, ids, mask, prompt_length=P)
-              if models.critic is not None else jnp.zeros_like(logp))
+              if models.critic is not None and with_values else jnp.zeros_like(logp))
     rm = (reward_model_scores(models.reward, reward_params, ids, mask)
           if models.reward is not None else jnp.zeros(logp.shape[:1], jnp.float32))
     return RolloutEval(logp, ref_logp, values, rm)
@@ -230,6 +257,10 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     """
     s = settings
     use_entropy = True
+    if s.fused_values and not (algo.use_critic and fused_values_allowed(
+            epochs=s.epochs, num_minibatches=s.num_minibatches, num_micro_batches=s.num_micro_batches)):
+        raise ValueError("fused_values needs a critic and one optimizer step over the whole batch "
+                         f"(epochs, num_minibatches, num_micro_batches = 1), got {s}")
 
     def micro_loss(params, mb: Experience, ptx_mb, den, kl_coef):
         actor_p, critic_p = params
@@ -238,7 +269,17 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
                                    prompt_length=P, temperature=s.temperature, with_entropy=use_entropy)
         values = (critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=P)
                   if algo.use_critic else None)
+        extra = {}
+        if s.fused_values:  # V_old = V_θ (the critic has not moved yet): advantages from this very forward
+            mb = mb._replace(old_values_BxT=jax.lax.stop_gradient(values))
+            adv, ret, _ = algo.advantages(mb, kl_coef)
+            mb = mb._replace(advantages_BxT=adv, returns_BxT=ret)
+            m = mb.response_mask_BxT
+            extra = {"advantages_mean": ops.masked_mean(adv, m), "returns_mean": ops.masked_mean(ret, m),
+                     "values_mean": ops.masked_mean(mb.old_values_BxT, m),
+                     "explained_variance": ops.explained_variance(mb.old_values_BxT, ret, m)}
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
+        mets = dict(mets, **extra)
         if ptx_mb is not None:
             ptx_sum, _ = ptx_loss_sum(models.actor, actor_p, ptx_mb)
             ptx_den = jnp.maximum(den["ptx"], 1.0)

@@ -87,6 +87,13 @@ class PPOHyper:
     lam: float = 0.95
     whiten_advantages: bool = True
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"] = "token-mean"
+    # π_old: the sampler's log-probs ("rollout", as TRL; saves one actor forward) or a teacher-forced
+    # actor forward ("recompute", as OpenRLHF/verl; exact ratio 1 at the first step also in bf16)
+    old_logp: Literal["rollout", "recompute"] = "rollout"
+    # when the update is ONE optimizer step over the whole batch (epochs = minibatches = micro-batches = 1),
+    # take the critic's rollout values from the update's own critic forward (exact: the critic has not
+    # moved yet) instead of a separate pass; false = always a separate pass
+    fuse_critic_pass: bool = True
 
     def __post_init__(self):
         for k in ("epochs", "num_minibatches", "num_micro_batches"):
@@ -226,9 +233,11 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
                          clip_eps=h.clip_eps, clip_eps_high=h.clip_eps_high, dual_clip=h.dual_clip,
                          value_clip_eps=h.value_clip_eps, vf_coef=h.vf_coef, entropy_coef=h.entropy_coef,
                          loss_agg_mode=h.loss_agg_mode, agg_constant=float(cfg.rollout.max_new_tokens))
+    fused = h.fuse_critic_pass and online.fused_values_allowed(
+        epochs=h.epochs, num_minibatches=h.num_minibatches, num_micro_batches=h.num_micro_batches)
     settings = online.UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
                                      num_micro_batches=h.num_micro_batches, temperature=temp,
-                                     ptx_coef=cfg.ptx.coef if ptx_iter is not None else 0.0)
+                                     ptx_coef=cfg.ptx.coef if ptx_iter is not None else 0.0, fused_values=fused)
     rm_mean, rm_std = 0.0, 1.0
     if rm is not None and cfg.reward.normalize:
         from rlhf_jax.trainers.rm import load_reward_stats
@@ -240,7 +249,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     rm_sh = rm.shardings if rm else None
     evaluate = shd.jit_sharded(_counted("evaluate", functools.partial(online.evaluate_rollout, models,
-                                                                       temperature=temp)), mesh,
+                                                                       temperature=temp, old_logp=h.old_logp,
+                                                                       with_values=not fused)), mesh,
                                in_shardings=(actor_sh.params, actor.shardings, critic_sh.params, rm_sh, bsh),
                                out_shardings=bsh)
 
@@ -255,7 +265,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         _counted("update", online.make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx,
                                               settings=settings)), mesh,
         in_shardings=(actor_sh, critic_sh, bsh, bsh if ptx_iter is not None else None, rep, rep),
-        out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1))
+        out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),
+        compiler_options=shd.gradient_compiler_options())
     scorer = online_host.Scorer(
         tok, rewards.WeightedRewards.from_specs(cfg.reward.functions, cfg.reward.weights or None),
         gold=rewards.load_function(cfg.reward.gold_function) if cfg.reward.gold_function else None,

@@ -250,3 +250,69 @@ class TestPPOAdvantages:
         np.testing.assert_allclose(jnp.sum(rewards, -1), score, atol=1e-6)
         with pytest.raises(ValueError, match="kl_placement"):
             ppo_algorithm(kl_placement="both")
+
+
+class TestFusedCriticAndRolloutLogp:
+    """The two passes the PPO iteration may skip give the same experience and the same update."""
+
+    def test_old_logp_from_rollout_equals_recompute(self, setup):
+        actor, critic, actor_p, critic_p = setup
+        models = online.Models(actor=actor, critic=critic)
+        ro = make_rollout(4)
+        full = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0)
+        ro = ro._replace(logp_BxT=jnp.where(ro.response_mask_BxT > 0, full.logp_BxT + 0.0, 123.0))  # junk on pads
+        ev = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0,
+                                     old_logp="rollout", with_values=False)
+        np.testing.assert_array_equal(ev.logp_BxT, full.logp_BxT)  # taken from the rollout, padding zeroed
+        np.testing.assert_array_equal(ev.ref_logp_BxT, full.ref_logp_BxT)
+        np.testing.assert_array_equal(ev.values_BxT, 0.0)
+        with pytest.raises(ValueError, match="old_logp"):
+            online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0, old_logp="x")
+
+    def test_head_span_equals_slicing_full_logits(self, setup):
+        actor, _, actor_p, _ = setup
+        ro = make_rollout(5)
+        full = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS)
+        span = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_span=(P - 1, P + T - 1))
+        assert span.shape == (B, T, V)
+        np.testing.assert_allclose(span, full[:, P - 1 : -1], atol=1e-6)
+
+    @pytest.mark.parametrize("whiten", [True, False])
+    def test_fused_values_give_the_separate_pass_update(self, setup, whiten):
+        actor, critic, actor_p, critic_p = setup
+        kw = dict(whiten_advantages=whiten, entropy_coef=0.01)
+        algo = ppo_algorithm(**kw)
+        models = online.Models(actor=actor, critic=critic)
+        ro = make_rollout(6)
+        score = jnp.asarray(np.random.default_rng(7).normal(size=B), jnp.float32)
+        kl = jnp.float32(0.05)
+        ev_sep = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0)
+        ev_fus = online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0,
+                                         with_values=False)
+        exp_sep, _ = online.make_experience(algo, ro, ev_sep, score, kl)
+        exp_fus, _ = online.make_experience(algo, ro, ev_fus, score, kl)
+        tx = optax.sgd(0.1)  # plain SGD: Adam's first step would amplify rounding in near-zero gradients
+        out = {}
+        for name, exp, fused in (("sep", exp_sep, False), ("fus", exp_fus, True)):
+            upd = online.make_update(algo, models, actor_tx=tx, critic_tx=tx, settings=online.UpdateSettings(
+                epochs=1, num_minibatches=1, num_micro_batches=1, temperature=1.0, fused_values=fused))
+            out[name] = jax.jit(upd)(init_train_state(actor_p, tx), init_train_state(critic_p, tx), exp, None,
+                                     jax.random.key(0), kl)
+        (a1, c1, m1), (a2, c2, m2) = out["sep"], out["fus"]
+        for x, y in zip(jax.tree.leaves((a1.params, c1.params)), jax.tree.leaves((a2.params, c2.params))):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+        for k in ("loss", "value_loss", "policy_loss", "value_clipfrac"):
+            np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7)
+        m = exp_sep.response_mask_BxT
+        np.testing.assert_allclose(m2["values_mean"], ops.masked_mean(exp_sep.old_values_BxT, m), rtol=1e-5)
+        np.testing.assert_allclose(m2["explained_variance"],
+                                   ops.explained_variance(exp_sep.old_values_BxT, exp_sep.returns_BxT, m),
+                                   rtol=1e-4, atol=1e-6)
+
+    def test_fused_values_rejects_multi_step_updates(self, setup):
+        actor, critic, _, _ = setup
+        tx = optax.adam(1e-2)
+        with pytest.raises(ValueError, match="fused_values"):
+            online.make_update(ppo_algorithm(), online.Models(actor=actor, critic=critic), actor_tx=tx, critic_tx=tx,
+                               settings=online.UpdateSettings(epochs=2, num_minibatches=1, num_micro_batches=1,
+                                                              temperature=1.0, fused_values=True))
