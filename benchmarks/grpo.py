@@ -124,7 +124,10 @@ def ours(model_dir: pathlib.Path, prompts: list[str], work: pathlib.Path, iters:
     from rlhf_jax.config import load_config
     from rlhf_jax.trainers import grpo
 
+    import shutil
+
     steps = warmup + iters
+    shutil.rmtree(work / "run", ignore_errors=True)  # a fresh run folder (a reused --work holds checkpoints)
     data = tasks.write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts[: N_PROMPTS * steps]])
     cfg = load_config(grpo.GRPOConfig, None, (
         f"model.path={model_dir}", f"data.path={data}", f"data.max_prompt_len={P}", "data.shuffle=false",

@@ -140,8 +140,12 @@ def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.P
 
 
 def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int) -> dict:
+    import shutil
+
     from rlhf_jax.config import load_config
     from rlhf_jax.trainers import ppo
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: `--work` may hold an earlier run's checkpoints
 
     cfg = load_config(ppo.PPOConfig, None, [
         f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={P}",

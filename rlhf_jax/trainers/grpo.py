@@ -255,7 +255,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                                                                            cache_length=r.overlong_buffer)
         ev = ev._replace(values_BxT=jnp.where(ro.response_mask_BxT > 0, baseline[:, None], 0.0))
         exp, rewards_bxt = online.make_experience(algo, ro, ev, score, kl_coef)
-        return exp, online_host.rollout_metrics(exp, rewards_bxt, ev, eos_ids=sampler.eos_ids)
+        return exp, online_host.rollout_metrics(exp, rewards_bxt, ev, eos_ids=sampler.eos_ids, with_critic=False)
 
     make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
     update = shd.jit_sharded(online.make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,

@@ -96,8 +96,12 @@ class Scorer:
         return total, metrics, {"prompts": prompts, "responses": responses, "gold": gold}
 
 
-def rollout_metrics(exp: Experience, rewards_BxT: jax.Array, ev: RolloutEval, *, eos_ids: Sequence[int]) -> dict:
-    """Per-iteration statistics of a batch of experience (jittable; device scalars)."""
+def rollout_metrics(exp: Experience, rewards_BxT: jax.Array, ev: RolloutEval, *, eos_ids: Sequence[int],
+                    with_critic: bool = True) -> dict:
+    """Per-iteration statistics of a batch of experience (jittable; device scalars).
+
+    ``with_critic=False`` (critic-free algorithms) leaves out returns, values and explained variance: there
+    are no value estimates (the variance ratio would be 0/0 = NaN)."""
     m = exp.response_mask_BxT
     lengths = jnp.sum(m, axis=-1).astype(jnp.float32)
     kl_B = jnp.sum(jnp.where(m > 0, exp.old_logp_BxT - exp.ref_logp_BxT, 0.0), axis=-1)  # k1 summed per sequence
@@ -111,10 +115,10 @@ def rollout_metrics(exp: Experience, rewards_BxT: jax.Array, ev: RolloutEval, *,
         "eos_rate": jnp.mean(has_eos(exp.response_ids_BxT, m, tuple(eos_ids)).astype(jnp.float32)),
         "rollout_entropy_proxy": -ops.masked_mean(exp.old_logp_BxT, m),
         "advantages_mean": ops.masked_mean(exp.advantages_BxT, m),
-        "returns_mean": ops.masked_mean(exp.returns_BxT, m),
-        "values_mean": ops.masked_mean(exp.old_values_BxT, m),
-        "explained_variance": ops.explained_variance(exp.old_values_BxT, exp.returns_BxT, m),
     }
+    if with_critic:
+        out.update(returns_mean=ops.masked_mean(exp.returns_BxT, m), values_mean=ops.masked_mean(exp.old_values_BxT, m),
+                   explained_variance=ops.explained_variance(exp.old_values_BxT, exp.returns_BxT, m))
     return out
 
 
