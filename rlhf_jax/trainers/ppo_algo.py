@@ -60,7 +60,8 @@ def ppo_loss(fwd: Forward, mb: Experience, den: dict, kl_coef: jax.Array, *, cli
     sg = jax.lax.stop_gradient
     pg_sum, _ = agg(ops.ppo_policy_loss(fwd.logp_BxT, mb.old_logp_BxT, mb.advantages_BxT, mask,
                                         clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip), mask)
-    ent_sum, _ = agg(fwd.entropy_BxT, mask)
+    # without a bonus the entropy is a metric only: no backward pass through the [B, T, V] softmax
+    ent_sum, _ = agg(fwd.entropy_BxT if entropy_coef else sg(fwd.entropy_BxT), mask)
     loss = (pg_sum - entropy_coef * ent_sum) / den["policy"]
     stats = ops.ppo_policy_stats(fwd.logp_BxT, mb.old_logp_BxT, mb.advantages_BxT, mask,
                                  clip_eps=clip_eps, clip_eps_high=clip_eps_high)
