@@ -119,3 +119,16 @@ def test_learns_with_a_python_reward_alone(task_data, tmp_path):
     after = np.mean([h["reward/vowels"] for h in hist[-5:]])
     assert after > before + 0.1, (before, after)
     assert hist[-1]["entropy"] < hist[0]["entropy"]
+
+
+def test_one_step_update_fuses_the_critic_pass(tiny_llama, task_data, reward_file, tmp_path):
+    """1 epoch × 1 minibatch × 1 micro-batch: the driver skips the separate critic pass (values come from the
+    update's forward) and still logs every value metric, finite; with the fusion off it matches."""
+    one = ["ppo.epochs=1", "ppo.num_minibatches=1", "ppo.num_micro_batches=1", "ptx.coef=0.0", "sample_every=0"]
+    fused = ppo.train(_cfg(tiny_llama, task_data, reward_file, tmp_path / "fused", iters=2, extra=one))
+    sep = ppo.train(_cfg(tiny_llama, task_data, reward_file, tmp_path / "sep", iters=2,
+                         extra=[*one, "ppo.fuse_critic_pass=false"]))
+    for h_f, h_s in zip(fused["history"], sep["history"], strict=True):
+        for k in ("values_mean", "returns_mean", "explained_variance", "value_loss", "policy_loss", "score"):
+            assert np.isfinite(h_f[k]), k
+            np.testing.assert_allclose(h_f[k], h_s[k], rtol=1e-3, atol=1e-5, err_msg=k)
