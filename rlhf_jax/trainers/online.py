@@ -218,6 +218,13 @@ def make_experience(algo: Algorithm, rollout: Rollout, ev: RolloutEval, score_B:
     return exp._replace(advantages_BxT=adv, returns_BxT=ret), rewards
 
 
+def value_metrics(exp: Experience) -> dict:
+    """Critic statistics of a batch of experience: mean return and value, explained variance (jittable)."""
+    m = exp.response_mask_BxT
+    return {"returns_mean": ops.masked_mean(exp.returns_BxT, m), "values_mean": ops.masked_mean(exp.old_values_BxT, m),
+            "explained_variance": ops.explained_variance(exp.old_values_BxT, exp.returns_BxT, m)}
+
+
 # ----------------------------------------------------------------------------------------- update
 def ptx_loss_sum(model, params, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
     """Next-token loss on pretraining data as ``(sum, count)`` (PPO-ptx, Ouyang et al. 2022, eq. 2).
@@ -274,10 +281,7 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             mb = mb._replace(old_values_BxT=jax.lax.stop_gradient(values))
             adv, ret, _ = algo.advantages(mb, kl_coef)
             mb = mb._replace(advantages_BxT=adv, returns_BxT=ret)
-            m = mb.response_mask_BxT
-            extra = {"advantages_mean": ops.masked_mean(adv, m), "returns_mean": ops.masked_mean(ret, m),
-                     "values_mean": ops.masked_mean(mb.old_values_BxT, m),
-                     "explained_variance": ops.explained_variance(mb.old_values_BxT, ret, m)}
+            extra = {"advantages_mean": ops.masked_mean(adv, mb.response_mask_BxT), **value_metrics(mb)}
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
         mets = dict(mets, **extra)
         if ptx_mb is not None:

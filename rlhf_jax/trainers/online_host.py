@@ -18,7 +18,7 @@ import numpy as np
 
 from rlhf_jax import ops, rewards
 from rlhf_jax.rollout.types import Rollout
-from rlhf_jax.trainers.online import Experience, RolloutEval, has_eos
+from rlhf_jax.trainers.online import Experience, RolloutEval, has_eos, value_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +117,7 @@ def rollout_metrics(exp: Experience, rewards_BxT: jax.Array, ev: RolloutEval, *,
         "advantages_mean": ops.masked_mean(exp.advantages_BxT, m),
     }
     if with_critic:
-        out.update(returns_mean=ops.masked_mean(exp.returns_BxT, m), values_mean=ops.masked_mean(exp.old_values_BxT, m),
-                   explained_variance=ops.explained_variance(exp.old_values_BxT, exp.returns_BxT, m))
+        out.update(value_metrics(exp))
     return out
 
 
