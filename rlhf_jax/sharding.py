@@ -276,6 +276,12 @@ def host_data_shard(mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> tuple[int, i
     return linear[0] // per_host, total // per_host
 
 
+def local_batch_divisor(mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> int:
+    """What a host-local batch's leading dim must be divisible by for :func:`shard_batch`."""
+    n = _axes_size(mesh, batch_sharding(mesh, rules=rules).spec[0])
+    return n // host_data_shard(mesh, rules=rules)[1]
+
+
 def shard_batch(batch: Any, mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> Any:
     """Places a host-local batch pytree on ``mesh`` as global arrays split over the batch axes.
 
@@ -290,8 +296,8 @@ def shard_batch(batch: Any, mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> Any:
     sharding = batch_sharding(mesh, rules=rules)
     axes = sharding.spec[0]
     n = _axes_size(mesh, axes)
-    _, num_shards = host_data_shard(mesh, rules=rules)
-    local_shards = n // num_shards
+    num_shards = host_data_shard(mesh, rules=rules)[1]
+    local_shards = local_batch_divisor(mesh, rules=rules)
 
     def put(path, x):
         where = f"batch leaf {jax.tree_util.keystr(path) or '<root>'}"

@@ -11,6 +11,12 @@ x_t (x_0 = last prompt token, x_t = response[t-1]) at slot P - 1 + t, position l
 samples response[t] from its logits. So the loop runs T single-token forwards and no work is wasted.
 Left padding: every row's last prompt slot P - 1 is real, so all rows decode in lock-step; padded
 slots carry mask 0 and never receive attention.
+
+Groups (GRPO, RLOO, RAFT, online DPO, labelling sample R responses per prompt): with `prompt_repeats` = R
+the caller passes the U distinct prompts; the prefill runs on those U rows only and its KV cache is
+repeated to the B = U·R decode rows (rows u·R … u·R + R − 1 share prompt u, as `np.repeat`). The prompt
+is therefore encoded once per group instead of R times (prefix sharing, as vLLM's prefix cache does for
+OpenRLHF/verl); the decode is unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class SamplingSettings:
     pad_token_id: int
     min_new_tokens: int
     cache_dtype: Any
+    prompt_repeats: int = 1
 
 
 class _LoopState(NamedTuple):
@@ -64,26 +71,34 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     global TRACE_COUNT
     TRACE_COUNT += 1
     s = settings
-    B, P = prompt_ids_BxP.shape
+    R = s.prompt_repeats
+    U, P = prompt_ids_BxP.shape  # U distinct prompts, each decoded R times: B = U·R rows
+    B = U * R
     T = s.max_new_tokens
     S = P + T
-    prompt_ids_BxP = prompt_ids_BxP.astype(jnp.int32)
-    prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    len_B = prompt_mask_BxP.sum(axis=-1)
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0)
-    cache_mask_BxS = jnp.zeros((B, S), jnp.int32).at[:, : P - 1].set(prompt_mask_BxP[:, : P - 1])
-    cache = models.init_cache(model.config, B, S, dtype=s.cache_dtype)
+    prompt_ids_UxP = prompt_ids_BxP.astype(jnp.int32)
+    prompt_mask_UxP = prompt_mask_BxP.astype(jnp.int32)
+    positions_UxP = jnp.maximum(jnp.cumsum(prompt_mask_UxP, axis=-1) - 1, 0)
+    cache_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, : P - 1].set(prompt_mask_UxP[:, : P - 1])
+    cache = models.init_cache(model.config, U, S, dtype=s.cache_dtype)
     # Logical names only (a no-op without `nn.logical_axis_rules`): cache split like the attention heads.
-    cache = jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES), cache)
-    if P > 1:  # prefill: logits unused, so the LM head over [B, P-1] is dead code
+    constrain = lambda tree: jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES), tree)  # noqa: E731
+    cache = constrain(cache)
+    if P > 1:  # prefill: logits unused, so the LM head over [U, P-1] is dead code
         _, cache = model.apply(
             {"params": params},
-            prompt_ids_BxP[:, : P - 1],
-            cache_mask_BxS,
-            positions_BxS=positions_BxP[:, : P - 1],
+            prompt_ids_UxP[:, : P - 1],
+            cache_mask_UxS,
+            positions_BxS=positions_UxP[:, : P - 1],
             cache=cache,
             cache_index=jnp.int32(0),
         )
+    # the R decode rows of prompt u are u·R .. u·R + R − 1 (np.repeat order); R = 1 is the identity
+    prompt_ids_BxP = jnp.repeat(prompt_ids_UxP, R, axis=0)
+    prompt_mask_BxP = jnp.repeat(prompt_mask_UxP, R, axis=0)
+    cache_mask_BxS = jnp.repeat(cache_mask_UxS, R, axis=0)
+    cache = constrain(jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache))  # leaves [L, B, S, K, hd]
+    len_B = prompt_mask_BxP.sum(axis=-1)
     eos_ids = jnp.asarray(s.eos_token_ids, jnp.int32)
 
     def cond(st: _LoopState):
@@ -230,6 +245,7 @@ def generate(
     pad_token_id: int,
     min_new_tokens: int = 0,
     cache_dtype: Any = None,
+    prompt_repeats: int = 1,
     param_shardings: Any = None,
     batch_sharding: Any = None,
 ) -> Rollout:
@@ -252,13 +268,16 @@ def generate(
       pad_token_id: written after the first EOS.
       min_new_tokens: EOS is suppressed before this many tokens (HF semantics).
       cache_dtype: KV-cache dtype (default: the model's).
+      prompt_repeats: R ≥ 1. The prompts are U DISTINCT prompts and each is sampled R times: the result
+        has B = U·R rows, rows u·R … u·R + R − 1 for prompt u (`np.repeat` order). The prompt is prefilled
+        once per u and its KV cache shared by the R rows; R = 1 is plain sampling.
       param_shardings: optional pytree of `jax.sharding.Sharding` matching `params`
         (from `rlhf_jax.sharding`); batch_sharding: optional sharding of `[B, ...]` arrays. The cache and
         activations follow the model's logical constraints under the caller's
         `jax.set_mesh(mesh)` / `nn.logical_axis_rules(rules)` context.
 
     Returns:
-      A `Rollout` (shapes `[B, P]` and `[B, T]`).
+      A `Rollout` (shapes `[B, P]` and `[B, T]`, B = U·R; its prompts are the repeated ones).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -270,6 +289,8 @@ def generate(
         raise ValueError(f"top_k must be a positive int or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if not isinstance(prompt_repeats, (int, np.integer)) or prompt_repeats < 1:
+        raise ValueError(f"prompt_repeats must be an int >= 1, got {prompt_repeats!r}")
     _check_prompts(prompt_ids_BxP, prompt_mask_BxP)
     settings = SamplingSettings(
         max_new_tokens=int(max_new_tokens),
@@ -280,6 +301,7 @@ def generate(
         pad_token_id=int(pad_token_id),
         min_new_tokens=int(min_new_tokens),
         cache_dtype=cache_dtype,
+        prompt_repeats=int(prompt_repeats),
     )
     fn = _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key())
     return fn(params, prompt_ids_BxP, prompt_mask_BxP, key)

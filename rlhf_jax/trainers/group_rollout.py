@@ -101,15 +101,25 @@ class Sampler:
 
         self._final = jax.jit(final)
 
-    def generate(self, params, batch: PromptBatch, key: jax.Array, *, temperature: Optional[float] = None) -> Rollout:
+    def generate(self, params, batch: PromptBatch, key: jax.Array, *, temperature: Optional[float] = None,
+                 repeats: int = 1) -> Rollout:
+        """Sample ``repeats`` responses per prompt of ``batch`` (rows in :func:`repeat_prompts` order).
+
+        The prompt is prefilled once per group and its KV cache shared (``generate(prompt_repeats=)``)
+        whenever the distinct prompts split evenly over the batch shards; otherwise the prompts are
+        repeated on the host first. Both give the same rollout.
+        """
         r = self.rollout
+        shared = repeats > 1 and len(batch.prompt_ids_BxP) % shd.local_batch_divisor(self.mesh) == 0
+        if repeats > 1 and not shared:
+            batch = repeat_prompts(batch, repeats)
         b = shd.shard_batch(batch, self.mesh)
         with shd.mesh_context(self.mesh):
             ro = generate(self.model, params, b.prompt_ids_BxP, b.prompt_mask_BxP, key=key,
                           max_new_tokens=r.max_new_tokens,
                           temperature=r.temperature if temperature is None else temperature,
                           top_k=r.top_k, top_p=r.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                          min_new_tokens=r.min_new_tokens)
+                          min_new_tokens=r.min_new_tokens, prompt_repeats=repeats if shared else 1)
         return jax.block_until_ready(ro)
 
     def score(self, ro: Rollout, index_B) -> tuple[np.ndarray, dict, dict]:
@@ -122,9 +132,10 @@ class Sampler:
         score = np.asarray(self._final(rm, jnp.asarray(fn_score), ro.response_ids_BxT, ro.response_mask_BxT))
         return score, mets, texts
 
-    def __call__(self, params, batch: PromptBatch, key, *, temperature: Optional[float] = None):
-        ro = self.generate(params, batch, key, temperature=temperature)
-        return (ro, *self.score(ro, batch.index_B))
+    def __call__(self, params, batch: PromptBatch, key, *, temperature: Optional[float] = None, repeats: int = 1):
+        """``(rollout, score_B, metrics, texts)`` for ``repeats`` samples of each prompt of ``batch``."""
+        ro = self.generate(params, batch, key, temperature=temperature, repeats=repeats)
+        return (ro, *self.score(ro, np.repeat(np.asarray(batch.index_B), repeats)))
 
 
 def make_sampler(model_cfg, reward_cfg, rollout_cfg, data_cfg, actor: common.LoadedModel, mesh, dataset):

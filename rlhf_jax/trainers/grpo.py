@@ -84,6 +84,10 @@ class CriticFreeHyper:
     overlong_buffer: Optional[int] = None  # DAPO L_cache in tokens (null/0 = off; -1 = ⌈T/5⌉)
     overlong_coef: float = 1.0  # weight of the overlong penalty added to the score
     old_logp: Literal["rollout", "recompute"] = "rollout"  # π_old from the sampler or an actor forward (see ppo)
+    # Encode each group's prompt once (sampler prefill, reference and actor forwards; exact, see
+    # online.shared_prompt_logits). Applies when the groups stay intact: num_minibatches = 1, micro-batches of
+    # whole groups, distinct prompts divisible over the batch shards.
+    share_prompt: bool = True
 
     def __post_init__(self):
         require(self.algorithm == "grpo" or self.preset == "grpo", "algo.preset",
@@ -188,8 +192,9 @@ def collect_groups(sampler: gr.Sampler, params, prompts, key, *, group_size: int
     kept, pool, mets_all = [], [], []
     n_groups = None
     for t in range(max_tries if dynamic else 1):
-        batch = gr.repeat_prompts(next(prompts), group_size)
-        ro, score, mets, texts = sampler(params, batch, jax.random.fold_in(key, t))
+        batch = next(prompts)
+        ro, score, mets, texts = sampler(params, batch, jax.random.fold_in(key, t), repeats=group_size)
+        batch = gr.repeat_prompts(batch, group_size)  # host rows in the rollout's order
         mets_all.append(mets)
         rows = (ro, score, batch.index_B, texts["prompts"], texts["responses"],
                 texts["gold"] if texts.get("gold") is not None else [None] * len(score))
@@ -242,11 +247,15 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     algo = build_algorithm(h, r, max_new_tokens=T)
     temp = logprob_temperature(cfg.rollout.temperature)
     models = online.Models(actor=actor.model)
+    share = h.share_prompt and online.prompt_sharing_allowed(
+        batch_size=prompts.batch_size * h.group_size, group_size=h.group_size, num_minibatches=h.num_minibatches,
+        num_micro_batches=h.num_micro_batches, batch_divisor=shd.local_batch_divisor(mesh))
+    repeats = h.group_size if share else 1
     settings = online.UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
-                                     num_micro_batches=h.num_micro_batches, temperature=temp)
+                                     num_micro_batches=h.num_micro_batches, temperature=temp, prompt_repeats=repeats)
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     evaluate = shd.jit_sharded(functools.partial(online.evaluate_rollout, models, temperature=temp,
-                                                 old_logp=h.old_logp), mesh,
+                                                 old_logp=h.old_logp, prompt_repeats=repeats), mesh,
                                in_shardings=(actor_sh.params, actor.shardings, None, None, bsh), out_shardings=bsh)
 
     def experience_fn(ro, ev, score, baseline, kl_coef):

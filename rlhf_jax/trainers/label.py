@@ -152,7 +152,7 @@ def train(cfg: LabelConfig) -> dict:
     counts = {"prompts": 0, "pairs": 0, "ties": 0}
     with open(out, "w") as f:
         for n, (batch, real) in enumerate(_full_batches(it)):
-            ro, score, _, texts = sampler(actor.params, gr.repeat_prompts(batch, k), jax.random.fold_in(key, n))
+            ro, score, _, texts = sampler(actor.params, batch, jax.random.fold_in(key, n), repeats=k)
             if cfg.ranker == "judge":
                 score = judge(texts["prompts"], texts["responses"])
             best, worst, differ = gr.best_worst(score, group_size=k)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import models as model_lib
 from rlhf_jax import ops
 from rlhf_jax.data.batches import SFTBatch
 from rlhf_jax.rollout.types import Rollout
@@ -127,6 +128,20 @@ class UpdateSettings(NamedTuple):
     # the update is ONE optimizer step over the whole batch (1 epoch × 1 minibatch × 1 micro-batch): the
     # critic has not moved, so V_old = stop_gradient(V_θ). See :func:`fused_values_allowed`.
     fused_values: bool = False
+    # Rows come in groups of this many sharing one prompt (GRPO/RLOO/...): the actor encodes each prompt
+    # once per group (`shared_prompt_logits`). Needs the groups intact: one minibatch (no shuffling) and
+    # micro-batches of whole groups. See :func:`prompt_sharing_allowed`.
+    prompt_repeats: int = 1
+
+
+def prompt_sharing_allowed(*, batch_size: int, group_size: int, num_minibatches: int, num_micro_batches: int,
+                           batch_divisor: int = 1) -> bool:
+    """Whether the update may encode each group's prompt once: the rows stay in contiguous groups (one
+    minibatch, so no shuffle; micro-batches of whole groups) and the U = B/G distinct prompts split evenly
+    over ``batch_divisor`` batch shards."""
+    if group_size <= 1 or num_minibatches != 1 or batch_size % (num_micro_batches * group_size):
+        return False
+    return (batch_size // num_micro_batches // group_size) % batch_divisor == 0
 
 
 def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches: int) -> bool:
@@ -135,15 +150,48 @@ def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches
 
 
 # ---------------------------------------------------------------------------------------- forwards
+def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int, repeats: int) -> jax.Array:
+    """Response logits ``[B, T, V]`` of rows whose prompts come in groups of ``repeats`` identical rows.
+
+    Rows u·R … u·R + R − 1 share prompt u (``np.repeat`` order, as GRPO/RLOO groups). Each prompt is
+    encoded ONCE: a forward over the U = B/R distinct prompts fills a KV cache (and gives the logits at
+    slot P − 1, which predict response token 0), the cache is repeated R times, and the B responses run
+    on top of it. The result equals ``model.apply(..., head_span=(P − 1, S − 1))`` up to float rounding,
+    and so do the parameter gradients (the R copies' gradients into the shared prompt add up, exactly as
+    over R identical computations); the prompt costs U·P instead of B·P tokens of compute.
+    """
+    B, S = ids_BxS.shape
+    P, R = prompt_length, repeats
+    if B % R:
+        raise ValueError(f"shared_prompt_logits: batch {B} is not a whole number of groups of {R}")
+    U = B // R
+    mask_BxS = mask_BxS.astype(jnp.int32)
+    positions_BxS = model_lib.default_positions(mask_BxS)
+    prompt_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, :P].set(mask_BxS[::R, :P])
+    cache = model_lib.init_cache(model.config, U, S)
+    first_Ux1xV, cache = model.apply({"params": params}, ids_BxS[::R, :P], prompt_mask_UxS,
+                                     positions_BxS=positions_BxS[::R, :P], cache=cache, cache_index=0,
+                                     head_span=(P - 1, P))
+    cache = jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache)  # leaves [L, B, S, K, hd]
+    rest_BxT1xV, _ = model.apply({"params": params}, ids_BxS[:, P : S - 1], mask_BxS,
+                                 positions_BxS=positions_BxS[:, P : S - 1], cache=cache, cache_index=P)
+    return jnp.concatenate([jnp.repeat(first_Ux1xV, R, axis=0), rest_BxT1xV], axis=1)
+
+
 def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt_length: int,
-                   temperature: float, with_entropy: bool) -> tuple[jax.Array, jax.Array]:
+                   temperature: float, with_entropy: bool, prompt_repeats: int = 1) -> tuple[jax.Array, jax.Array]:
     """Log-probs (and entropy) of the response tokens under ``softmax(logits / τ)``; 0 on padding.
 
     Same convention as the sampler's ``Rollout.logp_BxT`` (see ``rlhf_jax.rollout.sampling``).
+    ``prompt_repeats`` = R > 1: the rows come in groups of R sharing a prompt, which is encoded once per
+    group (:func:`shared_prompt_logits`).
     """
     S = ids_BxS.shape[1]
-    # the head runs on the T positions that predict the response only (see `response_logits`)
-    logits_BxTxV = model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(prompt_length - 1, S - 1))
+    if prompt_repeats > 1:
+        logits_BxTxV = shared_prompt_logits(model, params, ids_BxS, mask_BxS, prompt_length=prompt_length,
+                                            repeats=prompt_repeats)
+    else:  # the head runs on the T positions that predict the response only (see `response_logits`)
+        logits_BxTxV = model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(prompt_length - 1, S - 1))
     logits_BxTxV = logits_BxTxV / temperature
     mask_BxT = mask_BxS[:, prompt_length:]
     logp_BxT = jnp.where(mask_BxT > 0, ops.token_logprobs(logits_BxTxV, response_ids_BxT), 0.0)
@@ -168,7 +216,7 @@ def reward_model_scores(model, params, ids_BxS, mask_BxS) -> jax.Array:
 
 def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, reward_params,
                      rollout: Rollout, *, temperature: float, old_logp: str = "recompute",
-                     with_values: bool = True) -> RolloutEval:
+                     with_values: bool = True, prompt_repeats: int = 1) -> RolloutEval:
     """Teacher-forced pass of all models over a rollout (pure; jit with ``models`` static).
 
     ``old_logp``: "recompute" runs the actor teacher-forced (OpenRLHF, verl); "rollout" takes the
@@ -177,12 +225,13 @@ def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, re
     one actor forward. The two agree to float rounding (``tests/rollout``: 1e-5 in float32); in bf16
     compute the decode and the full forward round differently, so pick "recompute" there if the first
     ratio must be exactly 1. ``with_values=False`` skips the critic (values 0; the update computes them,
-    ``UpdateSettings.fused_values``).
+    ``UpdateSettings.fused_values``). ``prompt_repeats`` = G > 1: the rows are groups of G sharing a
+    prompt, encoded once per group by the actor and the reference (:func:`shared_prompt_logits`).
     """
     if old_logp not in ("recompute", "rollout"):
         raise ValueError(f"old_logp must be 'recompute' or 'rollout', got {old_logp!r}")
     ids, mask, P = rollout.ids_BxS, rollout.mask_BxS, rollout.prompt_length
-    fwd = dict(prompt_length=P, temperature=temperature, with_entropy=False)
+    fwd = dict(prompt_length=P, temperature=temperature, with_entropy=False, prompt_repeats=prompt_repeats)
     if old_logp == "rollout":
         logp = jnp.where(rollout.response_mask_BxT > 0, rollout.logp_BxT, 0.0).astype(jnp.float32)
     else:
@@ -268,12 +317,16 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             epochs=s.epochs, num_minibatches=s.num_minibatches, num_micro_batches=s.num_micro_batches)):
         raise ValueError("fused_values needs a critic and one optimizer step over the whole batch "
                          f"(epochs, num_minibatches, num_micro_batches = 1), got {s}")
+    if s.prompt_repeats > 1 and s.num_minibatches != 1:
+        raise ValueError(f"prompt_repeats={s.prompt_repeats} needs the groups intact: num_minibatches must be 1, "
+                         f"got {s.num_minibatches}")
 
     def micro_loss(params, mb: Experience, ptx_mb, den, kl_coef):
         actor_p, critic_p = params
         P = mb.prompt_ids_BxP.shape[1]
         logp, ent = policy_forward(models.actor, actor_p, mb.ids_BxS, mb.mask_BxS, mb.response_ids_BxT,
-                                   prompt_length=P, temperature=s.temperature, with_entropy=use_entropy)
+                                   prompt_length=P, temperature=s.temperature, with_entropy=use_entropy,
+                                   prompt_repeats=s.prompt_repeats)
         values = (critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=P)
                   if algo.use_critic else None)
         extra = {}
@@ -328,8 +381,11 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         ptx_mbs = _split(ptx, s.num_minibatches) if ptx is not None else None
 
         def epoch(carry, ekey):
-            perm = jax.random.permutation(ekey, B)
-            mbs = _split(jax.tree.map(lambda x: x[perm], exp), s.num_minibatches)
+            if s.num_minibatches == 1:  # one minibatch is the whole batch: its row order changes nothing
+                mbs = _split(exp, 1)
+            else:
+                perm = jax.random.permutation(ekey, B)
+                mbs = _split(jax.tree.map(lambda x: x[perm], exp), s.num_minibatches)
             return jax.lax.scan(minibatch_step, carry, (mbs, ptx_mbs))
 
         (actor, critic, _), mets = jax.lax.scan(epoch, (actor, critic, kl_coef),

@@ -95,8 +95,7 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         timer = Timer()
         k_gen, k_upd = jax.random.split(jax.random.fold_in(base_key, it))
         with timer("generate"):
-            batch = gr.repeat_prompts(next(prompts), h.num_samples)
-            ro, score, mets, texts = sampler(state.params, batch, k_gen)
+            ro, score, mets, texts = sampler(state.params, next(prompts), k_gen, repeats=h.num_samples)
         best, worst, valid = gr.best_worst(score, group_size=h.num_samples)
         pairs = gr.rollout_pair_batch(ro, best, worst, valid)
         zeros = np.zeros(len(best), np.float32)

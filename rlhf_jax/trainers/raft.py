@@ -108,8 +108,7 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
         timer = Timer()
         k_gen, k_sft = jax.random.split(jax.random.fold_in(base_key, it))
         with timer("generate"):
-            batch = gr.repeat_prompts(next(prompts), h.num_samples)
-            ro, score, mets, texts = sampler(state.params, batch, k_gen)
+            ro, score, mets, texts = sampler(state.params, next(prompts), k_gen, repeats=h.num_samples)
         rows, keep = select_rows(score, group_size=h.num_samples, top_k=h.top_k, quantile=h.quantile)
         kept = shd.shard_batch(kept_batch(gr.rollout_sft_batch(ro), rows, keep), mesh)
         with timer("train"):

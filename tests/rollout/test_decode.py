@@ -217,6 +217,43 @@ def test_rollout_crosses_jit(llama_model):
     np.testing.assert_array_equal(r.loss_mask_BxS[:, 16:], r.response_mask_BxT)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_prompt_repeats_equal_sampling_repeated_prompts(llama_model, temperature):
+    """R samples per prompt with the prefill shared equal sampling the host-repeated prompts (np.repeat order):
+    same tokens, same masks, log-probs equal to float rounding (the prefill ran on U rows instead of U·R)."""
+    model, params = llama_model
+    ids, mask = _batch()
+    kw = dict(key=jax.random.key(5), max_new_tokens=T, eos_token_id=1, pad_token_id=PAD, temperature=temperature)
+    shared = rollout.generate(model, params, ids, mask, prompt_repeats=3, **kw)
+    plain = rollout.generate(model, params, np.repeat(ids, 3, axis=0), np.repeat(mask, 3, axis=0), **kw)
+    chex.assert_shape([shared.response_ids_BxT, shared.logp_BxT], (12, T))
+    np.testing.assert_array_equal(shared.prompt_ids_BxP, np.repeat(ids, 3, axis=0))
+    np.testing.assert_array_equal(shared.prompt_mask_BxP, np.repeat(mask, 3, axis=0))
+    np.testing.assert_array_equal(shared.response_ids_BxT, plain.response_ids_BxT)
+    np.testing.assert_array_equal(shared.response_mask_BxT, plain.response_mask_BxT)
+    np.testing.assert_allclose(shared.logp_BxT, plain.logp_BxT, atol=1e-5, rtol=0)
+    if temperature > 0:  # the R samples of a prompt differ (they are not copies of one sample)
+        assert len({tuple(r) for r in np.asarray(shared.response_ids_BxT)[:3]}) > 1
+    tf_logp = ops.token_logprobs(_teacher_forced_logits(model, params, shared), shared.response_ids_BxT)
+    m = np.asarray(shared.response_mask_BxT, bool)
+    if temperature > 0:
+        np.testing.assert_allclose(np.asarray(shared.logp_BxT)[m], np.asarray(tf_logp)[m], atol=1e-5, rtol=0)
+
+
+def test_prompt_repeats_prefill_runs_on_distinct_prompts_only():
+    """The compiled prefill's activations are [U, P-1, D], not [U·R, P-1, D]."""
+    model = models.Transformer(tiny_config("llama").replace(hidden_size=72, num_heads=4, num_kv_heads=4,
+                                                            head_dim=18), head="lm")
+    params = models.init_params(model, jax.random.key(0))
+    ids, mask = _batch()
+    settings = decode.SamplingSettings(max_new_tokens=T, temperature=1.0, top_k=None, top_p=None, eos_token_ids=(1,),
+                                       pad_token_id=PAD, min_new_tokens=0, cache_dtype=None, prompt_repeats=4)
+    hlo = decode._compiled(model, settings, None, None, ()).lower(params, ids, mask, jax.random.key(0)).as_text()
+    assert "tensor<4x15x72xf32>" in hlo  # prefill over the U = 4 prompts
+    assert "tensor<16x15x72xf32>" not in hlo  # never over the 16 decode rows
+    assert "tensor<16x1x72xf32>" in hlo  # the decode runs all 16 rows
+
+
 def test_bad_inputs_raise(llama_model):
     model, params = llama_model
     ids, mask = _batch()
@@ -234,6 +271,8 @@ def test_bad_inputs_raise(llama_model):
         rollout.generate(model, params, ids, mask, **{**kw, "eos_token_id": ()})
     with pytest.raises(ValueError, match="top_p"):
         rollout.generate(model, params, ids, mask, top_p=1.5, **kw)
+    with pytest.raises(ValueError, match="prompt_repeats"):
+        rollout.generate(model, params, ids, mask, prompt_repeats=0, **kw)
 
 
 def test_compiled_program_updates_cache_in_place_and_skips_prefill_logits():

@@ -177,12 +177,13 @@ class FakeSampler:
     def __init__(self, scores):
         self.scores, self.calls = list(scores), 0
 
-    def __call__(self, params, batch, key, temperature=None):
+    def __call__(self, params, batch, key, temperature=None, repeats=1):
         from rlhf_jax.rollout.types import Rollout
 
         s = np.asarray(self.scores[self.calls], np.float32)
         self.calls += 1
         b = len(s)
+        assert len(batch.index_B) * repeats == b  # the distinct prompts, sampled `repeats` times each
         ids = (np.arange(b)[:, None] + 100 * self.calls).astype(np.int32) * np.ones((1, 2), np.int32)
         ro = Rollout(ids, np.ones((b, 2), np.int32), ids, np.ones((b, 2), np.int32), np.zeros((b, 2), np.float32),
                      np.zeros((b, 2), np.float32), np.full((b,), 2, np.int32))

@@ -316,3 +316,87 @@ class TestFusedCriticAndRolloutLogp:
             online.make_update(ppo_algorithm(), online.Models(actor=actor, critic=critic), actor_tx=tx, critic_tx=tx,
                                settings=online.UpdateSettings(epochs=2, num_minibatches=1, num_micro_batches=1,
                                                               temperature=1.0, fused_values=True))
+
+
+def grouped_rollout(seed, *, groups, group_size):
+    """`groups` left-padded prompts, each repeated `group_size` times (np.repeat order), distinct responses."""
+    ro = make_rollout(seed, b=groups * group_size)
+    rep = lambda x: jnp.repeat(x[::group_size], group_size, axis=0)  # noqa: E731
+    return ro._replace(prompt_ids_BxP=rep(ro.prompt_ids_BxP), prompt_mask_BxP=rep(ro.prompt_mask_BxP))
+
+
+class TestSharedPromptForward:
+    """Each group's prompt encoded once (GRPO/RLOO groups) gives the per-row forward's numbers."""
+
+    @pytest.mark.parametrize("family", [dict(model_type="llama"), dict(model_type="mistral", sliding_window=3),
+                                        dict(model_type="gpt2", activation="gelu_new", norm_eps=1e-5)])
+    def test_logits_and_gradients_equal_the_per_row_forward(self, family):
+        actor = Transformer(tiny_config(**family), head="lm")
+        params = init_params(actor, jax.random.key(3))
+        ro = grouped_rollout(11, groups=3, group_size=4)
+        assert not np.all(np.asarray(ro.prompt_mask_BxP))  # left padding is exercised
+        assert not np.all(np.asarray(ro.response_mask_BxT))  # so is response padding
+        full = actor.apply({"params": params}, ro.ids_BxS, ro.mask_BxS, head_span=(P - 1, P + T - 1))
+        shared = online.shared_prompt_logits(actor, params, ro.ids_BxS, ro.mask_BxS, prompt_length=P, repeats=4)
+        assert shared.shape == full.shape == (12, T, V)
+        m = np.asarray(ro.response_mask_BxT, bool)
+        np.testing.assert_allclose(np.asarray(shared)[m], np.asarray(full)[m], atol=1e-5)
+
+        def loss(p, repeats):
+            logp, _ = online.policy_forward(actor, p, ro.ids_BxS, ro.mask_BxS, ro.response_ids_BxT, prompt_length=P,
+                                            temperature=0.7, with_entropy=False, prompt_repeats=repeats)
+            return jnp.sum(logp * jnp.arange(1, T + 1))  # position-dependent weights
+
+        g_row, g_shared = jax.grad(loss)(params, 1), jax.jit(jax.grad(loss), static_argnums=1)(params, 4)
+        for a, b in zip(jax.tree.leaves(g_row), jax.tree.leaves(g_shared)):
+            np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)
+
+    def test_rejects_a_batch_that_is_not_whole_groups(self, setup):
+        actor, _, actor_p, _ = setup
+        ro = make_rollout(1, b=6)
+        with pytest.raises(ValueError, match="groups of 4"):
+            online.shared_prompt_logits(actor, actor_p, ro.ids_BxS, ro.mask_BxS, prompt_length=P, repeats=4)
+
+    def test_grpo_update_and_evaluation_equal_the_per_row_ones(self, setup):
+        from rlhf_jax.trainers.critic_free import critic_free_algorithm
+
+        actor, _, actor_p, _ = setup
+        models = online.Models(actor=actor)
+        algo = critic_free_algorithm("grpo", group_size=4, kl_kind="k3", kl_placement="loss")
+        ro = grouped_rollout(12, groups=2, group_size=4)
+        ref_p = jax.tree.map(lambda x: x * 1.05, actor_p)
+        score = jnp.asarray(np.random.default_rng(5).normal(size=8), jnp.float32)
+        tx = optax.sgd(0.1)
+        out = {}
+        for repeats in (1, 4):
+            ev = online.evaluate_rollout(models, actor_p, ref_p, None, None, ro, temperature=1.0, with_values=False,
+                                         prompt_repeats=repeats)
+            exp, _ = online.make_experience(algo, ro, ev, score, jnp.float32(0.04))
+            upd = online.make_update(algo, models, actor_tx=tx, critic_tx=None, settings=online.UpdateSettings(
+                epochs=1, num_minibatches=1, num_micro_batches=2, temperature=1.0, prompt_repeats=repeats))
+            out[repeats] = ev, jax.jit(upd)(init_train_state(actor_p, tx), None, exp, None, jax.random.key(0),
+                                            jnp.float32(0.04))
+        (ev1, (a1, _, m1)), (ev4, (a4, _, m4)) = out[1], out[4]
+        np.testing.assert_allclose(ev4.logp_BxT, ev1.logp_BxT, atol=1e-5)
+        np.testing.assert_allclose(ev4.ref_logp_BxT, ev1.ref_logp_BxT, atol=1e-5)
+        for x, y in zip(jax.tree.leaves(a1.params), jax.tree.leaves(a4.params)):
+            np.testing.assert_allclose(y, x, atol=1e-6, rtol=1e-5)
+        for k in ("loss", "policy_loss", "kl"):
+            if k in m1:
+                np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-7)
+
+    def test_sharing_needs_intact_groups(self, setup):
+        actor, _, _, _ = setup
+        from rlhf_jax.trainers.critic_free import critic_free_algorithm
+
+        with pytest.raises(ValueError, match="num_minibatches must be 1"):
+            online.make_update(critic_free_algorithm("grpo", group_size=4), online.Models(actor=actor),
+                               actor_tx=optax.sgd(0.1), critic_tx=None, settings=online.UpdateSettings(
+                                   epochs=1, num_minibatches=2, num_micro_batches=1, temperature=1.0,
+                                   prompt_repeats=4))
+        allowed = functools.partial(online.prompt_sharing_allowed, group_size=4, num_minibatches=1)
+        assert allowed(batch_size=32, num_micro_batches=2)
+        assert not allowed(batch_size=32, num_micro_batches=16)  # micro-batches of 2 rows split the groups
+        assert not allowed(batch_size=32, num_micro_batches=1, batch_divisor=3)  # 8 prompts over 3 shards
+        assert not online.prompt_sharing_allowed(batch_size=32, group_size=4, num_minibatches=2, num_micro_batches=1)
+        assert not online.prompt_sharing_allowed(batch_size=32, group_size=1, num_minibatches=1, num_micro_batches=1)
