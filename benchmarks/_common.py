@@ -183,3 +183,25 @@ def param_bytes(params: Any) -> int:
     import jax
 
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+
+
+def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
+    """This CPU's float32 matmul rate through XLA (median of ``iters`` jitted ``n``³ products), GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    t = time_call(lambda: f(a, a).block_until_ready(), warmup=1, iters=iters).median_s
+    return 2 * n**3 / t / 1e9
+
+
+def llama_matmul_params(model_dir: str | os.PathLike) -> dict[str, int]:
+    """Matmul parameters of a Llama-style HF folder: ``body`` (attention + MLP of all layers), ``head``
+    (the LM head, V·D) and the shapes the attention FLOPs need (layers, heads, head_dim)."""
+    c = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+    d, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    hd = c.get("head_dim") or d // heads
+    kv = c.get("num_key_value_heads") or heads
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * c["intermediate_size"]
+    return {"body": layers * per_layer, "head": c["vocab_size"] * d, "layers": layers, "heads": heads, "head_dim": hd}

@@ -106,18 +106,6 @@ def run_trl(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks import _common as Cm
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    t = Cm.time_call(lambda: f(a, a).block_until_ready(), warmup=1, iters=iters).median_s
-    return 2 * n**3 / t / 1e9
-
-
 def model_flops(cfg, params) -> float:
     """Matmul FLOPs of one DPO step (see module docstring)."""
     import jax
@@ -212,7 +200,7 @@ def main() -> None:
 
     root = pathlib.Path(os.environ.get("RLHF_JAX_BENCH_MODELS", pathlib.Path(tempfile.gettempdir()) / "rlhf_jax_bench"))
     sizes = ["tiny", "small"] if args.model == "both" else [args.model]
-    gflops = matmul_gflops()
+    gflops = Cm.matmul_gflops()
     record = {"machine": Cm.machine_info(), "matmul_f32_gflops": gflops, "workload": f"{B} pairs, {P}+{C} tokens"}
     rows = [("f32 matmul 2048^3 (GFLOP/s)", f"{gflops:.1f}")]
     for size in sizes:

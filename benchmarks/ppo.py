@@ -162,6 +162,28 @@ def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, 
             "warmup_rows": rows[:warmup]}
 
 
+def iteration_flops(model_dir: pathlib.Path) -> dict[str, float]:
+    """Matmul FLOPs that one PPO iteration of this workload cannot avoid (our side's passes, each counted once):
+
+    generate   2·N·B·(P + T − 1) body + 2·H·B·T head  (prefill + one decode step per new token)
+    score      reference forward (body + head on the T response positions) + reward-model forward (body)
+    train      actor forward + backward (3 × forward) + critic forward + backward (3 × body)
+
+    with N the layers' matmul parameters, H = V·D the LM head, plus the attention products (QKᵀ, AV: 4·L·S²·H·d
+    per sequence forward, causal counted in full). Divided by the measured f32 matmul rate, this is a lower
+    bound on the iteration's time: real layers run below the rate of one large square product.
+    """
+    from benchmarks import _common as C
+
+    m = C.llama_matmul_params(model_dir)
+    S = P + T
+    body_fwd = 2 * m["body"] * B * S + 4 * m["layers"] * S * S * m["heads"] * m["head_dim"] * B
+    head_fwd = 2 * m["head"] * B * T
+    return {"generate": 2 * m["body"] * B * (P + T - 1) + head_fwd,
+            "score": (body_fwd + head_fwd) + body_fwd,
+            "train": 3 * (body_fwd + head_fwd) + 3 * body_fwd}
+
+
 def summary(res: dict) -> dict:
     med = lambda k: statistics.median(r[k] for r in res["rows"])  # noqa: E731
     return {k: med(k) for k in ("iteration_s", "generate_s", "score_s", "train_s")}
@@ -181,6 +203,7 @@ def main() -> None:
     from benchmarks import _common as C
 
     root = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench-ppo-"))
+    gflops = C.matmul_gflops()
     trl_python = ROOT / ".venv-trl" / "bin" / "python"
     records = []
     for size in (["tiny", "small"] if args.model == "both" else [args.model]):
@@ -202,9 +225,16 @@ def main() -> None:
                 ("speed-up (TRL / ours)", f"{t['iteration_s'] / o['iteration_s']:.2f}x")]
         for k in ("generate_s", "score_s", "train_s"):
             rows.append((f"  {k[:-2]}: TRL / ours (s)", f"{t[k]:.3f} / {o[k]:.3f}"))
+        flops = iteration_flops(model_dir)
+        floor = {k: v / (gflops * 1e9) for k, v in flops.items()}
+        rows += [("f32 matmul 2048^3 (GFLOP/s)", f"{gflops:.1f}"),
+                 ("compute floor at that rate (s)", f"{sum(floor.values()):.3f}  (generate / score / train "
+                                                    + " / ".join(f"{floor[k]:.2f}" for k in flops) + ")"),
+                 ("2x TRL would need (s)", f"{t['iteration_s'] / 2:.3f}")]
         C.print_table(rows, title=f"PPO iteration, llama-{size}")
         records.append({"size": size, "trl": {**trl, "median": t}, "ours": {**ours, "median": o},
-                        "speedup": t["iteration_s"] / o["iteration_s"]})
+                        "speedup": t["iteration_s"] / o["iteration_s"], "matmul_f32_gflops": gflops,
+                        "iteration_flops": flops, "compute_floor_s": floor})
     C.emit_json({"bench": "ppo", "B": B, "P": P, "T": T, "results": records, "machine": C.machine_info()})
 
 

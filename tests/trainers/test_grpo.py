@@ -265,14 +265,15 @@ def test_rl_raises_arithmetic_accuracy(tmp_path_factory, tmp_path, algorithm):
     s = h.sft_export(tmp_path_factory.getbasetemp(), "arith")
     prompts = verifiable.arith_prompts(max_operand=4) * 16  # 400 samples: standard error of a rate ~0.025
     before = h.sampled_accuracy(s["model"], s["tokenizer"], prompts, verifiable.arith_reward, max_new_tokens=3)
-    lr = "1e-3" if algorithm == "reinforce_pp" else "2e-3"  # REINFORCE++ oscillates at 2e-3 on this task
-    # Raw RLOO advantages (|A| <= 1, no scaling) learn this task only marginally and the outcome flips
-    # with float rounding (0.45 -> 0.46 .. 0.60 across compiler settings); batch-normalised RLOO (TRL
-    # `normalize_advantages`) learns it reliably (0.45 -> 0.63 / 0.64 with and without YNNPACK dots).
-    extra = ("algo.rloo_normalize=true",) if algorithm == "rloo" else ()
+    # lr 1e-3 for all three: at 2e-3 the outcome moved with float rounding and seeds (GRPO 0.53 / 0.68 / 0.65,
+    # RLOO 0.60 / 0.52 / 0.64 for run.seed 0 / 1 / 2); at 1e-3 over the same seeds GRPO gave 0.64 / 0.70 / 0.73,
+    # REINFORCE++ 0.65 / 0.67 / 0.68 in 40 iterations, RLOO 0.71 / 0.77 / 0.76 in 60 (0.58 .. 0.69 in 40).
+    # Raw RLOO advantages (|A| <= 1, no scaling) learn this task only marginally; batch-normalised RLOO (TRL
+    # `normalize_advantages`) learns it reliably.
+    extra = ("algo.rloo_normalize=true", "run.total_steps=60") if algorithm == "rloo" else ()
     cfg = cli.load_trainer_config(algorithm, None, (f"model.path={s['model']}", f"data.path={s['prompts']}",
                                                     f"run.output_dir={tmp_path}", *ARITH_OVERRIDES,
-                                                    f"actor_optim.learning_rate={lr}", *extra))
+                                                    "actor_optim.learning_rate=1e-3", *extra))
     res = grpo.train(cfg)
     after = h.sampled_accuracy((res["model"], res["state"].params), s["tokenizer"], prompts, verifiable.arith_reward,
                                max_new_tokens=3)
