@@ -13,6 +13,10 @@ the pure advantage functions of ``critic_free.py``. One iteration:
 4. actor + reference log-probs (one jit) → overlong penalty (DAPO, in tokens) → advantages (one jit)
    → ``algo.epochs`` × minibatches × micro-batches of the clipped loss (one jit).
 
+A group's G rows share one prompt, and it is encoded once (``algo.share_prompt``, exact): the sampler
+prefills the distinct prompts only, and the reference / actor forwards run each prompt once with the G
+responses on its KV (``online.shared_prompt_logits``; in the update when the groups stay intact).
+
 Presets (``algo.preset``, GRPO only) fill the fields left null: ``grpo`` (group std, seq-mean-token-mean,
 β = 0.04 k3 in the loss), ``dapo`` (clip-higher ε_high = 0.28, token-mean, β = 0, dynamic sampling, overlong
 penalty over the last ⌈T/5⌉ tokens), ``dr_grpo`` (no std scaling, constant divisor T, β = 0).
