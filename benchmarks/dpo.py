@@ -8,14 +8,18 @@ the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (tor
 2 threads) — this same file with `--trl-worker`, after our side has finished (never concurrently).
 
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
-2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs. Also timed: the step with precomputed
+2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
+workload's completion length): the LM head then runs on the 64 completion positions of each row only
+(`preference_common.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128. Also timed: the step with precomputed
 reference log-probs (`precompute_ref_logps: true`), and this CPU's f32 matmul rate (2048³ jnp.dot),
 against which the step's achieved rate is reported:
 
     model FLOPs per step = 6·N·tokens (policy fwd + bwd) + 2·N·tokens (reference fwd)
                            + 4 × (QKᵀ and AV products: 4·L·S²·H·d_head per sequence, causal counted in full)
 
-with N the matmul parameters (embedding lookup excluded), tokens = 16 × 128.
+with N the matmul parameters (embedding lookup excluded), tokens = 16 × 128: the usual model-FLOPs count,
+every position through the LM head. Also reported: the rate of the FLOPs our step executes, with the head
+on the 16 × 64 completion positions only (8·H·16·64 instead of 8·H·16·128, H the head's V·D).
 
 Usage: python benchmarks/dpo.py [--model tiny|small|both] [--iters 5] [--warmup 2]
 """
@@ -106,8 +110,8 @@ def run_trl(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def model_flops(cfg, params) -> float:
-    """Matmul FLOPs of one DPO step (see module docstring)."""
+def model_flops(cfg, params) -> tuple[float, float]:
+    """Matmul FLOPs of one DPO step: (model FLOPs, FLOPs our step executes); see the module docstring."""
     import jax
     import numpy as np
 
@@ -117,7 +121,9 @@ def model_flops(cfg, params) -> float:
         n += cfg.vocab_size * cfg.hidden_size
     s, tokens = P + C, 2 * B * (P + C)
     attn_fwd = 2 * B * 4 * cfg.num_layers * s * s * cfg.num_heads * cfg.head_dim  # QK^T and AV, 2B rows
-    return 8 * n * tokens + 4 * attn_fwd  # policy fwd+bwd (3x) + reference fwd (1x) of attention
+    model = 8 * n * tokens + 4 * attn_fwd  # policy fwd+bwd (3x) + reference fwd (1x) of attention
+    head = cfg.vocab_size * cfg.hidden_size
+    return model, model - 8 * head * 2 * B * (s - C)  # (model FLOPs, executed: the head on completions only)
 
 
 def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
@@ -126,7 +132,7 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
 
     from benchmarks import _common as Cm
     from rlhf_jax.config import OptimConfig
-    from rlhf_jax.data import PreferenceBatch
+    from rlhf_jax.data import DataConfig, PreferenceBatch
     from rlhf_jax.sharding import MeshConfig
     from rlhf_jax.train.optim import make_optimizer
     from rlhf_jax.train.state import create_train_state
@@ -162,8 +168,10 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
     tx = make_optimizer(OptimConfig(learning_rate=LR, max_grad_norm=1.0), 100)
     state, state_sh = create_train_state(params, tx, mesh=mesh, params_shardings=p_sh)
     loss = dpo.PreferenceLossConfig(algorithm="dpo", loss_type="sigmoid", beta=BETA)
-    step = make_train_step(dpo.make_loss_fn(model, loss), tx=tx, mesh=mesh, state_shardings=state_sh)
-    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh)
+    width = dpo.completion_width(DataConfig(max_prompt_len=P, max_completion_len=C, max_seq_len=s))
+    step = make_train_step(dpo.make_loss_fn(model, loss, completion_width=width), tx=tx, mesh=mesh,
+                           state_shardings=state_sh)
+    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh, completion_width=width)
     key = jax.random.key(0)
     box = [state]
 
@@ -182,7 +190,8 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
     t_pre = Cm.time_call(precomputed, warmup=1, iters=iters)
     assert step.jitted._cache_size() == 1
     return {"s_per_step": t_live.median_s, "times_s": list(t_live.times_s), "precomputed_s_per_step": t_pre.median_s,
-            "flops_per_step": model_flops(cfg, params), "params": Cm.param_count(params)}
+            "flops_per_step": model_flops(cfg, params)[0], "executed_flops_per_step": model_flops(cfg, params)[1],
+            "params": Cm.param_count(params)}
 
 
 def main() -> None:
@@ -208,15 +217,18 @@ def main() -> None:
         ours = run_ours(model_dir, args.iters, args.warmup)
         trl = run_trl(model_dir, args.iters, args.warmup)
         achieved = ours["flops_per_step"] / ours["s_per_step"] / 1e9
+        executed = ours["executed_flops_per_step"] / ours["s_per_step"] / 1e9
         print(f"[{size}] ours {ours['s_per_step']:.3f} s/step (precomputed {ours['precomputed_s_per_step']:.3f}), "
               f"TRL {trl['s_per_step']:.3f} s/step", flush=True)
         record[size] = {"ours": ours, "trl": trl, "speedup": trl["s_per_step"] / ours["s_per_step"],
-                        "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops}
+                        "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops,
+                        "executed_gflops": executed, "executed_fraction_of_matmul": executed / gflops}
         rows += [(f"{size} ({ours['params'] / 1e6:.1f}M): ours s/step", f"{ours['s_per_step']:.3f}"),
                  (f"{size}: ours, precomputed ref, s/step", f"{ours['precomputed_s_per_step']:.3f}"),
                  (f"{size}: TRL DPOTrainer s/step", f"{trl['s_per_step']:.3f}"),
                  (f"{size}: speedup (TRL / ours)", f"{record[size]['speedup']:.2f}x"),
-                 (f"{size}: achieved GFLOP/s (fraction of matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})")]
+                 (f"{size}: achieved GFLOP/s (fraction of matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})"),
+                 (f"{size}: executed GFLOP/s (fraction of matmul)", f"{executed:.1f} ({executed / gflops:.0%})")]
     Cm.print_table(rows, title="DPO step: rlhf_jax vs TRL (same CPU, same run)")
     Cm.emit_json(record)
 

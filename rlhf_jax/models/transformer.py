@@ -219,7 +219,9 @@ class Transformer(nn.Module):
 
     Call without cache: `apply(p, ids_BxS, mask_BxS)` → logits. `head_span=(start, stop)` (static ints) runs
     the final norm and head on positions [start, stop) only, e.g. the response positions of a rollout: the
-    `[B, S, V]` logits of the prompt are never computed. With `cache`/`cache_index`/`positions_BxS`:
+    `[B, S, V]` logits of the prompt are never computed. `head_positions_BxW` (int `[B, W]`) does the same for
+    a different window per row (e.g. each row's completion): the result is `[B, W, ...]` at those positions.
+    With `cache`/`cache_index`/`positions_BxS`:
     the S tokens go to slots [cache_index, cache_index + S), `attention_mask` is `[B, Smax]` over the whole
     cache, and the result is `(logits, new_cache)`.
     """
@@ -229,7 +231,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxS, attention_mask_BxS, *, positions_BxS=None, segment_ids_BxS=None,
-                 cache: KVCache | None = None, cache_index=None, head_span: tuple[int, int] | None = None):
+                 cache: KVCache | None = None, cache_index=None, head_span: tuple[int, int] | None = None,
+                 head_positions_BxW=None):
         c = self.config
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
@@ -279,8 +282,12 @@ class Transformer(nn.Module):
             for i in range(c.num_layers):
                 carry, _ = block(c, name=f"layers_{i}")(carry, context)
         x, cache_kv, _ = carry
+        if head_span is not None and head_positions_BxW is not None:
+            raise ValueError("pass head_span or head_positions_BxW, not both")
         if head_span is not None:  # only these positions reach the head: [B, stop - start, D]
             x = x[:, head_span[0] : head_span[1]]
+        if head_positions_BxW is not None:  # per-row positions: [B, W, D]
+            x = jnp.take_along_axis(x, head_positions_BxW[..., None].astype(jnp.int32), axis=1)
         x = Norm(c, "final_norm")(x)
 
         if self.head == "scalar":

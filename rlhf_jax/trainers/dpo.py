@@ -194,14 +194,16 @@ def kto_loss_from_logps(logp_2B, n_2B, batch: pc.KTOBatch, *, loss: PreferenceLo
     return (_sum_where(valid, losses), rows), aux
 
 
-def make_loss_fn(model, loss: PreferenceLossConfig):
+def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None):
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
-    the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`."""
+    the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
+    head runs on that many positions per row (`preference_common.completion_logps`)."""
     from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
 
     def loss_fn(params, batch, key):
         del key
-        logp_2B, n_2B = pc.completion_logps(model, params, *pc.stacked_rows(batch))
+        logp_2B, n_2B = pc.completion_logps(model, params, *pc.stacked_rows(batch),
+                                            completion_width=completion_width)
         return from_logps(logp_2B, n_2B, batch, loss=loss)
 
     return loss_fn
@@ -231,6 +233,12 @@ def _reference(cfg: DPOConfig, mesh) -> common.LoadedModel:
     return common.load_model(ref_cfg, mesh=mesh, head="lm")
 
 
+def completion_width(data_cfg) -> Optional[int]:
+    """Positions per row the LM head must score: the encoder caps completions at ``data.max_completion_len``
+    (None when that cap does not shorten the ``max_seq_len − 1`` scored positions)."""
+    return data_cfg.max_completion_len if data_cfg.max_completion_len < data_cfg.max_seq_len - 1 else None
+
+
 def _ordered(it: BatchIterator) -> BatchIterator:
     return BatchIterator(it.data, it.cfg, batch_size=it.batch_size, pad_id=it.pad_id, process_index=it.process_index,
                          process_count=it.process_count, shuffle=False, drop_last=False, num_epochs=1)
@@ -251,11 +259,11 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     ref = _reference(cfg, mesh)
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
-                                      num_chunks=cfg.num_micro_batches)
+                                      num_chunks=cfg.num_micro_batches, completion_width=completion_width(cfg.data))
         return (pc.RefStream(splits.train), _maybe(splits.eval),
                 lambda batch: attach(ref.params, batch))
-    scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches),
-                             mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
+    scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
+                                                             completion_width=completion_width(cfg.data)), mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
                              out_shardings=shd.replicated(mesh))
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
     path = cfg.ref_model_path or cfg.model.path
@@ -286,7 +294,7 @@ def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     total = common.total_steps_of(cfg.run, splits.train.batches_per_epoch)
     tx = make_optimizer(cfg.optim, total)
     state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
-    loss_fn = make_loss_fn(loaded.model, cfg.loss)
+    loss_fn = make_loss_fn(loaded.model, cfg.loss, completion_width=completion_width(cfg.data))
     step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
                            lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
     kto = cfg.loss.algorithm == "kto"

@@ -85,10 +85,11 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     iters = cfg.run.total_steps
     tx = make_optimizer(cfg.optim, iters * h.updates_per_iteration)
     state, state_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
-    dpo_step = make_train_step(make_loss_fn(actor.model, cfg.loss), tx=tx, num_micro_batches=h.num_micro_batches,
-                               mesh=mesh, state_shardings=state_sh)
+    width = cfg.rollout.max_new_tokens  # a pair's completions are sampled responses: the head scores those only
+    dpo_step = make_train_step(make_loss_fn(actor.model, cfg.loss, completion_width=width), tx=tx,
+                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
     attach = pc.make_ref_attacher(actor.model, mesh=mesh, params_shardings=actor.shardings,
-                                  num_chunks=h.num_micro_batches)
+                                  num_chunks=h.num_micro_batches, completion_width=width)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it, state):

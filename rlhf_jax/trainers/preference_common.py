@@ -54,19 +54,36 @@ class KTOBatch(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ log-probs
-def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS) -> tuple[jax.Array, jax.Array]:
+def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
+                     completion_width: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     r"""Per-row completion log-prob sums and token counts from one forward pass.
 
     .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
 
     with m the loss mask shifted by one (logits at t−1 score token t; see `rlhf_jax.data.batching`).
 
+    ``completion_width`` = W (static) runs the LM head only on W positions per row, from the one that
+    predicts the row's first completion token: the prompt's ``[S, V]`` logits are never computed. Exact
+    when every row's scored tokens are contiguous and at most W (the encoder guarantees both with
+    ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions.
+
     Returns:
       ``(logp_sum_2B, count_2B)`` in float32.
     """
-    logits = model.apply({"params": params}, ids_2BxS, mask_2BxS)
-    logp_BxT = ops.token_logprobs(logits[:, :-1], ids_2BxS[:, 1:])
+    S = ids_2BxS.shape[1]
     m_BxT = loss_mask_2BxS[:, 1:]
+    targets_BxT = ids_2BxS[:, 1:]
+    if completion_width is None or completion_width >= S - 1:
+        logits = model.apply({"params": params}, ids_2BxS, mask_2BxS)[:, :-1]
+    else:
+        first_B = jnp.argmax(m_BxT > 0, axis=1)  # position predicting the first completion token
+        pos_BxW = first_B[:, None] + jnp.arange(completion_width)[None, :]
+        inside_BxW = pos_BxW <= S - 2
+        pos_BxW = jnp.minimum(pos_BxW, S - 2)
+        logits = model.apply({"params": params}, ids_2BxS, mask_2BxS, head_positions_BxW=pos_BxW)
+        targets_BxT = jnp.take_along_axis(targets_BxT, pos_BxW, axis=1)
+        m_BxT = jnp.take_along_axis(m_BxT, pos_BxW, axis=1) * inside_BxW
+    logp_BxT = ops.token_logprobs(logits, targets_BxT)
     return ops.sequence_logprobs(logp_BxT, m_BxT), jnp.sum(m_BxT, axis=1).astype(jnp.float32)
 
 
@@ -83,17 +100,18 @@ def stacked_rows(batch: PairBatch | KTOBatch) -> tuple[jax.Array, jax.Array, jax
     return tuple(jnp.concatenate(pair, axis=0) for pair in parts)  # type: ignore[return-value]
 
 
-def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1) -> jax.Array:
+def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1,
+                    completion_width: Optional[int] = None) -> jax.Array:
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
-    micro-batches), bounding the logits held at once.
+    micro-batches), bounding the logits held at once. ``completion_width``: see `completion_logps`.
     """
     ids, mask, loss = stacked_rows(batch)
     b = ids.shape[0] // 2
 
     def score(chunk):
-        return completion_logps(model, ref_params, *chunk)[0]
+        return completion_logps(model, ref_params, *chunk, completion_width=completion_width)[0]
 
     if num_chunks == 1:
         out_2B = score((ids, mask, loss))
@@ -113,14 +131,15 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
     return batch._replace(ref_logps_B=ref_Bx2[:, 0], ref_kl_logps_B=ref_Bx2[:, 1])
 
 
-def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1):
+def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is
     reused and the reference never enters an optimizer.
     """
     def attach(ref_params, batch):
-        return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks))
+        return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks,
+                                               completion_width=completion_width))
 
     bsh = shd.batch_sharding(mesh)
     return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh)

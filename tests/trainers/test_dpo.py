@@ -170,6 +170,36 @@ def test_pair_loss_matches_numpy_golden_from_independent_rows(model_and_params):
     np.testing.assert_allclose(float(aux.chosen_logp), pol[:B].sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["preference", "unpaired"])
+def test_completion_window_equals_scoring_every_position(model_and_params, kind):
+    """With the LM head on W = max completion length positions per row (rows with different prompt lengths,
+    right padding; KTO's KL rows too), log-prob sums, counts and gradients equal the full-width forward."""
+    model, params = model_and_params
+    batch = next(stream(kind))
+    rows = pc.stacked_rows(batch)
+    lengths = np.asarray(rows[2]).sum(axis=1)
+    assert len(set(np.argmax(np.asarray(rows[2]), axis=1).tolist())) > 1  # completions start at different slots
+    width = 6  # synthetic completions have 2-6 tokens
+    assert lengths.max() <= width < S - 1
+    full = pc.completion_logps(model, params, *rows)
+    window = jax.jit(lambda p: pc.completion_logps(model, p, *rows, completion_width=width))(params)
+    np.testing.assert_allclose(window[0], full[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(window[1], full[1])
+    np.testing.assert_array_equal(full[1], lengths)
+    g_full = jax.grad(lambda p: jnp.sum(pc.completion_logps(model, p, *rows)[0]))(params)
+    g_win = jax.grad(lambda p: jnp.sum(pc.completion_logps(model, p, *rows, completion_width=width)[0]))(params)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_win)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    # a window reaching past the row's end is clipped and masked, not wrapped around
+    wide = pc.completion_logps(model, params, *rows, completion_width=S - 2)
+    np.testing.assert_allclose(wide[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_completion_width_follows_the_data_caps():
+    assert dpo.completion_width(DataConfig(max_prompt_len=64, max_completion_len=64, max_seq_len=128)) == 64
+    assert dpo.completion_width(DataConfig(max_prompt_len=64, max_completion_len=256, max_seq_len=128)) is None
+
+
 def test_padding_pairs_count_zero(model_and_params):
     model, params = model_and_params
     batch = attach_ref(model, params, next(stream("preference")))

@@ -269,13 +269,18 @@ class TestFusedCriticAndRolloutLogp:
         with pytest.raises(ValueError, match="old_logp"):
             online.evaluate_rollout(models, actor_p, actor_p, critic_p, None, ro, temperature=1.0, old_logp="x")
 
-    def test_head_span_equals_slicing_full_logits(self, setup):
+    def test_head_span_and_head_positions_equal_slicing_full_logits(self, setup):
         actor, _, actor_p, _ = setup
         ro = make_rollout(5)
         full = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS)
         span = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_span=(P - 1, P + T - 1))
         assert span.shape == (B, T, V)
         np.testing.assert_allclose(span, full[:, P - 1 : -1], atol=1e-6)
+        pos = jnp.asarray(np.random.default_rng(0).integers(0, P + T, size=(B, 3)), jnp.int32)  # per-row positions
+        rows = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_positions_BxW=pos)
+        np.testing.assert_allclose(rows, jnp.take_along_axis(full, pos[..., None], axis=1), atol=1e-6)
+        with pytest.raises(ValueError, match="not both"):
+            actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_span=(0, 2), head_positions_BxW=pos)
 
     @pytest.mark.parametrize("whiten", [True, False])
     def test_fused_values_give_the_separate_pass_update(self, setup, whiten):
