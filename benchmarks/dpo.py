@@ -10,9 +10,10 @@ the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (tor
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
-(`preference_common.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128. Also timed: the step with precomputed
-reference log-probs (`precompute_ref_logps: true`), and this CPU's f32 matmul rate (2048³ jnp.dot),
-against which the step's achieved rate is reported:
+(`preference_common.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
+Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`), and this CPU's
+f32 matmul rate (2048³ jnp.dot) right before and right after the timed steps (this machine's speed drifts
+by tens of percent over minutes); the step's achieved rate is reported against the mean of the two:
 
     model FLOPs per step = 6·N·tokens (policy fwd + bwd) + 2·N·tokens (reference fwd)
                            + 4 × (QKᵀ and AV products: 4·L·S²·H·d_head per sequence, causal counted in full)
@@ -186,12 +187,16 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
         box[0], m = step(box[0], precomputed_batch, key)
         jax.block_until_ready(m.loss)
 
-    t_live = Cm.time_call(live, warmup=warmup, iters=iters)
+    for _ in range(warmup):
+        live()
+    rate_before = Cm.matmul_gflops()  # this CPU's matmul rate right before and after the timed steps
+    t_live = Cm.time_call(live, warmup=0, iters=iters)
+    rate_after = Cm.matmul_gflops()
     t_pre = Cm.time_call(precomputed, warmup=1, iters=iters)
     assert step.jitted._cache_size() == 1
     return {"s_per_step": t_live.median_s, "times_s": list(t_live.times_s), "precomputed_s_per_step": t_pre.median_s,
             "flops_per_step": model_flops(cfg, params)[0], "executed_flops_per_step": model_flops(cfg, params)[1],
-            "params": Cm.param_count(params)}
+            "params": Cm.param_count(params), "matmul_gflops_before_after": (rate_before, rate_after)}
 
 
 def main() -> None:
@@ -209,24 +214,26 @@ def main() -> None:
 
     root = pathlib.Path(os.environ.get("RLHF_JAX_BENCH_MODELS", pathlib.Path(tempfile.gettempdir()) / "rlhf_jax_bench"))
     sizes = ["tiny", "small"] if args.model == "both" else [args.model]
-    gflops = Cm.matmul_gflops()
-    record = {"machine": Cm.machine_info(), "matmul_f32_gflops": gflops, "workload": f"{B} pairs, {P}+{C} tokens"}
-    rows = [("f32 matmul 2048^3 (GFLOP/s)", f"{gflops:.1f}")]
+    record = {"machine": Cm.machine_info(), "workload": f"{B} pairs, {P}+{C} tokens"}
+    rows = []
     for size in sizes:
         model_dir = Cm.build_llama(root / f"llama-{size}", size)
         ours = run_ours(model_dir, args.iters, args.warmup)
         trl = run_trl(model_dir, args.iters, args.warmup)
+        before, after = ours["matmul_gflops_before_after"]
+        gflops = (before + after) / 2  # the matmul rate of the same minutes as the timed steps
         achieved = ours["flops_per_step"] / ours["s_per_step"] / 1e9
         executed = ours["executed_flops_per_step"] / ours["s_per_step"] / 1e9
         print(f"[{size}] ours {ours['s_per_step']:.3f} s/step (precomputed {ours['precomputed_s_per_step']:.3f}), "
               f"TRL {trl['s_per_step']:.3f} s/step", flush=True)
         record[size] = {"ours": ours, "trl": trl, "speedup": trl["s_per_step"] / ours["s_per_step"],
-                        "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops,
+                        "matmul_f32_gflops": gflops, "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops,
                         "executed_gflops": executed, "executed_fraction_of_matmul": executed / gflops}
         rows += [(f"{size} ({ours['params'] / 1e6:.1f}M): ours s/step", f"{ours['s_per_step']:.3f}"),
                  (f"{size}: ours, precomputed ref, s/step", f"{ours['precomputed_s_per_step']:.3f}"),
                  (f"{size}: TRL DPOTrainer s/step", f"{trl['s_per_step']:.3f}"),
                  (f"{size}: speedup (TRL / ours)", f"{record[size]['speedup']:.2f}x"),
+                 (f"{size}: f32 matmul 2048^3 before / after the steps (GFLOP/s)", f"{before:.1f} / {after:.1f}"),
                  (f"{size}: achieved GFLOP/s (fraction of matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})"),
                  (f"{size}: executed GFLOP/s (fraction of matmul)", f"{executed:.1f} ({executed / gflops:.0%})")]
     Cm.print_table(rows, title="DPO step: rlhf_jax vs TRL (same CPU, same run)")

@@ -187,6 +187,8 @@ def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt
     group (:func:`shared_prompt_logits`).
     """
     S = ids_BxS.shape[1]
+    if not 1 <= prompt_length < S:  # the range check of `rollout.response_logits`, whose slice this is
+        raise ValueError(f"policy_forward: prompt_length {prompt_length} must be in [1, S={S})")
     if prompt_repeats > 1:
         logits_BxTxV = shared_prompt_logits(model, params, ids_BxS, mask_BxS, prompt_length=prompt_length,
                                             repeats=prompt_repeats)

@@ -279,6 +279,10 @@ class TestFusedCriticAndRolloutLogp:
         pos = jnp.asarray(np.random.default_rng(0).integers(0, P + T, size=(B, 3)), jnp.int32)  # per-row positions
         rows = actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_positions_BxW=pos)
         np.testing.assert_allclose(rows, jnp.take_along_axis(full, pos[..., None], axis=1), atol=1e-6)
+        for bad in (0, P + T):
+            with pytest.raises(ValueError, match="prompt_length"):
+                online.policy_forward(actor, actor_p, ro.ids_BxS, ro.mask_BxS, ro.response_ids_BxT, prompt_length=bad,
+                                      temperature=1.0, with_entropy=False)
         with pytest.raises(ValueError, match="not both"):
             actor.apply({"params": actor_p}, ro.ids_BxS, ro.mask_BxS, head_span=(0, 2), head_positions_BxW=pos)
 
