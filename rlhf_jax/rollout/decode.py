@@ -78,7 +78,7 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     S = P + T
     prompt_ids_UxP = prompt_ids_BxP.astype(jnp.int32)
     prompt_mask_UxP = prompt_mask_BxP.astype(jnp.int32)
-    positions_UxP = jnp.maximum(jnp.cumsum(prompt_mask_UxP, axis=-1) - 1, 0)
+    positions_UxP = models.default_positions(prompt_mask_UxP)
     cache_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, : P - 1].set(prompt_mask_UxP[:, : P - 1])
     cache = models.init_cache(model.config, U, S, dtype=s.cache_dtype)
     # Logical names only (a no-op without `nn.logical_axis_rules`): cache split like the attention heads.

@@ -257,13 +257,15 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     if not cfg.loss.needs_reference:
         return pc.RefStream(splits.train), _maybe(splits.eval), identity
     ref = _reference(cfg, mesh)
+    width = completion_width(cfg.data)
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
-                                      num_chunks=cfg.num_micro_batches, completion_width=completion_width(cfg.data))
+                                      num_chunks=cfg.num_micro_batches, completion_width=width)
         return (pc.RefStream(splits.train), _maybe(splits.eval),
                 lambda batch: attach(ref.params, batch))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
-                                                             completion_width=completion_width(cfg.data)), mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
+                                                             completion_width=width),
+                             mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
                              out_shardings=shd.replicated(mesh))
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
     path = cfg.ref_model_path or cfg.model.path
