@@ -34,7 +34,7 @@ from rlhf_jax import models
 from rlhf_jax.rollout import sampling
 from rlhf_jax.rollout.types import Rollout
 
-_CACHE_AXES = (None, "batch", "length", "act_kv_heads", None)  # KVCache leaves [L, B, Smax, K, hd]
+_CACHE_AXES = (None, "batch", "act_kv_heads", "length", None)  # KVCache leaves [L, B, K, Smax, hd]
 
 # Incremented each time `_generate_impl` is traced (tests assert it stays bounded).
 TRACE_COUNT = 0
@@ -97,7 +97,7 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     prompt_ids_BxP = jnp.repeat(prompt_ids_UxP, R, axis=0)
     prompt_mask_BxP = jnp.repeat(prompt_mask_UxP, R, axis=0)
     cache_mask_BxS = jnp.repeat(cache_mask_UxS, R, axis=0)
-    cache = constrain(jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache))  # leaves [L, B, S, K, hd]
+    cache = constrain(jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache))  # leaves [L, B, K, S, hd]
     len_B = prompt_mask_BxP.sum(axis=-1)
     eos_ids = jnp.asarray(s.eos_token_ids, jnp.int32)
 

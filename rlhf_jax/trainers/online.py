@@ -172,7 +172,7 @@ def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int
     first_Ux1xV, cache = model.apply({"params": params}, ids_BxS[::R, :P], prompt_mask_UxS,
                                      positions_BxS=positions_BxS[::R, :P], cache=cache, cache_index=0,
                                      head_span=(P - 1, P))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache)  # leaves [L, B, S, K, hd]
+    cache = jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache)  # leaves [L, B, K, S, hd]
     rest_BxT1xV, _ = model.apply({"params": params}, ids_BxS[:, P : S - 1], mask_BxS,
                                  positions_BxS=positions_BxS[:, P : S - 1], cache=cache, cache_index=P)
     return jnp.concatenate([jnp.repeat(first_Ux1xV, R, axis=0), rest_BxT1xV], axis=1)

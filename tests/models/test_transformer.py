@@ -109,7 +109,7 @@ def test_prefill_then_token_by_token_equals_full_forward(family, scan):
     logits, cache = step({"params": params}, prompt, cache_mask, positions_BxS=pos, cache=cache, cache_index=0)
     chex.assert_shape(logits, (B, P, V))
     assert isinstance(cache, KVCache)
-    chex.assert_shape(cache.k, (2, B, smax, model.config.num_kv_heads, model.config.head_dim))
+    chex.assert_shape(cache.k, (2, B, model.config.num_kv_heads, smax, model.config.head_dim))
     np.testing.assert_allclose(logits[prompt_mask == 1], full[:, :P][prompt_mask == 1], atol=1e-5)
     next_pos = pos[:, -1] + 1
     for t in range(T):
