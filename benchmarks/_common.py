@@ -116,7 +116,7 @@ def machine_info() -> dict[str, Any]:
     import jax
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend()}
+            "jax_backend": jax.default_backend(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     try:
         info["loadavg_1m"] = os.getloadavg()[0]
     except OSError:

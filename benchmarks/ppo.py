@@ -197,6 +197,10 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temp dir)")
     ap.add_argument("--peer", nargs=2, metavar=("MODEL_DIR", "PROMPTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.peer:  # same allocator tunable for both sides (the peer inherits it): rlhf_jax/host_memory.py
+        from rlhf_jax.host_memory import reexec_with_host_tunables
+
+        reexec_with_host_tunables(sys.argv)
     if args.peer:  # inside the TRL venv
         print("PEER_JSON " + json.dumps(run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters)), flush=True)
         return

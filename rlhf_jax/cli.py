@@ -105,6 +105,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status."""
+    if argv is None:  # a real command line: restart once with the host allocator tunable (host_memory.py)
+        from rlhf_jax.host_memory import reexec_with_host_tunables
+
+        reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]])
     args = _parser().parse_args(argv)
     if os.environ.get("RLHF_JAX_TRACEBACK"):
         return _run(args)
