@@ -132,7 +132,7 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
     import numpy as np
 
     from benchmarks import _common as Cm
-    from rlhf_jax.config import OptimConfig
+    from rlhf_jax.run_config import OptimConfig
     from rlhf_jax.data import DataConfig, PreferenceBatch
     from rlhf_jax.sharding import MeshConfig
     from rlhf_jax.train.optim import make_optimizer

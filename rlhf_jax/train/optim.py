@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from rlhf_jax.config import OptimConfig
+from rlhf_jax.run_config import OptimConfig
 
 __all__ = ["decay_mask", "make_optimizer", "make_schedule"]
 

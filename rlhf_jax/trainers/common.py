@@ -29,7 +29,8 @@ import numpy as np
 from rlhf_jax import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
-from rlhf_jax.config import RunConfig, save_config
+from rlhf_jax.config import save_config
+from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import MetricsLogger, Progress
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import StepMetrics, check_finite

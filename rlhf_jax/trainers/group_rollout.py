@@ -24,7 +24,7 @@ import numpy as np
 from rlhf_jax import distributed, rewards
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
-from rlhf_jax.config import RunConfig
+from rlhf_jax.run_config import RunConfig
 from rlhf_jax.data import DataConfig, PreferenceBatch, PromptBatch, SFTBatch, build_data
 from rlhf_jax.rollout import generate
 from rlhf_jax.rollout.types import Rollout

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.config import OptimConfig, RunConfig, require
+from rlhf_jax.config import require
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.data import DataConfig
 from rlhf_jax.rollout.types import logprob_temperature
 from rlhf_jax.train.metrics import Timer

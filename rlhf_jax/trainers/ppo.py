@@ -30,7 +30,8 @@ import numpy as np
 from rlhf_jax import distributed, ops, rewards
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
-from rlhf_jax.config import OptimConfig, RunConfig, require
+from rlhf_jax.config import require
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.data import DataConfig, build_data
 from rlhf_jax.rollout import generate
 from rlhf_jax.rollout.types import logprob_temperature

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.config import OptimConfig, RunConfig, require
+from rlhf_jax.config import require
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.data import DataConfig, SFTBatch
 from rlhf_jax.train.metrics import Timer
 from rlhf_jax.train.optim import make_optimizer

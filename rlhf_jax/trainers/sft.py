@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import distributed, ops
-from rlhf_jax.config import OptimConfig, RunConfig, require
+from rlhf_jax.config import require
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.data import DataConfig, SFTBatch, build_data
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.train.optim import make_optimizer, make_schedule

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.config import OptimConfig
+from rlhf_jax.run_config import OptimConfig
 from rlhf_jax.train.optim import decay_mask, make_optimizer, make_schedule
 
 PARAMS = {

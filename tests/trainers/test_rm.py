@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.config import OptimConfig, RunConfig
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.data import DataConfig, build_data
 from rlhf_jax.trainers import common, rm
 
