@@ -35,7 +35,7 @@ B, P, T = 32, 64, 64
 
 
 # ----------------------------------------------------------------------------------------- TRL side
-def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int) -> dict:
+def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, micro_batches: int) -> dict:
     """Runs inside the TRL venv (imports torch + trl only here)."""
     import numpy as np
     import torch
@@ -96,8 +96,8 @@ def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int) 
     cfg = PPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-ppo-"), learning_rate=1e-5, lr_scheduler_type="constant",
         logging_steps=10_000, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
-        seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=1, max_grad_norm=1.0,
-        per_device_train_batch_size=B, total_episodes=B * total, num_ppo_epochs=1, num_mini_batches=1,
+        seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=micro_batches, max_grad_norm=1.0,
+        per_device_train_batch_size=B // micro_batches, total_episodes=B * total, num_ppo_epochs=1, num_mini_batches=1,
         local_rollout_forward_batch_size=B, response_length=T, stop_token=None, temperature=1.0, kl_coef=0.05,
         kl_estimator="k1", gamma=1.0, lam=0.95, num_sample_generations=0, missing_eos_penalty=None)
     timer = IterTimer()
@@ -139,7 +139,8 @@ def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.P
     return model_dir, prompts
 
 
-def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int) -> dict:
+def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int,
+             micro_batches: int) -> dict:
     import shutil
 
     from rlhf_jax.config import load_config
@@ -151,7 +152,8 @@ def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, 
         f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={P}",
         "data.shuffle=false", f"reward.model_path={model_dir}", "reward.normalize=false", "reward.functions=[]",
         f"rollout.batch_size={B}", f"rollout.max_new_tokens={T}", f"rollout.min_new_tokens={T}",
-        "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", "kl.coef=0.05", "kl.kind=k1",
+        "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", f"ppo.num_micro_batches={micro_batches}",
+        "kl.coef=0.05", "kl.kind=k1",
         "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
         f"run.total_steps={warmup + iters}", "run.resume=never", "run.tensorboard=false", "run.progress=off",
         "run.save_every=0", "run.keep_last_n=1"])
@@ -194,6 +196,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", choices=["tiny", "small", "both"])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation inside the one optimizer step, the same on both sides")
     ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temp dir)")
     ap.add_argument("--peer", nargs=2, metavar=("MODEL_DIR", "PROMPTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -202,7 +206,8 @@ def main() -> None:
 
         reexec_with_host_tunables(sys.argv)
     if args.peer:  # inside the TRL venv
-        print("PEER_JSON " + json.dumps(run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters)), flush=True)
+        peer = run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters, micro_batches=args.micro_batches)
+        print("PEER_JSON " + json.dumps(peer), flush=True)
         return
     from benchmarks import _common as C
 
@@ -215,16 +220,19 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT / ".trl112"), "CUDA_VISIBLE_DEVICES": "",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true"}
         proc = subprocess.run([str(trl_python), __file__, "--peer", str(model_dir), str(prompts),
-                               "--iters", str(args.iters), "--warmup", str(args.warmup)],
+                               "--iters", str(args.iters), "--warmup", str(args.warmup),
+                               "--micro-batches", str(args.micro_batches)],
                               env=env, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
         if proc.returncode or not line:
             raise RuntimeError(f"TRL peer failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         trl = json.loads(line[-1][len("PEER_JSON "):])
-        ours = run_ours(model_dir, prompts, root / f"ours-{size}", warmup=args.warmup, iters=args.iters)
+        ours = run_ours(model_dir, prompts, root / f"ours-{size}", warmup=args.warmup, iters=args.iters,
+                        micro_batches=args.micro_batches)
         t, o = summary(trl), summary(ours)
         rows = [("model", f"llama {size} ({trl['params'] / 1e6:.1f}M params)"),
-                ("workload", f"{B} rollouts x {T} new tokens, prompt {P}, 1 epoch x 1 minibatch, f32"),
+                ("workload", f"{B} rollouts x {T} new tokens, prompt {P}, 1 epoch x 1 minibatch "
+                              f"({args.micro_batches} micro-batch{'es' if args.micro_batches > 1 else ''}), f32"),
                 ("TRL s/iteration", f"{t['iteration_s']:.3f}"), ("rlhf_jax s/iteration", f"{o['iteration_s']:.3f}"),
                 ("speed-up (TRL / ours)", f"{t['iteration_s'] / o['iteration_s']:.2f}x")]
         for k in ("generate_s", "score_s", "train_s"):

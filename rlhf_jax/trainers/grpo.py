@@ -42,7 +42,7 @@ from rlhf_jax.rollout.types import logprob_temperature
 from rlhf_jax.train.metrics import Timer
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.state import create_train_state
-from rlhf_jax.trainers import common, critic_free, online, online_host
+from rlhf_jax.trainers import common, critic_free, online, online_host, online_update
 from rlhf_jax.trainers import group_rollout as gr
 from rlhf_jax.trainers.ppo import RewardConfig, RolloutConfig
 
@@ -272,7 +272,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
         return exp, online_host.rollout_metrics(exp, rewards_bxt, ev, eos_ids=sampler.eos_ids, with_critic=False)
 
     make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
-    update = shd.jit_sharded(online.make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
+    update = shd.jit_sharded(online_update.make_update(algo, models, actor_tx=tx, critic_tx=None,
+                                                       settings=settings), mesh,
                              in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
                              donate_argnums=(0,), compiler_options=shd.gradient_compiler_options())
     base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)

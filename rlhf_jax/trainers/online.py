@@ -8,9 +8,9 @@ One iteration is ``prompts → generate → score → evaluate → advantages �
    score. Host reward functions run on decoded text meanwhile (JAX dispatch is asynchronous).
 3. :func:`make_experience` (jitted) combines scores (RM, functions, clip, no-EOS penalty) and calls the
    algorithm's pure ``advantages`` function → a typed :class:`Experience`.
-4. :func:`make_update` builds ONE jitted function that runs ``epochs × minibatches × micro-batches``
-   with ``lax.scan``, differentiates the algorithm's pure ``loss`` and applies separate optimizers
-   to the actor and (if any) the critic.
+4. ``online_update.make_update`` builds ONE jitted function that runs ``epochs × minibatches ×
+   micro-batches`` with ``lax.scan``, differentiates the algorithm's pure ``loss`` and applies separate
+   optimizers to the actor and (if any) the critic.
 
 An algorithm is an :class:`Algorithm`: two small pure functions over arrays (no model, no config
 object) plus a flag saying whether it needs a critic. PPO lives in ``rlhf_jax.trainers.ppo``; GRPO and
@@ -27,13 +27,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from rlhf_jax import models as model_lib
 from rlhf_jax import ops
-from rlhf_jax.data.batches import SFTBatch
 from rlhf_jax.rollout.types import Rollout
-from rlhf_jax.train.state import TrainState
 
 
 class Experience(NamedTuple):
@@ -125,8 +122,8 @@ class UpdateSettings(NamedTuple):
     ptx_coef: float = 0.0
     # The critic's rollout values come from the update's own (differentiated) critic forward instead of a
     # separate pass in `evaluate_rollout`; advantages are then computed inside the update. Exact only when
-    # the update is ONE optimizer step over the whole batch (1 epoch × 1 minibatch × 1 micro-batch): the
-    # critic has not moved, so V_old = stop_gradient(V_θ). See :func:`fused_values_allowed`.
+    # the update is ONE optimizer step over the whole batch (1 epoch × 1 minibatch, any micro-batches):
+    # the critic has not moved, so V_old = stop_gradient(V_θ). See :func:`fused_values_allowed`.
     fused_values: bool = False
     # Rows come in groups of this many sharing one prompt (GRPO/RLOO/...): the actor encodes each prompt
     # once per group (`shared_prompt_logits`). Needs the groups intact: one minibatch (no shuffling) and
@@ -144,9 +141,12 @@ def prompt_sharing_allowed(*, batch_size: int, group_size: int, num_minibatches:
     return (batch_size // num_micro_batches // group_size) % batch_divisor == 0
 
 
-def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches: int) -> bool:
-    """Whether the critic's rollout values may be taken from the update's forward (one step, whole batch)."""
-    return epochs == 1 and num_minibatches == 1 and num_micro_batches == 1
+def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches: int = 1) -> bool:
+    """Whether the critic's rollout values may be taken from the update's forward: one optimizer step over
+    the whole batch (1 epoch × 1 minibatch; micro-batches are fine, the critic runs over all of them
+    before the actor needs the advantages, see ``online_update``)."""
+    del num_micro_batches
+    return epochs == 1 and num_minibatches == 1
 
 
 # ---------------------------------------------------------------------------------------- forwards
@@ -274,127 +274,3 @@ def value_metrics(exp: Experience) -> dict:
     m = exp.response_mask_BxT
     return {"returns_mean": ops.masked_mean(exp.returns_BxT, m), "values_mean": ops.masked_mean(exp.old_values_BxT, m),
             "explained_variance": ops.explained_variance(exp.old_values_BxT, exp.returns_BxT, m)}
-
-
-# ----------------------------------------------------------------------------------------- update
-def ptx_loss_sum(model, params, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
-    """Next-token loss on pretraining data as ``(sum, count)`` (PPO-ptx, Ouyang et al. 2022, eq. 2).
-
-    .. math:: \\mathcal L_{ptx} = -\\sum_s m_{s+1} \\log \\pi_\\theta(x_{s+1} | x_{\\le s})
-    """
-    logits = model.apply({"params": params}, batch.input_ids_BxS, batch.attention_mask_BxS)
-    logp = ops.token_logprobs(logits[:, :-1], batch.input_ids_BxS[:, 1:])
-    w = batch.loss_mask_BxS[:, 1:].astype(jnp.float32)
-    return -jnp.sum(logp * w), jnp.sum(w)
-
-
-def _split(tree, n: int):
-    """[B, ...] → [n, B/n, ...] with contiguous rows per chunk."""
-    def f(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {n}")
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
-    return jax.tree.map(f, tree)
-
-
-def _apply(tx: optax.GradientTransformation, state: TrainState, grads, finite) -> TrainState:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    return TrainState(step=state.step + 1, params=keep(params, state.params),
-                      opt_state=keep(opt_state, state.opt_state),
-                      num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
-
-
-def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTransformation,
-                critic_tx: Optional[optax.GradientTransformation], settings: UpdateSettings) -> Callable:
-    """The un-jitted update ``(actor, critic, exp, ptx, key, kl_coef) -> (actor, critic, metrics)``.
-
-    ``critic`` is a :class:`TrainState` or None; ``ptx`` an :class:`SFTBatch` with leading dimension
-    ``num_minibatches`` × rows (or None). ``metrics`` are means over all optimizer steps of the update.
-    """
-    s = settings
-    use_entropy = True
-    if s.fused_values and not (algo.use_critic and fused_values_allowed(
-            epochs=s.epochs, num_minibatches=s.num_minibatches, num_micro_batches=s.num_micro_batches)):
-        raise ValueError("fused_values needs a critic and one optimizer step over the whole batch "
-                         f"(epochs, num_minibatches, num_micro_batches = 1), got {s}")
-    if s.prompt_repeats > 1 and s.num_minibatches != 1:
-        raise ValueError(f"prompt_repeats={s.prompt_repeats} needs the groups intact: num_minibatches must be 1, "
-                         f"got {s.num_minibatches}")
-
-    def micro_loss(params, mb: Experience, ptx_mb, den, kl_coef):
-        actor_p, critic_p = params
-        P = mb.prompt_ids_BxP.shape[1]
-        logp, ent = policy_forward(models.actor, actor_p, mb.ids_BxS, mb.mask_BxS, mb.response_ids_BxT,
-                                   prompt_length=P, temperature=s.temperature, with_entropy=use_entropy,
-                                   prompt_repeats=s.prompt_repeats)
-        values = (critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=P)
-                  if algo.use_critic else None)
-        extra = {}
-        if s.fused_values:  # V_old = V_θ (the critic has not moved yet): advantages from this very forward
-            mb = mb._replace(old_values_BxT=jax.lax.stop_gradient(values))
-            adv, ret, _ = algo.advantages(mb, kl_coef)
-            mb = mb._replace(advantages_BxT=adv, returns_BxT=ret)
-            extra = {"advantages_mean": ops.masked_mean(adv, mb.response_mask_BxT), **value_metrics(mb)}
-        loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
-        mets = dict(mets, **extra)
-        if ptx_mb is not None:
-            ptx_sum, _ = ptx_loss_sum(models.actor, actor_p, ptx_mb)
-            ptx_den = jnp.maximum(den["ptx"], 1.0)
-            loss = loss + s.ptx_coef * ptx_sum / ptx_den
-            mets = dict(mets, ptx_loss=jax.lax.stop_gradient(ptx_sum / ptx_den))
-        return loss, mets
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def minibatch_step(carry, xs):
-        actor, critic, kl_coef = carry
-        mb, ptx_mb = xs
-        den = dict(algo.denominators(mb))
-        if ptx_mb is not None:
-            den["ptx"] = jnp.sum(ptx_mb.loss_mask_BxS[:, 1:]).astype(jnp.float32)
-        params = (actor.params, critic.params if critic is not None else None)
-        micro = _split(mb, s.num_micro_batches)
-        micro_ptx = _split(ptx_mb, s.num_micro_batches) if ptx_mb is not None else None
-
-        def body(acc, xs_m):
-            (loss, mets), g = grad_fn(params, xs_m[0], xs_m[1], den, kl_coef)
-            return jax.tree.map(jnp.add, acc, (loss, mets, g)), None
-
-        first = jax.tree.map(lambda x: x[0], (micro, micro_ptx))
-        shape = jax.eval_shape(lambda: grad_fn(params, first[0], first[1], den, kl_coef))
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shape[0][0], shape[0][1], shape[1]))
-        (loss, mets, grads), _ = jax.lax.scan(body, zeros, (micro, micro_ptx))
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        g_actor, g_critic = grads
-        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, actor.params)
-        mets = dict(mets, loss=loss, actor_grad_norm=optax.tree.norm(g_actor), finite=finite.astype(jnp.float32))
-        actor = _apply(actor_tx, actor, g_actor, finite)
-        if critic is not None:
-            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, critic.params)
-            mets["critic_grad_norm"] = optax.tree.norm(g_critic)
-            critic = _apply(critic_tx, critic, g_critic, finite)
-        return (actor, critic, kl_coef), mets
-
-    def update(actor: TrainState, critic: Optional[TrainState], exp: Experience, ptx: Optional[SFTBatch],
-               key: jax.Array, kl_coef: jax.Array):
-        B = exp.score_B.shape[0]
-        ptx_mbs = _split(ptx, s.num_minibatches) if ptx is not None else None
-
-        def epoch(carry, ekey):
-            if s.num_minibatches == 1:  # one minibatch is the whole batch: its row order changes nothing
-                mbs = _split(exp, 1)
-            else:
-                perm = jax.random.permutation(ekey, B)
-                mbs = _split(jax.tree.map(lambda x: x[perm], exp), s.num_minibatches)
-            return jax.lax.scan(minibatch_step, carry, (mbs, ptx_mbs))
-
-        (actor, critic, _), mets = jax.lax.scan(epoch, (actor, critic, kl_coef),
-                                                jax.random.split(key, s.epochs))
-        mets = jax.tree.map(jnp.mean, mets)
-        if critic is None:
-            mets.pop("critic_grad_norm", None)
-        return actor, critic, mets
-
-    return update

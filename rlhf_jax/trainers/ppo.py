@@ -38,7 +38,7 @@ from rlhf_jax.rollout.types import logprob_temperature
 from rlhf_jax.train.metrics import MetricsLogger, Progress, Timer
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.state import create_train_state
-from rlhf_jax.trainers import common, online, online_host
+from rlhf_jax.trainers import common, online, online_host, online_update
 from rlhf_jax.trainers.ppo_algo import ppo_algorithm
 
 
@@ -91,9 +91,9 @@ class PPOHyper:
     # π_old: the sampler's log-probs ("rollout", as TRL; saves one actor forward) or a teacher-forced
     # actor forward ("recompute", as OpenRLHF/verl; exact ratio 1 at the first step also in bf16)
     old_logp: Literal["rollout", "recompute"] = "rollout"
-    # when the update is ONE optimizer step over the whole batch (epochs = minibatches = micro-batches = 1),
-    # take the critic's rollout values from the update's own critic forward (exact: the critic has not
-    # moved yet) instead of a separate pass; false = always a separate pass
+    # when the update is ONE optimizer step over the whole batch (epochs = minibatches = 1, any number of
+    # micro-batches), take the critic's rollout values from the update's own critic forward (exact: the
+    # critic has not moved yet) instead of a separate pass; false = always a separate pass
     fuse_critic_pass: bool = True
 
     def __post_init__(self):
@@ -263,7 +263,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     make_exp = shd.jit_sharded(_counted("experience", experience_fn), mesh, in_shardings=(bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
     update = shd.jit_sharded(
-        _counted("update", online.make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx,
+        _counted("update", online_update.make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx,
                                               settings=settings)), mesh,
         in_shardings=(actor_sh, critic_sh, bsh, bsh if ptx_iter is not None else None, rep, rep),
         out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),

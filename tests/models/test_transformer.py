@@ -175,3 +175,26 @@ def test_scalar_head_and_bad_head():
     assert out.shape == (1, 7) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="head="):
         init_params(Transformer(model.config, head="value"), jax.random.key(0))
+
+
+@pytest.mark.parametrize("n_in,x_shape,w_shape", [(1, (2, 5, 6), (6, 3, 4)), (2, (2, 5, 3, 4), (3, 4, 6)),
+                                                  (1, (7, 6), (6, 5))])
+def test_project_and_its_vjp_equal_the_einsum(n_in, x_shape, w_shape):
+    """`project` (one 2-D GEMM, custom VJP with 2-D weight gradients) = the einsum and its autodiff."""
+    from rlhf_jax.models.transformer import project
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    letters = "abcdefgh"
+    lead = letters[: len(x_shape) - n_in]
+    ins, outs = letters[4: 4 + n_in], "xyz"[: len(w_shape) - n_in]
+    ref = lambda x, w: jnp.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, w)  # noqa: E731
+    out_shape = x_shape[: len(x_shape) - n_in] + w_shape[n_in:]
+    g = jax.random.normal(kg, out_shape)
+    for fn in (project, jax.jit(project, static_argnums=2)):
+        y, vjp = jax.vjp(lambda x, w: fn(x, w, n_in), x, w)
+        y_ref, vjp_ref = jax.vjp(ref, x, w)
+        chex.assert_shape(y, out_shape)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(vjp(g), vjp_ref(g)):
+            chex.assert_equal_shape([got, want])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
