@@ -210,6 +210,9 @@ def main() -> None:
         print("TRL_JSON " + json.dumps(trl_worker(args.trl_worker, args.iters, args.warmup)), flush=True)
         return
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from rlhf_jax.host_memory import reexec_with_host_tunables
+
+    reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the TRL worker inherits it)
     from benchmarks import _common as Cm
 
     root = pathlib.Path(os.environ.get("RLHF_JAX_BENCH_MODELS", pathlib.Path(tempfile.gettempdir()) / "rlhf_jax_bench"))

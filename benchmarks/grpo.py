@@ -204,6 +204,9 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "rlhf_jax_bench_models"))
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    from rlhf_jax.host_memory import reexec_with_host_tunables
+
+    reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the TRL worker inherits it)
     from benchmarks import _common as C_
 
     root = pathlib.Path(args.cache)
