@@ -12,6 +12,7 @@ Params name only logical axes ("vocab", "embed", "q_heads", "kv_heads", "head_di
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -103,9 +104,7 @@ def project(x, w, n_in: int = 1):
 
 
 def _flat(x, w, n_in):
-    i = 1
-    for d in w.shape[:n_in]:
-        i *= d
+    i = math.prod(w.shape[:n_in])
     return x.reshape(-1, i), w.reshape(i, -1)
 
 

@@ -141,11 +141,10 @@ def prompt_sharing_allowed(*, batch_size: int, group_size: int, num_minibatches:
     return (batch_size // num_micro_batches // group_size) % batch_divisor == 0
 
 
-def fused_values_allowed(*, epochs: int, num_minibatches: int, num_micro_batches: int = 1) -> bool:
+def fused_values_allowed(*, epochs: int, num_minibatches: int) -> bool:
     """Whether the critic's rollout values may be taken from the update's forward: one optimizer step over
     the whole batch (1 epoch × 1 minibatch; micro-batches are fine, the critic runs over all of them
     before the actor needs the advantages, see ``online_update``)."""
-    del num_micro_batches
     return epochs == 1 and num_minibatches == 1
 
 

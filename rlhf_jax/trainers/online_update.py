@@ -91,8 +91,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     ``num_minibatches`` × rows (or None). ``metrics`` are means over all optimizer steps of the update.
     """
     s = settings
-    if s.fused_values and not (algo.use_critic and fused_values_allowed(
-            epochs=s.epochs, num_minibatches=s.num_minibatches, num_micro_batches=s.num_micro_batches)):
+    if s.fused_values and not (algo.use_critic and fused_values_allowed(epochs=s.epochs,
+                                                                        num_minibatches=s.num_minibatches)):
         raise ValueError("fused_values needs a critic and one optimizer step over the whole batch "
                          f"(epochs, num_minibatches = 1), got {s}")
     if s.prompt_repeats > 1 and s.num_minibatches != 1:

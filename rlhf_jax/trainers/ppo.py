@@ -234,8 +234,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
                          clip_eps=h.clip_eps, clip_eps_high=h.clip_eps_high, dual_clip=h.dual_clip,
                          value_clip_eps=h.value_clip_eps, vf_coef=h.vf_coef, entropy_coef=h.entropy_coef,
                          loss_agg_mode=h.loss_agg_mode, agg_constant=float(cfg.rollout.max_new_tokens))
-    fused = h.fuse_critic_pass and online.fused_values_allowed(
-        epochs=h.epochs, num_minibatches=h.num_minibatches, num_micro_batches=h.num_micro_batches)
+    fused = h.fuse_critic_pass and online.fused_values_allowed(epochs=h.epochs, num_minibatches=h.num_minibatches)
     settings = online.UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
                                      num_micro_batches=h.num_micro_batches, temperature=temp,
                                      ptx_coef=cfg.ptx.coef if ptx_iter is not None else 0.0, fused_values=fused)
