@@ -15,12 +15,23 @@ LINUX_GLIBC = sys.platform.startswith("linux") and __import__("platform").libc_v
 
 @pytest.mark.skipif(not LINUX_GLIBC, reason="the tunable is glibc's")
 def test_env_is_set_appended_or_left_alone():
-    assert hm.host_tunables_env({})["GLIBC_TUNABLES"] == hm.TUNABLE
-    env = hm.host_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hm.TUNABLE and env["X"] == "1"
-    assert hm.host_tunables_env({hm.ENV: "0"}) is None  # turned off
-    assert hm.host_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice wins
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    assert hm.host_tunables_env(cpu)["GLIBC_TUNABLES"] == hm.TUNABLE + ":" + hm.HEAP_TUNABLES
+    env = hm.host_tunables_env({**cpu, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7", "X": "1"})
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.tcache_count=7:{hm.TUNABLE}:{hm.HEAP_TUNABLES}"
+    assert env["X"] == "1"
+    assert hm.host_tunables_env({**cpu, hm.ENV: "0"}) is None  # turned off
+    for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=4", "a=1:glibc.malloc.mmap_max=9"):
+        assert hm.host_tunables_env({**cpu, "GLIBC_TUNABLES": own}) is None, own  # the user's choice wins
     assert hm.host_tunables_env(env) is None  # already re-executed once: never loops
+
+
+def test_heap_tunables_only_without_an_accelerator(tmp_path, monkeypatch):
+    monkeypatch.setattr(hm, "_ACCELERATOR_DEVICES", (str(tmp_path / "accel[0-9]*"),))
+    assert hm.host_is_cpu_only({}) and hm.tunables_for({}) == hm.TUNABLE + ":" + hm.HEAP_TUNABLES
+    (tmp_path / "accel0").touch()  # a device file as a TPU VM has it
+    assert not hm.host_is_cpu_only({}) and hm.tunables_for({}) == hm.TUNABLE
+    assert hm.host_is_cpu_only({"JAX_PLATFORMS": "cpu"})  # forced onto the host anyway
 
 
 def _run(code: str, env: dict) -> str:
@@ -38,16 +49,17 @@ def test_reexec_sets_the_tunable_once():
         reexec_with_host_tunables(["-c", "import os; print('child', os.environ['GLIBC_TUNABLES'])"])
         print("not reached when re-executed")
         """, env)
-    assert out.splitlines() == ["start None", f"child {hm.TUNABLE}"]
+    assert out.splitlines() == ["start None", f"child {hm.tunables_for(env)}"]
     out = _run("from rlhf_jax.host_memory import reexec_with_host_tunables as r; r(['-c', 'print(1)']); print('kept')",
                {**env, hm.ENV: "0"})
     assert out == "kept"
 
 
 @pytest.mark.skipif(not LINUX_GLIBC, reason="the tunable is glibc's")
-def test_tunable_cuts_page_faults_of_repeated_xla_executions():
-    """Each execution of a program with a large temporary buffer faults it in again; huge pages do it in 2 MiB
-    steps. Counted with getrusage (minor faults of executions 2-4, after compile and first run)."""
+def test_tunables_cut_page_faults_of_repeated_xla_executions():
+    """Each execution of a program with large temporary buffers faults them in again (4 KiB pages); huge
+    pages do it in 2 MiB steps, and the heap tunables keep the pages mapped so that later executions fault
+    nothing. Counted with getrusage (minor faults of executions 2-4, after compile and first run)."""
     thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
     mode = thp.read_text() if thp.exists() else ""
     code = """
@@ -62,9 +74,11 @@ def test_tunable_cuts_page_faults_of_repeated_xla_executions():
         """
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hm._DONE)}
     plain = int(_run(code, base))
-    tuned = int(_run(code, {**base, "GLIBC_TUNABLES": hm.TUNABLE}))
+    huge = int(_run(code, {**base, "GLIBC_TUNABLES": hm.TUNABLE}))
+    heap = int(_run(code, {**base, "GLIBC_TUNABLES": hm.TUNABLE + ":" + hm.HEAP_TUNABLES}))
     assert plain > 3 * 8192, plain  # at least half of a 64 MiB buffer per execution, in 4 KiB pages
     if "[never]" in mode or not mode:
-        assert tuned > 0  # no transparent huge pages on this kernel: the tunable cannot help
+        assert huge > 0  # no transparent huge pages on this kernel: that tunable cannot help
     else:
-        assert tuned * 4 < plain, (tuned, plain)
+        assert huge * 4 < plain, (huge, plain)
+    assert heap * 100 < plain, (heap, huge, plain)  # the buffers stay mapped: (almost) nothing faults again
