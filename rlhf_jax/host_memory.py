@@ -14,7 +14,7 @@ time on the same cores the program computes on. Two layers of glibc tunables (``
   execution reuses the same pages: no faults, no zeroing. Measured 2026-12-02 (``/tmp`` script: the
   ~100M fused PPO update alone, f32, 32 × 128 tokens; getrusage per execution): kernel time 4.5–8.3 s →
   0.00–0.08 s and minor faults ~5,300 → 0 per execution, wall 18.0–24.2 s → 15.4–20.2 s (min 18.0 →
-  15.4). The ~100M PPO trainer's resident memory stayed flat at 14.15 GB over 12 iterations.
+  15.4). The ~100M PPO trainer's resident set stayed flat at 13.5 GiB over 12 iterations.
 
 An earlier attempt at the second layer (``mallopt`` called at run time, after JAX had started its
 threads) let the heap grow to 24 GB and was killed by the OOM killer; set from process start, as here, it
