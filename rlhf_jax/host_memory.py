@@ -64,8 +64,8 @@ def host_tunables_env(environ: dict[str, str]) -> dict[str, str] | None:
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     ours = tunables_for(environ)
-    keys = [t.split("=")[0] for t in ours.split(":")]
-    if any(k + "=" in current for k in keys):  # the user set one of them: their choice wins
+    user_keys = {t.split("=")[0] for t in current.split(":")}
+    if any(t.split("=")[0] in user_keys for t in ours.split(":")):  # the user set one of them: their choice wins
         return None
     return {**environ, "GLIBC_TUNABLES": f"{current}:{ours}" if current else ours, _DONE: "1"}
 
