@@ -4,8 +4,9 @@
     rlhf-jax rm  CONFIG.yaml [dotted.key=value ...]
     rlhf-jax demo [OUT_DIR] [--out DIR] [--quick]
 
-A trainer is registered with ONE line in `TRAINERS` (`name: (module, config class, help)`); the module must
-define `train(cfg) -> dict`. Modules are imported only when their command runs, so `--help` stays fast.
+A recipe is registered with ONE line in `rlhf_jax.recipes.REGISTRY` (`name: (module, config class, help)`);
+the module defines `train(cfg) -> dict`. Modules are imported only when their command runs, so `--help`
+stays fast.
 
 Config, data and model-file errors (bad key, wrong type, missing file, malformed row, ...) are printed as
 one line on stderr and exit with status 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead.
@@ -19,35 +20,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-#: name -> (module defining `train(cfg)`, its config dataclass, one-line help). Add a trainer with one line.
-TRAINERS: dict[str, tuple[str, str, str]] = {
-    "sft": ("rlhf_jax.trainers.sft", "SFTConfig", "supervised fine-tuning (completion-only loss, packing)"),
-    "rm": ("rlhf_jax.trainers.rm", "RMConfig", "reward model: scalar head + Bradley-Terry loss"),
-    "dpo": ("rlhf_jax.trainers.dpo", "DPOConfig", "offline preferences: DPO (all TRL loss types), SimPO, ORPO, KTO"),
-    "ppo": ("rlhf_jax.trainers.ppo", "PPOConfig", "online RLHF: PPO (+ptx, adaptive KL) with a reward model and/or Python rewards"),
-    "grpo": ("rlhf_jax.trainers.grpo", "GRPOConfig", "critic-free online RL: GRPO (algo.preset grpo | dapo | dr_grpo)"),
-    "rloo": ("rlhf_jax.trainers.grpo", "RLOOConfig", "critic-free online RL: RLOO (leave-one-out baseline)"),
-    "reinforce_pp": ("rlhf_jax.trainers.grpo", "ReinforcePPConfig", "critic-free online RL: REINFORCE++ (whitened KL-shaped returns)"),
-    "remax": ("rlhf_jax.trainers.grpo", "ReMaxConfig", "critic-free online RL: ReMax (greedy-response baseline)"),
-    "raft": ("rlhf_jax.trainers.raft", "RAFTConfig", "RAFT / best-of-n: sample, keep the best, SFT on them, repeat"),
-    "online_dpo": ("rlhf_jax.trainers.online_dpo", "OnlineDPOConfig", "online DPO on best-vs-worst pairs of the policy's own samples"),
-    "label": ("rlhf_jax.trainers.label", "LabelConfig", "write prompt/chosen/rejected JSONL ranked by an RM, a function or a judge LM"),
-}
+from rlhf_jax.recipes import REGISTRY, load_trainer_config, trainer_config_class  # noqa: F401 (public)
+
+TRAINERS = REGISTRY  # the recipes' registry (`rlhf_jax.recipes.REGISTRY`), read here and by the demo
 
 EXIT_USER_ERROR = 2
-
-
-def trainer_config_class(name: str) -> type:
-    """The config dataclass of a registered trainer."""
-    module, cls, _ = TRAINERS[name]
-    return getattr(importlib.import_module(module), cls)
-
-
-def load_trainer_config(name: str, path: Optional[str], overrides: Sequence[str] = ()):
-    """`load_config(<trainer config class>, path, overrides)`."""
-    from rlhf_jax.config import load_config
-
-    return load_config(trainer_config_class(name), path, tuple(overrides))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -369,12 +369,3 @@ def save_config(cfg: Any, path: str | pathlib.Path) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None), encoding="utf-8")
     return path
-
-
-def __getattr__(name: str):
-    """`rlhf_jax.config.OptimConfig` / `RunConfig` keep working; they live in `rlhf_jax.run_config`."""
-    if name in ("OptimConfig", "RunConfig"):
-        from rlhf_jax import run_config
-
-        return getattr(run_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,8 +69,8 @@ def stage_setup(ctx: DemoContext) -> dict:
 
 def stage_sft(ctx: DemoContext) -> dict:
     """Supervised fine-tuning of the tiny Llama on the task corpus."""
-    from rlhf_jax.cli import load_trainer_config
-    from rlhf_jax.trainers import sft
+    from rlhf_jax.recipes import load_trainer_config
+    from rlhf_jax.recipes import sft
 
     overrides = ctx.overrides("sft", steps=150) + [
         f"model.path={ctx.out / 'base_model'}", f"data.path={ctx.data['sft_train']}",
@@ -80,8 +80,8 @@ def stage_sft(ctx: DemoContext) -> dict:
 
 def stage_rm(ctx: DemoContext) -> dict:
     """Reward model from the SFT export on gold-labelled pairs; held-out pairwise accuracy."""
-    from rlhf_jax.cli import load_trainer_config
-    from rlhf_jax.trainers import rm
+    from rlhf_jax.recipes import load_trainer_config
+    from rlhf_jax.recipes import rm
 
     overrides = ctx.overrides("rm", steps=150) + [
         f"model.path={ctx.results['sft']['export_dir']}", f"data.path={ctx.data['pref_train']}",
@@ -91,8 +91,8 @@ def stage_rm(ctx: DemoContext) -> dict:
 
 def stage_ppo(ctx: DemoContext) -> dict:
     """PPO from the SFT export against the reward model; prints gold score and KL before -> after."""
-    from rlhf_jax.cli import load_trainer_config
-    from rlhf_jax.trainers import ppo
+    from rlhf_jax.recipes import load_trainer_config
+    from rlhf_jax.recipes import ppo
 
     iters = QUICK_STEPS if ctx.quick else 60
     overrides = [f"run.output_dir={ctx.stage_dir('ppo')}", "run.resume=never", "run.tensorboard=false",
@@ -152,7 +152,7 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, quick: bool = False) -> d
               f"({int(ctx.results['rm'].get('eval/pairs', 0))} pairs)")
     if "ppo" in ctx.results:
         summary["ppo_before_after"] = ctx.results["ppo"]["before_after"]
-        from rlhf_jax.trainers.ppo import format_before_after
+        from rlhf_jax.recipes.ppo import format_before_after
         print("\n" + format_before_after(summary["ppo_before_after"]))
     (ctx.out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"demo finished in {total:.0f} s; everything is under {ctx.out} (summary: {ctx.out / 'demo_summary.json'})")

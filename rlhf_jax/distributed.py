@@ -32,6 +32,7 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "RLHF_JAX_NUM_PROCESSES"
@@ -259,3 +260,14 @@ def wait_for_peers(tag: str, *, timeout_s: float = 60.0) -> None:
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError(DEADLINE_EXCEEDED / UNAVAILABLE)
             raise PeerFailure(f"process {jax.process_index()}/{jax.process_count()}: barrier {tag!r} failed: "
                               f"{_diagnose(None)} ({e})") from e
+
+
+def allgather_rows(local: np.ndarray) -> np.ndarray:
+    """Every host's rows of a small host array, concatenated in process order (the global batch order of
+    ``sharding.shard_batch``); the identity on one process. For per-row scores and metrics, never rollouts."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))

@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -212,3 +214,15 @@ def no_eos_penalty(score_B: jax.Array, has_eos_B: jax.Array, *, penalty: float |
     if penalty is None:
         return score_B
     return score_B - jnp.where(has_eos_B, 0.0, penalty).astype(score_B.dtype)
+
+
+# ------------------------------------------------------------------------------------ reward-model stats
+REWARD_MEAN_KEY, REWARD_STD_KEY = "rlhf_jax_reward_mean", "rlhf_jax_reward_std"
+
+
+def load_reward_stats(model_dir) -> tuple[float, float]:
+    """(mean, std) of the train-set rewards stored in an exported reward model's config.json by ``rlhf-jax rm``."""
+    config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+    if REWARD_MEAN_KEY not in config:
+        raise KeyError(f"{model_dir}/config.json has no {REWARD_MEAN_KEY}/std: not an rlhf_jax reward model export")
+    return float(config[REWARD_MEAN_KEY]), float(config[REWARD_STD_KEY])

@@ -313,6 +313,23 @@ def shard_batch(batch: Any, mesh: Mesh, *, rules: Rules = LOGICAL_RULES) -> Any:
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def local_rows(batch: Any) -> Any:
+    """This host's rows of batch-sharded global arrays, as numpy: the inverse of :func:`shard_batch`.
+
+    Reads only the process's addressable shards (one copy per batch slice; tensor-parallel replicas are
+    skipped), so it never fetches another host's data. Numpy leaves pass through unchanged.
+    """
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        slices = {}
+        for s in x.addressable_shards:
+            slices.setdefault(s.index[0].start or 0, s)
+        return np.concatenate([np.asarray(slices[k].data) for k in sorted(slices)], axis=0)
+
+    return jax.tree.map(get, batch)
+
+
 # ------------------------------------------------------------------------------ creation and jit
 def create_sharded(init_fn: Callable[..., Any], *args: Any, out_shardings: Any) -> Any:
     """Runs ``init_fn(*args)`` under ``jit`` so its outputs are born sharded (never materialised

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -212,7 +213,30 @@ def _as_eos_tuple(eos_token_id) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+#: Env switch for the prompt-mask check of `jax.Array` inputs (numpy inputs are always checked in full):
+#: "auto" (default) checks fully-addressable arrays (single process), "local" also checks a multi-process
+#: array's process-local rows, "off" never fetches a jax.Array.
+CHECK_PROMPTS_ENV = "RLHF_JAX_CHECK_PROMPTS"
+_CHECK_MODES = ("auto", "local", "off")
+
+
+def _check_mask_rows(mask: np.ndarray, row0: int = 0) -> None:
+    """Left-padding checks of host rows `mask` (global row numbers start at `row0`)."""
+    empty = np.flatnonzero(mask.sum(-1) == 0)
+    if empty.size:
+        raise ValueError(f"generate: prompt rows {(empty + row0).tolist()} have no real token (prompt_mask_BxP all 0)")
+    bad = np.flatnonzero((mask[:, -1] != 1) | np.any(np.diff(mask, axis=-1) < 0, axis=-1))
+    if bad.size:
+        raise ValueError(f"generate: prompts must be LEFT-padded (mask 0...0 1...1); rows {(bad + row0).tolist()} are not")
+
+
 def _check_prompts(prompt_ids_BxP, prompt_mask_BxP) -> None:
+    """Shapes always; mask values without ever fetching a global array (see `CHECK_PROMPTS_ENV`).
+
+    A global `jax.Array` spanning several processes cannot be fetched, and checking only the local rows
+    would let one process raise while the others enter the program's collectives (a hang), so by default
+    such arrays are not checked: validate prompts on the host before `shard_batch` (the data pipeline does).
+    """
     if prompt_ids_BxP.ndim != 2 or prompt_ids_BxP.shape != prompt_mask_BxP.shape:
         raise ValueError(
             f"generate: prompt_ids_BxP {prompt_ids_BxP.shape} and prompt_mask_BxP {prompt_mask_BxP.shape} "
@@ -220,14 +244,33 @@ def _check_prompts(prompt_ids_BxP, prompt_mask_BxP) -> None:
         )
     if isinstance(prompt_mask_BxP, jax.core.Tracer):
         return
-    mask = np.asarray(prompt_mask_BxP)
-    empty = np.flatnonzero(mask.sum(-1) == 0)
-    if empty.size:
-        raise ValueError(f"generate: prompt rows {empty.tolist()} have no real token (prompt_mask_BxP all 0)")
-    last = mask[:, -1]
-    if not np.all(last == 1) or np.any(np.diff(mask, axis=-1) < 0):
-        bad = np.flatnonzero((last != 1) | np.any(np.diff(mask, axis=-1) < 0, axis=-1))
-        raise ValueError(f"generate: prompts must be LEFT-padded (mask 0...0 1...1); rows {bad.tolist()} are not")
+    if not isinstance(prompt_mask_BxP, jax.Array):  # host data: checking is free
+        _check_mask_rows(np.asarray(prompt_mask_BxP))
+        return
+    mode = os.environ.get(CHECK_PROMPTS_ENV, "auto").strip().lower() or "auto"
+    if mode not in _CHECK_MODES:
+        raise ValueError(f"{CHECK_PROMPTS_ENV}={mode!r}; expected one of {_CHECK_MODES}")
+    if mode == "off":
+        return
+    # Single process: one small [B, P] device->host copy (cached on the array), the same check as for numpy.
+    if prompt_mask_BxP.is_fully_addressable:
+        _check_mask_rows(np.asarray(prompt_mask_BxP))
+        return
+    if mode == "local":  # multi-process "auto" skips: no fetch, no host sync in the trainers' hot path
+        _check_addressable_rows(prompt_mask_BxP)
+
+
+def _check_addressable_rows(mask_BxP: jax.Array) -> None:
+    """Checks the rows of `mask_BxP` held by this process (one device->host copy per distinct local shard)."""
+    seen = set()
+    for shard in mask_BxP.addressable_shards:
+        rows, cols = shard.index
+        if (cols.start or 0) != 0 or cols.stop not in (None, mask_BxP.shape[1]):
+            continue  # a column-split shard does not hold whole rows
+        row0 = rows.start or 0
+        if row0 not in seen:
+            seen.add(row0)
+            _check_mask_rows(np.asarray(shard.data), row0)
 
 
 def generate(
@@ -259,7 +302,9 @@ def generate(
       params: its parameters, passed to `jit` as an argument (new params of the same shapes reuse the
         compiled program).
       prompt_ids_BxP: int ids, LEFT-padded (P should come from `bucket_length`).
-      prompt_mask_BxP: 1 on real prompt tokens; each row needs ≥ 1 real token.
+      prompt_mask_BxP: 1 on real prompt tokens; each row needs ≥ 1 real token. Checked (ValueError) in full for
+        host arrays and single-process `jax.Array`s (one small device->host copy); a multi-process global array is
+        not fetched and not checked unless `RLHF_JAX_CHECK_PROMPTS=local` (each process checks its own rows).
       key: PRNG key; the same key, params and prompts give the same rollout.
       max_new_tokens: T, the static response length.
       temperature: τ; 0 = greedy.
@@ -274,11 +319,32 @@ def generate(
       param_shardings: optional pytree of `jax.sharding.Sharding` matching `params`
         (from `rlhf_jax.sharding`); batch_sharding: optional sharding of `[B, ...]` arrays. The cache and
         activations follow the model's logical constraints under the caller's
-        `jax.set_mesh(mesh)` / `nn.logical_axis_rules(rules)` context.
+        `jax.set_mesh(mesh)` / `nn.logical_axis_rules(rules)` context. With FSDP-sharded params every decode
+        step all-gathers the weights; pass a copy from `rlhf_jax.rollout.reshard_for_inference` with its
+        `inference_layout` shardings to decode without parameter all-gathers.
 
     Returns:
       A `Rollout` (shapes `[B, P]` and `[B, T]`, B = U·R; its prompts are the repeated ones).
     """
+    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                  min_new_tokens=min_new_tokens, cache_dtype=cache_dtype, prompt_repeats=prompt_repeats,
+                  param_shardings=param_shardings, batch_sharding=batch_sharding)
+    return fn(params, prompt_ids_BxP, prompt_mask_BxP, key)
+
+
+def lower_generate(model, params, prompt_ids_BxP, prompt_mask_BxP, *, key: jax.Array, **kwargs) -> jax.stages.Lowered:
+    """The program `generate` would run for the same arguments, lowered but not run. Call it under the same
+    mesh / axis-rules context; `.compile().as_text()` gives the partitioned HLO (e.g. to check which collectives
+    run inside the decode loop, as `tests/rollout/test_layout.py` does)."""
+    return _sampler(model, prompt_ids_BxP, prompt_mask_BxP, **kwargs).lower(params, prompt_ids_BxP, prompt_mask_BxP, key)
+
+
+def _sampler(model, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id, pad_token_id: int,
+             min_new_tokens: int = 0, cache_dtype: Any = None, prompt_repeats: int = 1, param_shardings: Any = None,
+             batch_sharding: Any = None):
+    """Validates `generate`'s arguments; the jitted sampler for them (cached)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -303,5 +369,4 @@ def generate(
         cache_dtype=cache_dtype,
         prompt_repeats=int(prompt_repeats),
     )
-    fn = _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key())
-    return fn(params, prompt_ids_BxP, prompt_mask_BxP, key)
+    return _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key())

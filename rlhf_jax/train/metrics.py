@@ -19,7 +19,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -312,19 +312,20 @@ class DeferredMetrics:
         if (ready := deferred.flush()): logger.log(*ready)
     """
 
-    def __init__(self):
-        self._pending: tuple[int, Mapping[str, Any]] | None = None
+    def __init__(self, convert: Callable[[Any], Any] | None = None):
+        self._pending: tuple[int, Any] | None = None
+        self._convert = to_floats if convert is None else convert  # e.g. jax.device_get for any pytree
 
-    def push(self, step: int, metrics: Mapping[str, Any]) -> tuple[int, dict[str, float]] | None:
+    def push(self, step: int, metrics: Any) -> tuple[int, Any] | None:
         """Store `(step, metrics)`; return the previously stored pair converted to floats (or None)."""
         previous = self.flush()
         self._pending = (int(step), metrics)
         return previous
 
-    def flush(self) -> tuple[int, dict[str, float]] | None:
+    def flush(self) -> tuple[int, Any] | None:
         """Convert and return the pending pair (or None), leaving nothing pending."""
         if self._pending is None:
             return None
         step, metrics = self._pending
         self._pending = None
-        return step, to_floats(metrics)
+        return step, self._convert(metrics)

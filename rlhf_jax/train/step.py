@@ -12,8 +12,7 @@ the sums and the counts, and divides once:
     g = (sum_m grad L_m) / max(sum_m N_m, 1),        loss = (sum_m L_m) / max(sum_m N_m, 1)
 
 so the update is the gradient of the token-mean over the whole optimizer batch, independent of M and of
-the number of devices (Tunix / OpenRLHF fix for the "mean of micro-batch means" bug; see
-/work/shared/ANCHORS.md, "Loss aggregation").
+the number of devices (Tunix / OpenRLHF fix for the "mean of micro-batch means" bug).
 
 Non-finite guard: when the loss or any gradient is NaN/Inf the update is not applied (params and
 optimizer state keep their old values, chosen inside `jit` with `jnp.where`); `StepMetrics.finite` is
@@ -65,29 +64,71 @@ class NonFiniteError(RuntimeError):
     """Raised on the host when a step produced a NaN/Inf loss or gradient under policy "stop"."""
 
 
-def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
-    """Reshape every leaf [B, ...] to [M, B/M, ...]; micro-batch m holds rows m, m+M, m+2M, ...
+def split_micro_batches(batch: Any, num_micro_batches: int, *, group_size: int = 1) -> Any:
+    """Reshape every leaf [B, ...] to [M, B/M, ...]; blocks of ``group_size`` contiguous rows are dealt
+    round-robin: micro-batch m holds blocks m, m+M, m+2M, ... (rows m, m+M, ... when ``group_size`` = 1).
 
     Strided (not contiguous) rows keep each micro-batch spread over all devices when B is sharded in
-    contiguous blocks, so the split is a local reshape with no communication.
+    contiguous blocks, so the split is a local reshape with no communication; blocks keep groups of rows
+    that share a prompt (GRPO's G samples) in one micro-batch. :func:`join_micro_batches` inverts it.
     """
 
     def split(x):
-        if x.shape[0] % num_micro_batches:
-            raise ValueError(
-                f"batch dimension {x.shape[0]} is not divisible by num_micro_batches={num_micro_batches}")
-        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:]), 0, 1)
+        if x.shape[0] % (num_micro_batches * group_size):
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by num_micro_batches={num_micro_batches}"
+                             + (f" x group_size={group_size}" if group_size > 1 else ""))
+        blocks = x.reshape(x.shape[0] // (num_micro_batches * group_size), num_micro_batches, group_size, *x.shape[1:])
+        return jnp.swapaxes(blocks, 0, 1).reshape(num_micro_batches, -1, *x.shape[1:])
 
     return jax.tree.map(split, batch)
 
 
+def join_micro_batches(micro: Any, *, group_size: int = 1) -> Any:
+    """The inverse of :func:`split_micro_batches`: [M, B/M, ...] back to [B, ...] in the original row order."""
+
+    def join(x):
+        m, rows = x.shape[:2]
+        blocks = x.reshape(m, rows // group_size, group_size, *x.shape[2:])
+        return jnp.swapaxes(blocks, 0, 1).reshape(m * rows, *x.shape[2:])
+
+    return jax.tree.map(join, micro)
+
+
+def scan_sum(fn: Callable, params: Any, xs: Any, *args) -> tuple[Any, Any]:
+    """``(Σ_k a_k, stacked y_k)`` of ``(a_k, y_k) = fn(params, xs[k], *args)`` over the leading axis of ``xs``
+    (``lax.scan``; floating sums start from float32 zeros): gradient accumulation over micro-batches."""
+    first = jax.tree.map(lambda x: x[0], xs)
+    acc_shape, _ = jax.eval_shape(lambda: fn(params, first, *args))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), acc_shape)
+
+    def body(acc, x):
+        a, y = fn(params, x, *args)
+        return jax.tree.map(jnp.add, acc, a), y
+
+    return jax.lax.scan(body, zeros, xs)
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """True when every entry of every leaf is finite (the non-finite guard)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def apply_if_finite(tx: optax.GradientTransformation, state: TrainState, grads: Any, finite: jax.Array) -> TrainState:
+    """One optimizer step, applied only when ``finite`` (else params and optimizer state keep their values,
+    chosen inside ``jit``) and counted in ``num_skipped`` when not."""
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    return TrainState(
+        step=state.step + 1,
+        params=_tree_where(finite, new_params, state.params),
+        opt_state=_tree_where(finite, new_opt_state, state.opt_state),
+        num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+    )
+
+
 def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
 def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Any, key: jax.Array, *,
@@ -110,18 +151,12 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Any, key: jax.Arra
         return value_and_grad(params, batch, jax.random.fold_in(key, 0))
 
     micro = split_micro_batches(batch, num_micro_batches)
-    first = jax.tree.map(lambda x: x[0], micro)
-    _, _, aux_shape, _ = jax.eval_shape(value_and_grad, params, first, key)
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
-             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
 
-    def body(carry, xs):
+    def body(p, xs):
         mb, m = xs
-        out = value_and_grad(params, mb, jax.random.fold_in(key, m))
-        return jax.tree.map(jnp.add, carry, out), None
+        return value_and_grad(p, mb, jax.random.fold_in(key, m)), None
 
-    totals, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(num_micro_batches)))
+    totals, _ = scan_sum(body, params, (micro, jnp.arange(num_micro_batches)))
     return totals
 
 
@@ -142,19 +177,11 @@ def train_step_fn(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_micr
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, state.params)
         loss = loss_sum / denom
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        num_skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=_tree_where(finite, new_params, state.params),
-            opt_state=_tree_where(finite, new_opt_state, state.opt_state),
-            num_skipped=num_skipped,
-        )
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        new_state = apply_if_finite(tx, state, grads, finite)
         metrics = StepMetrics(
             loss=loss, count=count, grad_norm=optax.tree.norm(grads), finite=finite,
-            num_skipped=num_skipped, step=state.step,
+            num_skipped=new_state.num_skipped, step=state.step,
             lr=None if lr_schedule is None else jnp.asarray(lr_schedule(state.step), jnp.float32), aux=aux)
         return new_state, metrics
 

@@ -1,0 +1,245 @@
+"""Preference losses as plug-ins: DPO (every TRL loss type, f-divergences), SimPO, ORPO and KTO.
+
+Pairs (prompt, chosen y_c, rejected y_r) are scored by ONE forward pass over the 2B rows chosen ++
+rejected (:func:`completion_logps`: a row's log-prob is the sum of its completion tokens' log-probs), then
+
+* ``dpo``: ``ops.dpo_loss`` (Rafailov et al. 2023 and TRL 1.x's variants, ``loss_type``) on policy and
+  reference sums; implicit rewards β(log π − log π_ref).
+* ``simpo``: ``ops.simpo_loss`` on average log-probs, margin γ, no reference (Meng et al. 2024).
+* ``orpo``: ``ops.orpo_loss``: chosen NLL (per-row token mean) + λ·odds-ratio term, no reference
+  (Hong et al. 2024).
+* ``kto``: ``ops.kto_loss`` on unpaired prompt/completion/label rows, with the reference point
+  z₀ = max(0, mean over the (micro-)batch of log π − log π_ref on mismatched KL rows) (Ethayarajh et al.
+  2024; TRL ``KTOTrainer``). Rows and KL rows share one forward pass.
+
+Each loss returns ``((loss_sum, count), PrefAux)``: the mean over real pairs (rows) is exact under
+gradient accumulation and data parallelism (``train.step``). The reference log-probs travel in the batch
+(:class:`PairBatch`, :class:`KTOBatch`), filled by ``rlhf_jax.train.reference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import ops
+from rlhf_jax.config import require
+from rlhf_jax.data import PreferenceBatch, UnpairedBatch
+
+
+class PairBatch(NamedTuple):
+    """Preference pairs plus the reference log-prob sums of their completions (0 for reference-free losses)."""
+
+    pairs: PreferenceBatch
+    ref_chosen_logps_B: jax.Array
+    ref_rejected_logps_B: jax.Array
+
+
+class KTOBatch(NamedTuple):
+    """Unpaired rows, their mismatched KL rows (same width), and reference log-prob sums of both."""
+
+    rows: UnpairedBatch
+    kl_ids_BxS: jax.Array
+    kl_mask_BxS: jax.Array
+    kl_loss_mask_BxS: jax.Array
+    ref_logps_B: jax.Array
+    ref_kl_logps_B: jax.Array
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
+                     completion_width: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    r"""Per-row completion log-prob sums and token counts from one forward pass.
+
+    .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
+
+    with m the loss mask shifted by one (logits at t−1 score token t; see `rlhf_jax.data.batching`).
+
+    ``completion_width`` = W (static) runs the LM head only on W positions per row, from the one that
+    predicts the row's first completion token: the prompt's ``[S, V]`` logits are never computed. Exact
+    when every row's scored tokens are contiguous and at most W (the encoder guarantees both with
+    ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions.
+
+    Returns:
+      ``(logp_sum_2B, count_2B)`` in float32.
+    """
+    S = ids_2BxS.shape[1]
+    m_BxT = loss_mask_2BxS[:, 1:]
+    targets_BxT = ids_2BxS[:, 1:]
+    if completion_width is None or completion_width >= S - 1:
+        logits = model.apply({"params": params}, ids_2BxS, mask_2BxS)[:, :-1]
+    else:
+        first_B = jnp.argmax(m_BxT > 0, axis=1)  # position predicting the first completion token
+        pos_BxW = first_B[:, None] + jnp.arange(completion_width)[None, :]
+        inside_BxW = pos_BxW <= S - 2
+        pos_BxW = jnp.minimum(pos_BxW, S - 2)
+        logits = model.apply({"params": params}, ids_2BxS, mask_2BxS, head_positions_BxW=pos_BxW)
+        targets_BxT = jnp.take_along_axis(targets_BxT, pos_BxW, axis=1)
+        m_BxT = jnp.take_along_axis(m_BxT, pos_BxW, axis=1) * inside_BxW
+    logp_BxT = ops.token_logprobs(logits, targets_BxT)
+    return ops.sequence_logprobs(logp_BxT, m_BxT), jnp.sum(m_BxT, axis=1).astype(jnp.float32)
+
+
+def stacked_rows(batch: PairBatch | KTOBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(ids, mask, loss_mask) of the 2B rows scored together: chosen then rejected, or rows then KL rows."""
+    if isinstance(batch, PairBatch):
+        p = batch.pairs
+        parts = ((p.chosen_ids_BxS, p.rejected_ids_BxS), (p.chosen_mask_BxS, p.rejected_mask_BxS),
+                 (p.chosen_loss_mask_BxS, p.rejected_loss_mask_BxS))
+    else:
+        r = batch.rows
+        parts = ((r.input_ids_BxS, batch.kl_ids_BxS), (r.attention_mask_BxS, batch.kl_mask_BxS),
+                 (r.loss_mask_BxS, batch.kl_loss_mask_BxS))
+    return tuple(jnp.concatenate(pair, axis=0) for pair in parts)  # type: ignore[return-value]
+
+
+ALGORITHMS = ("dpo", "simpo", "orpo", "kto")
+
+
+_WITH_REFERENCE = ("dpo", "kto")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLossConfig:
+    """Which preference loss and its hyperparameters (names as TRL's configs)."""
+
+    algorithm: Literal["dpo", "simpo", "orpo", "kto"] = "dpo"
+    loss_type: Optional[str] = None  # dpo: one of ops.DPO_LOSS_TYPES (null = sigmoid); kto: kto | apo_zero_unpaired
+    beta: float = 0.1  # β (DPO/KTO/SimPO temperature; IPO τ; ORPO λ)
+    label_smoothing: float = 0.0  # ε: cDPO / robust / exo_pair / aot; SimPO's smoothing
+    f_divergence: str = "reverse_kl"  # dpo: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 0.5  # α of alpha_divergence
+    discopop_tau: float = 0.05  # τ of discopop
+    simpo_gamma: float = 0.5  # SimPO target margin γ (TRL CPOConfig.simpo_gamma)
+    desirable_weight: float = 1.0  # KTO λ_D
+    undesirable_weight: float = 1.0  # KTO λ_U
+
+    def __post_init__(self):
+        require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
+        if self.algorithm == "dpo":
+            require(self.loss_type is None or self.loss_type in ops.DPO_LOSS_TYPES, "loss.loss_type",
+                    f"dpo loss_type must be one of {ops.DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        elif self.algorithm == "kto":
+            require(self.loss_type is None or self.loss_type in ops.KTO_LOSS_TYPES, "loss.loss_type",
+                    f"kto loss_type must be one of {ops.KTO_LOSS_TYPES}, got {self.loss_type!r}")
+        else:
+            require(self.loss_type is None, "loss.loss_type", f"{self.algorithm} has no loss_type; set null")
+        require(self.f_divergence in ops.F_DIVERGENCES, "loss.f_divergence",
+                f"must be one of {ops.F_DIVERGENCES}, got {self.f_divergence!r}")
+        require(self.f_divergence == "reverse_kl" or (
+            self.algorithm == "dpo" and self.resolved_loss_type in ops.F_DIVERGENCE_LOSS_TYPES), "loss.f_divergence",
+            f"applies to algorithm=dpo with loss_type in {ops.F_DIVERGENCE_LOSS_TYPES} only (as TRL 1.16)")
+        require(0 <= self.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        require(self.resolved_loss_type != "exo_pair" or self.label_smoothing > 0, "loss.label_smoothing",
+                "exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        require(self.resolved_loss_type != "robust" or self.label_smoothing < 0.5, "loss.label_smoothing",
+                "robust needs label_smoothing < 0.5")
+
+    @property
+    def resolved_loss_type(self) -> Optional[str]:
+        """The loss type in effect (defaults: sigmoid for dpo, kto for kto, None otherwise)."""
+        return self.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(self.algorithm)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algorithm in _WITH_REFERENCE
+
+
+class PrefAux(NamedTuple):
+    """Sums over the real pairs (KTO: rows; chosen = desirable, rejected = undesirable) of a batch."""
+
+    pairs: jax.Array
+    chosen_n: jax.Array
+    rejected_n: jax.Array
+    correct: jax.Array  # pairs with r_c > r_r (0 for KTO)
+    chosen_reward: jax.Array
+    rejected_reward: jax.Array
+    chosen_logp: jax.Array
+    rejected_logp: jax.Array
+    kl: jax.Array  # KTO: z0 x rows (so the sum over micro-batches divides by rows)
+
+
+def _sum_where(valid_B, x_B) -> jax.Array:
+    return jnp.sum(jnp.where(valid_B, x_B, 0.0))
+
+
+def pair_loss_from_logps(logp_2B, n_2B, batch: PairBatch, *, loss: PreferenceLossConfig):
+    """`((loss_sum, pairs), PrefAux)` of a DPO-family / SimPO / ORPO loss given the policy's completion
+    log-prob sums `logp_2B` and token counts `n_2B` of the rows chosen ++ rejected."""
+    b = logp_2B.shape[0] // 2
+    lc, lr, nc, nr = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
+    valid = (nc > 0) & (nr > 0)
+    if loss.algorithm == "dpo":
+        losses, rc, rr = ops.dpo_loss(
+            lc, lr, batch.ref_chosen_logps_B, batch.ref_rejected_logps_B, beta=loss.beta,
+            loss_type=loss.resolved_loss_type, label_smoothing=loss.label_smoothing, chosen_lengths_B=nc,
+            rejected_lengths_B=nr, f_divergence=loss.f_divergence, alpha=loss.f_alpha,
+            discopop_tau=loss.discopop_tau)
+    else:
+        avg_c, avg_r = lc / jnp.maximum(nc, 1.0), lr / jnp.maximum(nr, 1.0)
+        if loss.algorithm == "simpo":
+            losses, rc, rr = ops.simpo_loss(avg_c, avg_r, beta=loss.beta, gamma=loss.simpo_gamma,
+                                            label_smoothing=loss.label_smoothing)
+        elif loss.algorithm == "orpo":
+            losses, rc, rr = ops.orpo_loss(avg_c, avg_r, beta=loss.beta, chosen_nll_B=-avg_c)
+        else:
+            raise ValueError(f"pair_loss: algorithm {loss.algorithm!r} does not take pairs")
+    v = valid.astype(jnp.float32)
+    pairs = jnp.sum(v)
+    aux = PrefAux(pairs=pairs, chosen_n=pairs, rejected_n=pairs, correct=jnp.sum(v * (rc > rr)),
+                  chosen_reward=_sum_where(valid, rc), rejected_reward=_sum_where(valid, rr),
+                  chosen_logp=_sum_where(valid, lc), rejected_logp=_sum_where(valid, lr), kl=jnp.zeros(()))
+    return (_sum_where(valid, losses), pairs), aux
+
+
+def kto_loss_from_logps(logp_2B, n_2B, batch: KTOBatch, *, loss: PreferenceLossConfig):
+    """`((loss_sum, rows), PrefAux)` of KTO given the policy's sums/counts of the rows ++ KL rows."""
+    b = logp_2B.shape[0] // 2
+    lp, lp_kl, n, n_kl = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
+    valid = n > 0
+    kl = jnp.zeros((), jnp.float32)
+    if loss.resolved_loss_type == "kto":  # ops.kto_kl_baseline, restricted to real KL rows
+        kl = jax.lax.stop_gradient(jnp.maximum(ops.masked_mean(lp_kl - batch.ref_kl_logps_B, n_kl > 0), 0.0))
+    losses, rewards = ops.kto_loss(lp, batch.ref_logps_B, batch.rows.label_B, kl=kl, beta=loss.beta,
+                                   desirable_weight=loss.desirable_weight,
+                                   undesirable_weight=loss.undesirable_weight, loss_type=loss.resolved_loss_type)
+    good, bad = valid & (batch.rows.label_B != 0), valid & (batch.rows.label_B == 0)
+    rows = jnp.sum(valid.astype(jnp.float32))
+    aux = PrefAux(pairs=rows, chosen_n=jnp.sum(good.astype(jnp.float32)), rejected_n=jnp.sum(bad.astype(jnp.float32)),
+                  correct=jnp.zeros(()), chosen_reward=_sum_where(good, rewards),
+                  rejected_reward=_sum_where(bad, rewards), chosen_logp=_sum_where(good, lp),
+                  rejected_logp=_sum_where(bad, lp), kl=kl * rows)
+    return (_sum_where(valid, losses), rows), aux
+
+
+def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None):
+    """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
+    the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
+    head runs on that many positions per row (:func:`completion_logps`)."""
+    from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
+
+    def loss_fn(params, batch, key):
+        del key
+        logp_2B, n_2B = completion_logps(model, params, *stacked_rows(batch),
+                                            completion_width=completion_width)
+        return from_logps(logp_2B, n_2B, batch, loss=loss)
+
+    return loss_fn
+
+
+def preference_metrics(loss_sum: float, aux: PrefAux, *, kto: bool) -> dict[str, float]:
+    """Host metrics from summed `PrefAux` (TRL names without the slash prefixes)."""
+    n = max(float(aux.pairs), 1.0)
+    nc, nr = max(float(aux.chosen_n), 1.0), max(float(aux.rejected_n), 1.0)
+    chosen, rejected = float(aux.chosen_reward) / nc, float(aux.rejected_reward) / nr
+    out = {"loss": float(loss_sum) / n, "rewards_chosen": chosen, "rewards_rejected": rejected,
+           "rewards_margin": chosen - rejected, "logps_chosen": float(aux.chosen_logp) / nc,
+           "logps_rejected": float(aux.rejected_logp) / nr, "pairs": float(aux.pairs)}
+    if kto:
+        out["kl"] = float(aux.kl) / n
+    else:
+        out["rewards_accuracy"] = float(aux.correct) / n
+    return out

@@ -1,0 +1,45 @@
+"""The online engine's configs, shared by every command that samples from the policy
+(``ppo``, the critic-free family, ``raft``, ``online_dpo``, ``label``): how responses are sampled and
+where their score comes from."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from rlhf_jax.config import require
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling of responses."""
+
+    batch_size: int = 16  # GLOBAL prompts per iteration (one response each)
+    max_new_tokens: int = 16  # T, static response length
+    temperature: float = 1.0  # τ (log-probs in the loss use logits / τ, as the sampler)
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_new_tokens: int = 0
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature > 0, "temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Where the score comes from."""
+
+    model_path: Optional[str] = None  # reward model export (scalar head); null = functions only
+    model_weight: float = 1.0
+    normalize: bool = True  # (r − mean) / std with the RM's stored statistics (rlhf_jax_reward_mean/std)
+    functions: tuple[str, ...] = ()  # "package.module:function" or "file.py:function"
+    weights: tuple[float, ...] = ()  # one per function; empty = 1 each
+    clip: Optional[float] = None  # clip the final score to ±clip
+    no_eos_penalty: Optional[float] = None  # subtract this from responses without EOS
+    gold_function: Optional[str] = None  # reported only (e.g. "rlhf_jax.tasks:gold_score")
+
+    def __post_init__(self):
+        require(self.model_path is not None or len(self.functions) > 0, "model_path",
+                "set a reward model path and/or reward.functions")

@@ -1,0 +1,88 @@
+"""Step 1 of an online iteration: prompts → responses.
+
+* :func:`prompt_data`: the training prompts at ONE static width (nothing recompiles across iterations).
+* :class:`Sampler`: ``rollout.generate`` on the policy's current params, G samples per prompt in
+  contiguous groups (:func:`repeat_prompts` order), the prompt prefilled once per group when the groups
+  split evenly over the batch shards.
+* :func:`frozen_copy`: the reference (and reward model) as frozen copies in fresh buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.data import DataConfig, PromptBatch, build_data
+from rlhf_jax.online.config import RolloutConfig
+from rlhf_jax.rollout import generate
+from rlhf_jax.rollout.types import Rollout
+
+
+def repeat_prompts(batch: PromptBatch, n: int) -> PromptBatch:
+    """Each prompt row repeated ``n`` times in contiguous rows (``[B, ...]`` → ``[B·n, ...]``)."""
+    if n < 1:
+        raise ValueError(f"repeat_prompts: n must be >= 1, got {n}")
+    return PromptBatch(*(np.repeat(np.asarray(x), n, axis=0) for x in batch))
+
+
+def prompt_data(data: DataConfig, tokenizer, host_bs: int):
+    """This host's training prompts at ONE static width ``data.max_prompt_len`` (nothing recompiles)."""
+    cfg = dataclasses.replace(data, format="prompt" if data.format == "auto" else data.format,
+                              buckets=(data.max_prompt_len,))
+    return build_data(cfg, tokenizer, task="prompt", batch_size=host_bs,
+                      process_index=jax.process_index(), process_count=jax.process_count()).train
+
+
+def frozen_copy(params, shardings, dtype: str):
+    """A frozen copy in fresh buffers (never donated, never in an optimizer), floats cast to ``dtype``."""
+    dt = jnp.dtype(dtype)
+    cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
+
+
+def eos_and_pad(model, tokenizer) -> tuple[tuple[int, ...], int]:
+    """EOS ids (model config, else tokenizer) and the pad id."""
+    eos = tuple(np.atleast_1d(model.config.eos_token_id or tokenizer.eos_token_id).tolist())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return eos, int(pad)
+
+
+class Sampler:
+    """Sample responses from the policy (one compiled decode loop per prompt width and group size).
+
+    Args:
+      model: the policy's Flax module (LM head).
+      tokenizer: its tokenizer (EOS and pad ids).
+      rollout: the sampling settings.
+      mesh: device mesh; prompt batches are this host's rows (``sharding.shard_batch``).
+    """
+
+    def __init__(self, model, tokenizer, rollout: RolloutConfig, mesh):
+        self.model, self.rollout, self.mesh = model, rollout, mesh
+        self.eos_ids, self.pad_id = eos_and_pad(model, tokenizer)
+
+    def __call__(self, params, batch: PromptBatch, key: jax.Array, *, temperature: Optional[float] = None,
+                 repeats: int = 1) -> Rollout:
+        """``repeats`` responses per prompt of this host's ``batch`` (rows in :func:`repeat_prompts` order).
+
+        The prompt is prefilled once per group and its KV cache shared (``generate(prompt_repeats=)``)
+        whenever the distinct prompts split evenly over the batch shards; otherwise the prompts are
+        repeated on the host first. Both give the same rollout.
+        """
+        r = self.rollout
+        shared = repeats > 1 and len(batch.prompt_ids_BxP) % shd.local_batch_divisor(self.mesh) == 0
+        if repeats > 1 and not shared:
+            batch = repeat_prompts(batch, repeats)
+        b = shd.shard_batch(batch, self.mesh)
+        with shd.mesh_context(self.mesh):
+            ro = generate(self.model, params, b.prompt_ids_BxP, b.prompt_mask_BxP, key=key,
+                          max_new_tokens=r.max_new_tokens,
+                          temperature=r.temperature if temperature is None else temperature,
+                          top_k=r.top_k, top_p=r.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                          min_new_tokens=r.min_new_tokens, prompt_repeats=repeats if shared else 1)
+        return jax.block_until_ready(ro)

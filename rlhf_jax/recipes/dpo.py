@@ -1,0 +1,181 @@
+"""`rlhf-jax dpo`: offline preference optimisation — DPO (every TRL loss type), SimPO, ORPO, KTO.
+
+The losses are ``rlhf_jax.algos.preference``. The reference comes from a frozen model
+(``ref_model_path``, default the policy's starting point; optionally bf16) whose params are a `jit`
+argument, or — ``precompute_ref_logps: true`` — from one pass over the train and eval sets before
+training, cached on disk under a dataset + model fingerprint, after which the reference model is dropped
+(``rlhf_jax.train.reference``). Logged: loss, reward accuracy (TRL: r_c > r_r strictly), chosen/rejected
+rewards, margin, chosen/rejected policy log-probs (and z₀ for KTO), on train and held-out data. The
+policy is exported with `save_pretrained` to ``<output_dir>/model``.
+
+Usage: `rlhf-jax dpo configs/dpo_tiny_cpu.yaml model.path=runs/sft/model loss.loss_type=ipo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Literal, Optional
+
+import jax
+
+from rlhf_jax import distributed
+from rlhf_jax import sharding as shd
+from rlhf_jax.algos.preference import PreferenceLossConfig, make_loss_fn, preference_metrics
+from rlhf_jax.config import require
+from rlhf_jax.data import BatchIterator, DataConfig, build_data
+from rlhf_jax.run_config import OptimConfig, RunConfig
+from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.train import reference as pc
+from rlhf_jax.train import run as common
+from rlhf_jax.train.loop import Loop, batch_steps, run_loop
+from rlhf_jax.train.optim import make_optimizer, make_schedule
+from rlhf_jax.train.state import create_train_state
+from rlhf_jax.train.step import StepMetrics, make_eval_step, make_train_step
+
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Offline preference run: DPO family / SimPO / ORPO on pairs, KTO on unpaired labelled rows."""
+
+    model: common.ModelLoadConfig  # the policy to train (usually an SFT export)
+    data: DataConfig  # prompt/chosen/rejected rows (kto: prompt/completion/label); eval via eval_path/fraction
+    loss: PreferenceLossConfig = PreferenceLossConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    mesh: MeshConfig = MeshConfig()
+    batch_size: int = 8  # GLOBAL pairs (kto: rows) per optimizer step
+    num_micro_batches: int = 1  # gradient accumulation over batch_size / num_micro_batches pairs
+    eval_batch_size: Optional[int] = None  # global eval pairs per forward; null = batch_size
+    ref_model_path: Optional[str] = None  # frozen reference HF folder; null = model.path (the starting policy)
+    ref_dtype: Optional[Literal["float32", "bfloat16"]] = None  # reference compute + storage dtype; null = model.dtype
+    precompute_ref_logps: bool = False  # score the data with the reference once (cached), then drop the reference
+    ref_logps_cache_dir: Optional[str] = None  # cache of precomputed values; null = <output_dir>/ref_logps
+    export: bool = True  # write the policy as a Hugging Face folder to <output_dir>/model
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.num_micro_batches >= 1, "num_micro_batches", f"must be >= 1, got {self.num_micro_batches}")
+        require(self.batch_size % self.num_micro_batches == 0, "num_micro_batches",
+                f"must divide batch_size={self.batch_size}, got {self.num_micro_batches}")
+        require(not self.precompute_ref_logps or self.loss.needs_reference, "precompute_ref_logps",
+                f"{self.loss.algorithm} is reference-free; set false")
+
+    @property
+    def task(self) -> str:
+        """Batch kind the data must make."""
+        return "unpaired" if self.loss.algorithm == "kto" else "preference"
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------- driver
+def _reference(cfg: DPOConfig, mesh) -> common.LoadedModel:
+    dtype = cfg.ref_dtype or cfg.model.dtype
+    ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model_path or cfg.model.path,
+                                  tokenizer_path=cfg.model.tokenizer_path or cfg.model.path, dtype=dtype,
+                                  param_dtype=cfg.ref_dtype or cfg.model.param_dtype)
+    return common.load_model(ref_cfg, mesh=mesh, head="lm")
+
+
+def completion_width(data_cfg) -> Optional[int]:
+    """Positions per row the LM head must score: the encoder caps completions at ``data.max_completion_len``
+    (None when that cap does not shorten the ``max_seq_len − 1`` scored positions)."""
+    return data_cfg.max_completion_len if data_cfg.max_completion_len < data_cfg.max_seq_len - 1 else None
+
+
+def _ordered(it: BatchIterator) -> BatchIterator:
+    return BatchIterator(it.data, it.cfg, batch_size=it.batch_size, pad_id=it.pad_id, process_index=it.process_index,
+                         process_count=it.process_count, shuffle=False, drop_last=False, num_epochs=1)
+
+
+def _maybe(it: Optional[BatchIterator]) -> Optional[pc.RefStream]:
+    return None if it is None else pc.RefStream(it)
+
+
+def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
+    """(train stream, eval stream or None, attach) where `attach(batch)` fills live reference values
+    (identity when precomputed or reference-free)."""
+    def identity(batch):
+        return batch
+
+    if not cfg.loss.needs_reference:
+        return pc.RefStream(splits.train), _maybe(splits.eval), identity
+    ref = _reference(cfg, mesh)
+    width = completion_width(cfg.data)
+    if not cfg.precompute_ref_logps:
+        attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
+                                      num_chunks=cfg.num_micro_batches, completion_width=width)
+        return (pc.RefStream(splits.train), _maybe(splits.eval),
+                lambda batch: attach(ref.params, batch))
+    scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
+                                                             completion_width=width),
+                             mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
+                             out_shardings=shd.replicated(mesh))
+    cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
+    path = cfg.ref_model_path or cfg.model.path
+    dtype = cfg.ref_dtype or cfg.model.dtype
+
+    def values(it: BatchIterator):
+        key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype)
+        return pc.precompute_ref_logps(_ordered(it), scores, ref.params, mesh=mesh, cache_dir=cache, key=key)
+
+    train_stream = pc.RefStream(splits.train, values(splits.train))
+    eval_stream = None if splits.eval is None else pc.RefStream(splits.eval, values(splits.eval))
+    del ref  # the reference leaves memory: training reads the cached values only
+    return train_stream, eval_stream, identity
+
+
+def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
+    """Run the preference trainer; returns the last metrics plus `output_dir`/`export_dir` paths."""
+    out = common.start_run(cfg, cfg.run)
+    mesh = common.make_mesh(cfg.mesh)
+    loaded = common.load_model(cfg.model, mesh=mesh, head="lm")
+    host_bs = common.host_batch_size(cfg.batch_size, mesh)
+    eval_bs = common.host_batch_size(cfg.eval_batch_size or cfg.batch_size, mesh)
+    splits = build_data(cfg.data, loaded.tokenizer, task=cfg.task, batch_size=host_bs, eval_batch_size=eval_bs,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    if distributed.is_main_process():
+        print(f"[rlhf_jax] train data: {splits.stats.summary()}", flush=True)
+    train_stream, eval_stream, attach = reference_streams(cfg, splits, mesh, out)
+    total = common.total_steps_of(cfg.run, splits.train.batches_per_epoch)
+    tx = make_optimizer(cfg.optim, total)
+    state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
+    loss_fn = make_loss_fn(loaded.model, cfg.loss, completion_width=completion_width(cfg.data))
+    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    kto = cfg.loss.algorithm == "kto"
+
+    def describe(m: StepMetrics) -> dict[str, float]:
+        return {**common.base_metrics(m), **preference_metrics(float(m.loss) * float(m.aux.pairs), m.aux, kto=kto)}
+
+    evaluate = None
+    if eval_stream is not None:
+        eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=loaded.shardings)
+
+        def evaluate(state) -> dict[str, float]:
+            (loss_sum, _), aux = common.sum_over(lambda p, b: eval_step(p, attach(b)), state.params, eval_stream, mesh)
+            return preference_metrics(loss_sum, aux, kto=kto)
+
+    loop = Loop(name=cfg.loss.algorithm, run=cfg.run, output_dir=out, total=total, data={"train": train_stream},
+                step=batch_steps(step, train_stream, mesh, seed=cfg.run.seed, transform=attach), describe=describe,
+                evaluate=evaluate, stop_at_step=stop_at_step,
+                export=(lambda s: common.export_model(loaded, s.params, out / "model")) if cfg.export else None)
+    res = run_loop(loop, state)
+    result = {**res.latest, "output_dir": str(out), "steps": int(res.state.step), "data": splits.stats.as_dict()}
+    if res.export_dir:
+        result["export_dir"] = res.export_dir
+    return result

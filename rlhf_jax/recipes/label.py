@@ -1,0 +1,177 @@
+"""``rlhf-jax label``: AI-feedback preference data from a model's own samples.
+
+For every prompt of ``data.path`` (one ordered pass), sample k = ``num_samples`` responses from
+``model.path``, score them, and write the best and the worst as one JSONL row
+``{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}`` (prompts whose k scores are all
+equal are skipped and counted). The file loads with ``rlhf_jax.data`` (``format: preference``) and feeds
+``rlhf-jax rm`` / ``rlhf-jax dpo`` directly. Rankers (``ranker``):
+
+* ``reward_model`` / ``function``: ``reward.model_path`` and/or ``reward.functions`` (as the RL trainers).
+* ``judge``: a language model scores each response by the log-probability of a verdict token after a
+  prompt template (RLAIF, Lee et al. 2023; "LLM-as-a-judge", Zheng et al. 2023)::
+
+      s(x, y) = log p_judge(verdict | template(prompt=x, response=y))
+
+  e.g. template ``"{prompt}{response}\\nIs this response good? Answer:"`` and verdict ``" Yes"``.
+
+Conversational prompts (message lists) are written back as message lists, responses as one assistant turn.
+
+Usage: ``rlhf-jax label configs/label_tiny_cpu.yaml model.path=runs/demo/sft/model output_path=pairs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import ops
+from rlhf_jax import sharding as shd
+from rlhf_jax.config import require
+from rlhf_jax.data import BatchIterator, DataConfig, PromptBatch, build_data, pad_id_of
+from rlhf_jax.online import batches as rows_of
+from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.sampler import Sampler
+from rlhf_jax.online.scoring import local_texts, make_scorer
+from rlhf_jax.train import run as common
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """A judge LM scoring responses by the log-probability of a verdict token."""
+
+    model_path: Optional[str] = None  # HF folder of the judge (null = the sampling model itself)
+    template: str = "{prompt}{response}\nIs this response good? Answer:"  # fields {prompt}, {response}
+    verdict: str = " Yes"  # must be ONE token of the judge's tokenizer
+    max_len: int = 256  # judge inputs are left-truncated to this many tokens
+
+    def __post_init__(self):
+        require("{response}" in self.template, "judge.template", "must contain {response}")
+        require(self.max_len >= 2, "judge.max_len", f"must be >= 2, got {self.max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """One labelling pass over a prompt file."""
+
+    model: common.ModelLoadConfig  # the model that samples responses
+    data: DataConfig  # prompt rows (plain strings or message lists)
+    output_path: str  # JSONL to write (prompt / chosen / rejected)
+    ranker: Literal["reward_model", "function", "judge"] = "function"
+    reward: RewardConfig = RewardConfig(functions=("rlhf_jax.tasks:gold_score",))  # reward_model / function
+    judge: JudgeConfig = JudgeConfig()
+    num_samples: int = 4  # k responses per prompt
+    rollout: RolloutConfig = RolloutConfig(batch_size=8)  # batch_size = prompts per generate call
+    seed: int = 0
+    mesh: shd.MeshConfig = shd.MeshConfig()
+
+    def __post_init__(self):
+        require(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
+        require(bool(self.output_path), "output_path", "must name the JSONL file to write")
+        require(self.ranker != "reward_model" or self.reward.model_path is not None, "reward.model_path",
+                "ranker=reward_model needs a reward model path")
+        require(self.ranker != "function" or len(self.reward.functions) > 0, "reward.functions",
+                "ranker=function needs at least one reward function")
+
+
+def verdict_logprob(logits_BxSxV: jax.Array, mask_BxS: jax.Array, verdict_id: int) -> jax.Array:
+    """``log softmax(z_last)[verdict]`` at each row's last real position (the judge's score)."""
+    logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
+    return ops.last_token(logp_BxSxV[..., verdict_id], mask_BxS)
+
+
+class Judge:
+    """Scores (prompt, response) texts with :func:`verdict_logprob` of a judge LM (one jit per width)."""
+
+    def __init__(self, loaded: common.LoadedModel, cfg: JudgeConfig):
+        tok = loaded.tokenizer
+        ids = tok(cfg.verdict, add_special_tokens=False)["input_ids"]
+        require(len(ids) == 1, "judge.verdict", f"{cfg.verdict!r} is {len(ids)} tokens of the judge tokenizer; "
+                "use a single-token verdict")
+        self.loaded, self.cfg, self.verdict_id, self.pad = loaded, cfg, int(ids[0]), pad_id_of(tok)
+        self._fn = jax.jit(lambda p, i, m: verdict_logprob(loaded.model.apply({"params": p}, i, m), m,
+                                                           self.verdict_id))
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        texts = [self.cfg.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        enc = [self.loaded.tokenizer(t)["input_ids"][-self.cfg.max_len:] for t in texts]
+        width = min(self.cfg.max_len, max(len(e) for e in enc))
+        ids = np.full((len(enc), width), self.pad, np.int32)
+        mask = np.zeros((len(enc), width), np.int32)
+        for i, e in enumerate(enc):  # left padding: the verdict position is the last column
+            ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
+        return np.asarray(self._fn(self.loaded.params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
+
+
+def _full_batches(it: BatchIterator):
+    """Ordered batches; padding rows (index −1, no prompt token) become copies of row 0 and are dropped later."""
+    for b in it:
+        idx = np.asarray(b.index_B)
+        pad = idx < 0
+        if pad.all():
+            continue
+        if pad.any():
+            first = int(np.flatnonzero(~pad)[0])
+            b = PromptBatch(*(np.where(pad.reshape(-1, *[1] * (np.ndim(x) - 1)), np.asarray(x)[first], x) for x in b))
+        yield b, ~pad
+
+
+def pair_row(prompt, chosen: str, rejected: str, s_c: float, s_r: float) -> dict:
+    """One output row; message-list prompts get assistant-turn completions."""
+    if isinstance(prompt, list):
+        chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": s_c, "score_rejected": s_r}
+
+
+def train(cfg: LabelConfig) -> dict:
+    """Write the labelled pairs; returns counts and the output path (``train`` so the CLI can call it)."""
+    mesh = common.make_mesh(cfg.mesh)
+    actor = common.load_model(cfg.model, mesh=mesh, head="lm")
+    tok = actor.tokenizer
+    data_cfg = dataclasses.replace(cfg.data, format="prompt" if cfg.data.format == "auto" else cfg.data.format,
+                                   buckets=(cfg.data.max_prompt_len,), shuffle=False, drop_last=False)
+    it = build_data(data_cfg, tok, task="prompt", batch_size=cfg.rollout.batch_size).train
+    it = BatchIterator(it.data, data_cfg, batch_size=cfg.rollout.batch_size, pad_id=pad_id_of(tok),
+                       shuffle=False, drop_last=False, num_epochs=1)
+    if cfg.ranker == "judge":
+        judge_loaded = actor if cfg.judge.model_path is None else common.load_model(
+            dataclasses.replace(cfg.model, path=cfg.judge.model_path, tokenizer_path=None), mesh=mesh, head="lm")
+        judge, scorer = Judge(judge_loaded, cfg.judge), None
+    else:
+        judge = None
+        scorer = make_scorer(cfg.reward, model_cfg=cfg.model, actor=actor, mesh=mesh, dataset=it.data,
+                             prompt_field=cfg.data.prompt_field)
+    sampler = Sampler(actor.model, tok, cfg.rollout, mesh)
+    out = pathlib.Path(cfg.output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    k, key = cfg.num_samples, jax.random.key(cfg.seed)
+    counts = {"prompts": 0, "pairs": 0, "ties": 0}
+    with open(out, "w") as f:
+        for n, (batch, real) in enumerate(_full_batches(it)):
+            ro = sampler(actor.params, batch, jax.random.fold_in(key, n), repeats=k)
+            if judge is not None:
+                prompts, responses = local_texts(tok, ro)
+                score = judge(prompts, responses)
+            else:
+                sc = scorer(ro, np.repeat(np.asarray(batch.index_B), k))
+                score, responses = sc.local_score_B, sc.texts["responses"]
+            best, worst, differ = rows_of.best_worst(score, group_size=k)
+            raw = it.data.rows.select([int(i) for i in np.asarray(batch.index_B)])[cfg.data.prompt_field]
+            for g in np.flatnonzero(real):
+                counts["prompts"] += 1
+                if not differ[g]:
+                    counts["ties"] += 1
+                    continue
+                row = pair_row(raw[g], responses[best[g]], responses[worst[g]],
+                               float(score[best[g]]), float(score[worst[g]]))
+                f.write(json.dumps(row) + "\n")
+                counts["pairs"] += 1
+    print(f"[rlhf_jax] label: {counts['pairs']} pairs from {counts['prompts']} prompts "
+          f"({counts['ties']} all-tied prompts skipped) -> {out}", flush=True)
+    return {**counts, "output_dir": str(out.parent), "output_path": str(out)}
+
