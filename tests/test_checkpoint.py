@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from typing import NamedTuple
 
 import jax
@@ -149,49 +148,52 @@ def test_meta_must_be_json(tmp_path):
 
 _SAVER = textwrap.dedent(
     """
-    import sys, jax.numpy as jnp
+    import os, signal, sys, jax.numpy as jnp
     from rlhf_jax.checkpoint import Checkpointer
-    ckpt = Checkpointer(sys.argv[1], keep_last_n=2)
+    directory, kill_at = sys.argv[1], int(sys.argv[2])
+    step = 0
+
+    def dying(real):  # os.rename/os.replace that SIGKILL this process at its first tmp-path rename of step kill_at
+        def rename(src, dst, *args, **kwargs):
+            if step >= kill_at and "tmp" in os.path.basename(os.fspath(src)):
+                print("killed", step, "renaming", os.path.basename(os.fspath(src)), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst, *args, **kwargs)
+        return rename
+
+    os.rename, os.replace = dying(os.rename), dying(os.replace)
+    ckpt = Checkpointer(directory, keep_last_n=2)
     big = jnp.ones((8, 1024, 1024), jnp.float32)  # 32 MiB per step
-    for step in range(1, 1000):
+    for step in range(1, kill_at + 1):
         ckpt.save(step, {"big": big * step, "step": jnp.int32(step)}, meta={"step": step})
-        print("dispatched", step, flush=True)
         ckpt.wait_until_finished()
         print("saved", step, flush=True)
+    sys.exit("step %d was saved without renaming a tmp path: the kill never landed" % kill_at)
     """
 )
 
 
-@pytest.mark.parametrize("kill_after", [3])
-def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, kill_after):
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL in the middle of saving step 3 leaves steps 1 and 2 loadable and step 3 not listed.
+
+    The saver kills itself at the first rename of a tmp path while step 3 is being written into its
+    ``3.orbax-checkpoint-tmp*`` folder (Orbax 0.12: an item of the step being finalised; the step folder is
+    renamed into place last): the kill lands mid-save by construction, not by a reader racing the
+    background write (which a loaded machine could lose)."""
+    kill_at = 3
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
-    saw_tmp = False
-    for attempt in range(3):  # the kill must land while a step is being written; retry if it finished first
-        d = tmp_path / f"ckpt{attempt}"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SAVER, str(d)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
-        )
-        try:
-            for line in proc.stdout:
-                if line.startswith("dispatched") and int(line.split()[1]) >= kill_after:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        complete = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
-        if any("tmp" in p.name for p in d.iterdir()):
-            saw_tmp = True
-            break
-    assert proc.returncode == -signal.SIGKILL
-    assert saw_tmp, "the kill never landed mid-save"
+    d = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", _SAVER, str(d), str(kill_at)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["saved 1", "saved 2"] and lines[2].startswith("killed 3 renaming "), proc.stdout
+    assert [p for p in d.iterdir() if "tmp" in p.name], sorted(p.name for p in d.iterdir())  # step 3, unfinished
     with Checkpointer(d, keep_last_n=2) as ckpt:
-        latest = ckpt.latest_step()
-        assert latest == complete[-1] and latest >= 2
+        assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
         state, meta = ckpt.restore(target={"big": jnp.zeros((8, 1024, 1024)), "step": jnp.int32(0)})
-    assert meta == {"step": latest} and int(state["step"]) == latest
-    np.testing.assert_array_equal(np.asarray(state["big"][:, :2, :2]), np.full((8, 2, 2), float(latest)))
+    assert meta == {"step": 2} and int(state["step"]) == 2
+    np.testing.assert_array_equal(np.asarray(state["big"][:, :2, :2]), np.full((8, 2, 2), 2.0))
     assert not [p for p in d.iterdir() if "tmp" in p.name]  # leftovers cleaned up on open
 
 

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -75,15 +74,17 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_is_named_within_bounded_time(tmp_path):
-    t0 = time.monotonic()
+    """Process 1 dies after start-up; process 0 names it through its 10 s start-up barrier and exits by
+    itself. "Bounded" is checked by the launcher, not by a wall clock here (start-up of two JAX processes
+    on a loaded machine can take any time): process 0 must end on its own (EXIT_PEER_FAILURE) before the
+    launcher's 40 s grace after process 1's death runs out, or the launcher kills it and says so."""
     p = subprocess.run(["bash", LAUNCH, "2", "4", "--", sys.executable, WORKER, "--out", str(tmp_path / "x.json"),
                         "--die-process", "1", "--peer-timeout", "10"],
                        env=_env(RLHF_JAX_HEARTBEAT_TIMEOUT_S="40", RLHF_JAX_GRACE_S="40"), cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - t0
+                       capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-3000:]
     assert re.search(r"\[p0\] \[rlhf_jax\] process 0/2: barrier 'startup' did not finish within 10s: "
                      r"never arrived: process 1", out), out[-3000:]
     assert f"p0={D.EXIT_PEER_FAILURE}" in out and "p1=137" in out, out[-3000:]
-    assert elapsed < 60, elapsed
+    assert "still running" not in out, out[-3000:]  # the launcher never had to kill process 0
