@@ -12,15 +12,14 @@ Notation (per row): log-ratios :math:`u_c = \\log\\pi_\\theta(y_c) - \\log\\pi_\
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.ops._util import check_rank, check_same_shape, compute_dtype
 
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
-)  # fmt: skip
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
@@ -56,6 +55,152 @@ def _smoothed_sigmoid(x: jax.Array, eps: float) -> jax.Array:
     return -log_sigmoid(x) * (1 - eps) - log_sigmoid(-x) * eps
 
 
+class _Terms(NamedTuple):
+    """What every per-loss function reads (notation of the module docstring), in the compute dtype."""
+
+    pc: jax.Array  # policy chosen log-prob sums
+    pr: jax.Array  # policy rejected
+    rc: jax.Array  # reference chosen
+    rr: jax.Array  # reference rejected
+    u_c: jax.Array  # pc - rc
+    u_r: jax.Array  # pr - rr
+    x: jax.Array  # beta * (s_c - s_r)
+    avg_delta: jax.Array | None  # s_c/|y_c| - s_r/|y_r| (only for _LENGTH_NORMALISED types)
+    beta: float
+    eps: float  # label_smoothing
+    tau: float  # discopop_tau
+    bco_delta: float | jax.Array
+    dtype: jnp.dtype
+
+
+def _sigmoid(t: _Terms) -> jax.Array:
+    """-(1-ε)logσ(x) - ε logσ(-x): DPO (Rafailov et al. 2023); ε > 0 is cDPO; TRL "sigmoid"."""
+    return _smoothed_sigmoid(t.x, t.eps)
+
+
+def _hinge(t: _Terms) -> jax.Array:
+    """relu(1 - x): SLiC (Zhao et al. 2023); TRL "hinge"."""
+    return jax.nn.relu(1 - t.x)
+
+
+def _ipo(t: _Terms) -> jax.Array:
+    """(s_c/|y_c| - s_r/|y_r| - 1/(2β))²: IPO (Azar et al. 2023, Eq. 17), length-normalised as TRL "ipo"."""
+    return jnp.square(t.avg_delta - 1 / (2 * t.beta))
+
+
+def _exo_pair(t: _Terms) -> jax.Array:
+    """σ(x)(logσ(x) - log(1-ε)) + σ(-x)(logσ(-x) - log ε): EXO (Ji et al. 2024, Eq. 16); TRL "exo_pair"."""
+    eps = t.eps
+    if not 0 < eps < 1:  # TRL 1.16 raises at 0 (the EXO paper recommends 1e-3)
+        raise ValueError(f"rlhf_jax.ops.dpo_loss: exo_pair needs 0 < label_smoothing < 1, got {eps}")
+    x = t.x
+    return jax.nn.sigmoid(x) * (log_sigmoid(x) - jnp.log1p(-eps)) + jax.nn.sigmoid(-x) * (
+        log_sigmoid(-x) - jnp.log(eps)
+    )
+
+
+def _nca_pair(t: _Terms) -> jax.Array:
+    """-logσ(βu_c) - ½logσ(-βu_c) - ½logσ(-βu_r): NCA (Chen et al. 2024); TRL "nca_pair"."""
+    cr, rj = t.beta * t.u_c, t.beta * t.u_r
+    return -log_sigmoid(cr) - 0.5 * log_sigmoid(-cr) - 0.5 * log_sigmoid(-rj)
+
+
+def _robust(t: _Terms) -> jax.Array:
+    """(-(1-ε)logσ(x) + ε logσ(-x))/(1-2ε): robust DPO (Chowdhury et al. 2024); TRL "robust"."""
+    eps = t.eps
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"rlhf_jax.ops.dpo_loss: robust needs 0 <= label_smoothing < 0.5, got {eps}")
+    return (-(1 - eps) * log_sigmoid(t.x) + eps * log_sigmoid(-t.x)) / (1 - 2 * eps)
+
+
+def _bco_pair(t: _Terms) -> jax.Array:
+    """-logσ(βu_c - δ) - logσ(-(βu_r - δ)): BCO (Jung et al. 2024); TRL "bco_pair" (δ = bco_delta)."""
+    d = jnp.asarray(t.bco_delta, t.dtype)
+    return -log_sigmoid(t.beta * t.u_c - d) - log_sigmoid(-(t.beta * t.u_r - d))
+
+
+def _sppo_hard(t: _Terms) -> jax.Array:
+    """(u_c - 1/(2β))² + (u_r + 1/(2β))²: SPPO (Wu et al. 2024); TRL "sppo_hard"."""
+    return jnp.square(t.u_c - 0.5 / t.beta) + jnp.square(t.u_r + 0.5 / t.beta)
+
+
+def _aot(t: _Terms) -> jax.Array:
+    """Smoothed sigmoid of β(sort_B(π_c - π_r) - sort_B(ref_c - ref_r)): AOT (Melnyk et al. 2024); TRL "aot"."""
+    d = jnp.sort(t.pc - t.pr) - jnp.sort(t.rc - t.rr)
+    return _smoothed_sigmoid(t.beta * d, t.eps)
+
+
+def _aot_unpaired(t: _Terms) -> jax.Array:
+    """Smoothed sigmoid of β(sort_B(u_c) - sort_B(u_r)): AOT unpaired (Melnyk et al. 2024); TRL "aot_unpaired"."""
+    d = jnp.sort(t.u_c) - jnp.sort(t.u_r)
+    return _smoothed_sigmoid(t.beta * d, t.eps)
+
+
+def _apo_zero(t: _Terms) -> jax.Array:
+    """1 - σ(βu_c) + σ(βu_r): APO-zero (D'Oosterlinck et al. 2024, Eq. 7); TRL "apo_zero"."""
+    return 1 - jax.nn.sigmoid(t.beta * t.u_c) + jax.nn.sigmoid(t.beta * t.u_r)
+
+
+def _apo_down(t: _Terms) -> jax.Array:
+    """σ(βu_c) + 1 - σ(x): APO-down (D'Oosterlinck et al. 2024, Eq. 8); TRL "apo_down"."""
+    return jax.nn.sigmoid(t.beta * t.u_c) + 1 - jax.nn.sigmoid(t.x)
+
+
+def _discopop(t: _Terms) -> jax.Array:
+    """-logσ(x)(1 - w) + e^{-x} w, w = σ(x/τ): DiscoPOP (Lu et al. 2024, Eq. 5); TRL "discopop"."""
+    w = jax.nn.sigmoid(t.x / t.tau)
+    return -log_sigmoid(t.x) * (1 - w) + jnp.exp(-t.x) * w
+
+
+def _sigmoid_norm(t: _Terms) -> jax.Array:
+    """-logσ(β(s_c/|y_c| - s_r/|y_r|)): length-normalised DPO; TRL 1.x "sigmoid_norm"."""
+    return -log_sigmoid(t.beta * t.avg_delta)
+
+
+_DPO_LOSSES: dict[str, Callable[[_Terms], jax.Array]] = {
+    "sigmoid": _sigmoid,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sigmoid_norm": _sigmoid_norm,
+}
+DPO_LOSS_TYPES = tuple(_DPO_LOSSES)  # the table's keys, in TRL's order
+
+
+def _check_loss_args(loss_type: str, f_divergence: str) -> None:
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"rlhf_jax.ops.dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"rlhf_jax.ops.dpo_loss: f_divergence={f_divergence!r} is only defined for {F_DIVERGENCE_LOSS_TYPES} "
+            f"(as in TRL 1.16: the f-DPO log Z term cancels only in the chosen - rejected difference); "
+            f"got loss_type={loss_type!r}"
+        )
+
+
+def _avg_delta(loss_type, pc, s_c, s_r, chosen_lengths_B, rejected_lengths_B, dtype) -> jax.Array:
+    """s_c/|y_c| - s_r/|y_r| with lengths clamped at >= 1 (for the _LENGTH_NORMALISED types)."""
+    if chosen_lengths_B is None or rejected_lengths_B is None:
+        raise ValueError(
+            f"rlhf_jax.ops.dpo_loss: loss_type={loss_type!r} needs chosen_lengths_B and rejected_lengths_B"
+        )
+    check_same_shape(
+        "dpo_loss", policy_chosen_logps_B=pc, chosen_lengths_B=chosen_lengths_B, rejected_lengths_B=rejected_lengths_B
+    )
+    return s_c / jnp.maximum(chosen_lengths_B.astype(dtype), 1.0) - s_r / jnp.maximum(
+        rejected_lengths_B.astype(dtype), 1.0
+    )
+
+
 def dpo_loss(
     policy_chosen_logps_B: jax.Array,
     policy_rejected_logps_B: jax.Array,
@@ -81,7 +226,7 @@ def dpo_loss(
     - hinge (SLiC, Zhao et al. 2023): :math:`\mathrm{relu}(1 - x)`.
     - ipo (Azar et al. 2023, Eq. 17, length-normalised as TRL): :math:`(s_c/|y_c| - s_r/|y_r| - 1/(2\beta))^2`.
     - exo_pair (Ji et al. 2024, Eq. 16): :math:`\sigma(x)(\log\sigma(x) - \log(1-\epsilon)) +
-      \sigma(-x)(\log\sigma(-x) - \log\epsilon)`; ε = 0 is replaced by 1e-3 as TRL (0.x) does.
+      \sigma(-x)(\log\sigma(-x) - \log\epsilon)`; needs 0 < ε < 1 (TRL 1.16 raises at ε = 0; the paper uses 1e-3).
     - nca_pair (Chen et al. 2024):
       :math:`-\log\sigma(\beta s_c) - \tfrac12\log\sigma(-\beta s_c) - \tfrac12\log\sigma(-\beta s_r)`.
     - robust (Chowdhury et al. 2024): :math:`(-(1-\epsilon)\log\sigma(x) + \epsilon\log\sigma(-x))/(1-2\epsilon)`.
@@ -97,6 +242,7 @@ def dpo_loss(
     - discopop (Lu et al. 2024, Eq. 5): with w = σ(x/τ): :math:`-\log\sigma(x)(1-w) + e^{-x} w`.
     - sigmoid_norm (TRL 1.x): :math:`-\log\sigma(\beta(s_c/|y_c| - s_r/|y_r|))`.
 
+    Each loss is a small function in ``_DPO_LOSSES`` (its docstring: equation and source).
     Lengths (completion token counts, clamped at ≥ 1) are required by ``ipo`` and ``sigmoid_norm``.
 
     Args:
@@ -115,14 +261,7 @@ def dpo_loss(
       ``(losses_B, chosen_rewards_B, rejected_rewards_B)``; the trainer's loss is ``mean(losses_B)``.
     """
     name = "dpo_loss"
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"rlhf_jax.ops.dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
-        raise ValueError(
-            f"rlhf_jax.ops.dpo_loss: f_divergence={f_divergence!r} is only defined for {F_DIVERGENCE_LOSS_TYPES} "
-            f"(as in TRL 1.16: the f-DPO log Z term cancels only in the chosen - rejected difference); "
-            f"got loss_type={loss_type!r}"
-        )
+    _check_loss_args(loss_type, f_divergence)
     check_rank(name, "policy_chosen_logps_B", policy_chosen_logps_B, 1)
     check_same_shape(
         name,
@@ -139,61 +278,12 @@ def dpo_loss(
     u_c, u_r = pc - rc, pr - rr
     s_c = f_divergence_scores(u_c, f_divergence=f_divergence, alpha=alpha)
     s_r = f_divergence_scores(u_r, f_divergence=f_divergence, alpha=alpha)
-    delta = s_c - s_r
-    x = beta * delta
-    eps = label_smoothing
-
+    x = beta * (s_c - s_r)
+    avg_delta = None
     if loss_type in _LENGTH_NORMALISED:
-        if chosen_lengths_B is None or rejected_lengths_B is None:
-            raise ValueError(
-                f"rlhf_jax.ops.dpo_loss: loss_type={loss_type!r} needs chosen_lengths_B and rejected_lengths_B"
-            )
-        check_same_shape(
-            name, policy_chosen_logps_B=pc, chosen_lengths_B=chosen_lengths_B, rejected_lengths_B=rejected_lengths_B
-        )
-        avg_delta = s_c / jnp.maximum(chosen_lengths_B.astype(dtype), 1.0) - s_r / jnp.maximum(
-            rejected_lengths_B.astype(dtype), 1.0
-        )
-
-    if loss_type == "sigmoid":
-        losses = _smoothed_sigmoid(x, eps)
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1 - x)
-    elif loss_type == "ipo":
-        losses = jnp.square(avg_delta - 1 / (2 * beta))
-    elif loss_type == "exo_pair":
-        if not 0 < eps < 1:  # TRL 1.16 raises at 0 (the EXO paper recommends 1e-3)
-            raise ValueError(f"rlhf_jax.ops.dpo_loss: exo_pair needs 0 < label_smoothing < 1, got {eps}")
-        losses = jax.nn.sigmoid(x) * (log_sigmoid(x) - jnp.log1p(-eps)) + jax.nn.sigmoid(-x) * (
-            log_sigmoid(-x) - jnp.log(eps)
-        )
-    elif loss_type == "nca_pair":
-        cr, rj = beta * u_c, beta * u_r
-        losses = -log_sigmoid(cr) - 0.5 * log_sigmoid(-cr) - 0.5 * log_sigmoid(-rj)
-    elif loss_type == "robust":
-        if not 0 <= eps < 0.5:
-            raise ValueError(f"rlhf_jax.ops.dpo_loss: robust needs 0 <= label_smoothing < 0.5, got {eps}")
-        losses = (-(1 - eps) * log_sigmoid(x) + eps * log_sigmoid(-x)) / (1 - 2 * eps)
-    elif loss_type == "bco_pair":
-        d = jnp.asarray(bco_delta, dtype)
-        losses = -log_sigmoid(beta * u_c - d) - log_sigmoid(-(beta * u_r - d))
-    elif loss_type == "sppo_hard":
-        losses = jnp.square(u_c - 0.5 / beta) + jnp.square(u_r + 0.5 / beta)
-    elif loss_type == "aot":
-        d = jnp.sort(pc - pr) - jnp.sort(rc - rr)
-        losses = _smoothed_sigmoid(beta * d, eps)
-    elif loss_type == "aot_unpaired":
-        d = jnp.sort(u_c) - jnp.sort(u_r)
-        losses = _smoothed_sigmoid(beta * d, eps)
-    elif loss_type == "apo_zero":
-        losses = 1 - jax.nn.sigmoid(beta * u_c) + jax.nn.sigmoid(beta * u_r)
-    elif loss_type == "apo_down":
-        losses = jax.nn.sigmoid(beta * u_c) + 1 - jax.nn.sigmoid(x)
-    elif loss_type == "discopop":
-        w = jax.nn.sigmoid(x / discopop_tau)
-        losses = -log_sigmoid(x) * (1 - w) + jnp.exp(-x) * w
-    else:  # sigmoid_norm
-        losses = -log_sigmoid(beta * avg_delta)
+        avg_delta = _avg_delta(loss_type, pc, s_c, s_r, chosen_lengths_B, rejected_lengths_B, dtype)
+    terms = _Terms(pc, pr, rc, rr, u_c, u_r, x, avg_delta, beta, label_smoothing, discopop_tau, bco_delta, dtype)
+    losses = _DPO_LOSSES[loss_type](terms)
 
     chosen_rewards = jax.lax.stop_gradient(beta * u_c)
     rejected_rewards = jax.lax.stop_gradient(beta * u_r)
