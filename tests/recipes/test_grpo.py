@@ -172,24 +172,35 @@ class TestPresets:
 
 
 class FakeSampler:
-    """Scores of each call come from a list; rollouts are rows of ids so selection can be checked."""
+    """Rollouts are rows of ids (call n: 100·n + row) so the selection can be checked."""
 
-    def __init__(self, scores):
-        self.scores, self.calls = list(scores), 0
+    def __init__(self):
+        self.calls = 0
 
     def __call__(self, params, batch, key, temperature=None, repeats=1):
         from rlhf_jax.rollout.types import Rollout
 
-        s = np.asarray(self.scores[self.calls], np.float32)
         self.calls += 1
-        b = len(s)
-        assert len(batch.index_B) * repeats == b  # the distinct prompts, sampled `repeats` times each
+        b = len(batch.index_B) * repeats  # the distinct prompts, sampled `repeats` times each
         ids = (np.arange(b)[:, None] + 100 * self.calls).astype(np.int32) * np.ones((1, 2), np.int32)
-        ro = Rollout(ids, np.ones((b, 2), np.int32), ids, np.ones((b, 2), np.int32), np.zeros((b, 2), np.float32),
-                     np.zeros((b, 2), np.float32), np.full((b,), 2, np.int32))
-        texts = {"prompts": [f"p{i}" for i in range(b)], "responses": [f"r{self.calls}_{i}" for i in range(b)],
-                 "gold": None}
-        return ro, s, {"reward/x": float(s.mean())}, texts
+        return Rollout(ids, np.ones((b, 2), np.int32), ids, np.ones((b, 2), np.int32), np.zeros((b, 2), np.float32),
+                       np.zeros((b, 2), np.float32), np.full((b,), 2, np.int32))
+
+
+class FakeScorer:
+    """Scores of each call come from a list."""
+
+    def __init__(self, scores, sampler: FakeSampler):
+        self.scores, self.sampler = list(scores), sampler
+
+    def __call__(self, ro, index_B):
+        from rlhf_jax.online.scoring import Scores
+
+        s = np.asarray(self.scores[self.sampler.calls - 1], np.float32)
+        assert len(index_B) == len(s)
+        texts = {"prompts": [f"p{i}" for i in range(len(s))],
+                 "responses": [f"r{self.sampler.calls}_{i}" for i in range(len(s))], "gold": None}
+        return Scores(s, np.zeros_like(s), s, {"reward/x": float(s.mean())}, texts)
 
 
 def prompt_iter(n):
@@ -197,29 +208,33 @@ def prompt_iter(n):
         yield PromptBatch(np.ones((n, 2), np.int32), np.ones((n, 2), np.int32), np.arange(n))
 
 
+def _collect(scores, *, dynamic, max_tries):
+    from rlhf_jax import sharding as shd
+
+    sampler = FakeSampler()
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    return grpo.collect_groups(sampler, FakeScorer(scores, sampler), None, prompt_iter(2), jax.random.key(0),
+                               group_size=2, dynamic=dynamic, max_tries=max_tries, mesh=mesh)
+
+
 def test_dynamic_sampling_drops_zero_variance_groups_and_refills():
     # 2 prompts x G=2 per call: call 1 keeps group 1 only, call 2 keeps group 0 → full after 2 tries
-    sampler = FakeSampler([[1, 1, 0, 1], [0, 1, 3, 3], [9, 9, 9, 9]])
-    ro, score, index, texts, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0),
-                                                        group_size=2, dynamic=True, max_tries=4)
-    np.testing.assert_array_equal(score, [0, 1, 0, 1])
-    assert texts["responses"] == ["r1_2", "r1_3", "r2_0", "r2_1"]
-    np.testing.assert_array_equal(np.asarray(ro.response_ids_BxT)[:, 0], [102, 103, 200, 201])
-    assert mets["dynamic_sampling/tries"] == 2 and mets["dynamic_sampling/filled_groups"] == 0
-    assert mets["dynamic_sampling/kept_fraction"] == 0.5
+    g = _collect([[1, 1, 0, 1], [0, 1, 3, 3], [9, 9, 9, 9]], dynamic=True, max_tries=4)
+    np.testing.assert_array_equal(g.local_score_B, [0, 1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(g.score_B), [0, 1, 0, 1])
+    assert g.texts["responses"] == ["r1_2", "r1_3", "r2_0", "r2_1"]
+    np.testing.assert_array_equal(np.asarray(g.rollout.response_ids_BxT)[:, 0], [102, 103, 200, 201])
+    assert g.metrics["dynamic_sampling/tries"] == 2 and g.metrics["dynamic_sampling/filled_groups"] == 0
+    assert g.metrics["dynamic_sampling/kept_fraction"] == 0.5
 
 
 def test_dynamic_sampling_bounded_tries_fill_with_dropped_groups():
-    sampler = FakeSampler([[1, 1, 0, 1], [2, 2, 3, 3]])
-    _, score, _, texts, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0), group_size=2,
-                                                   dynamic=True, max_tries=2)
-    np.testing.assert_array_equal(score, [0, 1, 1, 1])  # the kept group, then the first dropped one
-    assert mets["dynamic_sampling/tries"] == 2 and mets["dynamic_sampling/filled_groups"] == 1
-    sampler = FakeSampler([[1, 1, 0, 1]])
-    _, score, _, _, mets = grpo.collect_groups(sampler, None, prompt_iter(2), jax.random.key(0), group_size=2,
-                                               dynamic=False, max_tries=4)
-    np.testing.assert_array_equal(score, [1, 1, 0, 1])
-    assert "dynamic_sampling/tries" not in mets
+    g = _collect([[1, 1, 0, 1], [2, 2, 3, 3]], dynamic=True, max_tries=2)
+    np.testing.assert_array_equal(g.local_score_B, [0, 1, 1, 1])  # the kept group, then the first dropped one
+    assert g.metrics["dynamic_sampling/tries"] == 2 and g.metrics["dynamic_sampling/filled_groups"] == 1
+    g = _collect([[1, 1, 0, 1]], dynamic=False, max_tries=4)
+    np.testing.assert_array_equal(g.local_score_B, [1, 1, 0, 1])
+    assert "dynamic_sampling/tries" not in g.metrics
 
 
 # ------------------------------------------------------------------------------------------------ slow

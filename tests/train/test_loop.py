@@ -1,0 +1,150 @@
+"""Tests for rlhf_jax/train/loop.py: the one host loop of every command (real Orbax checkpoints)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.config import ConfigError, load_config
+from rlhf_jax.recipes import REGISTRY, trainer_config_class
+from rlhf_jax.run_config import RunConfig
+from rlhf_jax.train.loop import Loop, run_loop
+from rlhf_jax.train.step import NonFiniteError
+
+
+class Counter:
+    """A checkpointable 'data iterator': its position is saved with the state and restored on resume."""
+
+    def __init__(self):
+        self.pos = 0
+
+    def __next__(self):
+        self.pos += 1
+        return self.pos
+
+    def state(self):
+        return {"pos": self.pos}
+
+    def restore(self, s):
+        self.pos = s["pos"]
+
+
+def _loop(tmp_path, *, total=6, losses=None, finite=None, **run_kw):
+    """A loop whose state {"w"} is a float that grows by the step's data value; metrics are host floats."""
+    data = Counter()
+    losses = losses or {}
+    finite = finite or {}
+
+    def step(index, state):
+        x = next(data)
+        ok = finite.get(index + 1, True)
+        new = {"w": state["w"] + (x if ok else 0)}
+        return new, {"loss": losses.get(index + 1, float(10 - index)), "finite": float(ok), "x": float(x)}, \
+            [{"row": index}]
+
+    run = RunConfig(output_dir=str(tmp_path), tensorboard=False, progress="off", log_every=1, **run_kw)
+    exported = []
+    loop = Loop(name="toy", run=run, output_dir=tmp_path, total=total, step=step, data={"toy": data},
+                sample_every=2, export=lambda s: exported.append(float(s["w"])) or tmp_path / "model")
+    return loop, exported
+
+
+def _records(tmp_path):
+    return [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_runs_logs_every_step_once_and_exports(tmp_path):
+    loop, exported = _loop(tmp_path, save_every=2)
+    res = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert float(res.state['w']) == 21.0 and exported == [21.0] and res.export_dir == str(tmp_path / "model")
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [h["x"] for h in res.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_continues_from_checkpoint_with_data_position(tmp_path):
+    loop, _ = _loop(tmp_path, save_every=2)
+    loop.stop_at_step = 3  # "killed" after step 3; the last checkpoint is step 3 (the stop step saves)
+    part = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert float(part.state['w']) == 6.0 and part.export_dir is None
+    loop2, exported = _loop(tmp_path, save_every=2)
+    res = run_loop(loop2, {"w": jnp.zeros((), jnp.float32)})
+    assert float(res.state['w']) == 21.0 and exported == [21.0]  # data positions 4, 5, 6 followed on
+    steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged exactly once
+
+
+def test_resume_drops_records_after_checkpoint_and_a_torn_line(tmp_path, capsys):
+    loop, _ = _loop(tmp_path, save_every=2)
+    loop.stop_at_step = 2
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # step 3 logged, then killed mid-write of step 4
+        f.write(json.dumps({"step": 3, "split": "train", "loss": 1.0}) + "\n" + '{"step": 4, "spl')
+    loop2, _ = _loop(tmp_path, save_every=2)
+    run_loop(loop2, {"w": jnp.zeros((), jnp.float32)})
+    assert "torn last line" in capsys.readouterr().out
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_stop_raises_naming_the_logged_step_and_saves_nothing_after(tmp_path):
+    loop, _ = _loop(tmp_path, finite={3: False}, save_every=1)
+    with pytest.raises(NonFiniteError, match="step 3"):
+        run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_nan_skip_goes_on_until_max_consecutive_skips(tmp_path):
+    loop, _ = _loop(tmp_path, finite={2: False, 4: False}, nan_policy="skip", max_nan_skips=2)
+    res = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})  # never 2 in a row
+    assert float(res.state['w']) == 21.0 - 2 - 4
+    loop, _ = _loop(tmp_path / "b", finite={2: False, 3: False}, nan_policy="skip", max_nan_skips=2)
+    with pytest.raises(NonFiniteError, match="2 consecutive"):
+        run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+
+
+def test_keep_best_metric_keeps_the_best_checkpoint(tmp_path):
+    losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 6.0, 6: 7.0}
+    loop, _ = _loop(tmp_path, losses=losses, save_every=1, keep_last_n=1, keep_best_metric="train/loss",
+                    keep_best_mode="min")
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert 2 in kept and 6 in kept and len(kept) == 2, kept
+
+
+def test_evaluate_on_cadence_and_at_the_end(tmp_path):
+    loop, _ = _loop(tmp_path, eval_every=4)
+    seen = []
+    loop.evaluate = lambda s: seen.append(float(s["w"])) or {"score": float(s["w"])}
+    res = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert seen == [10.0, 21.0] and res.latest["eval/score"] == 21.0
+    assert [r["step"] for r in _records(tmp_path) if r.get("split") == "eval"] == [4, 6]
+
+
+def test_sample_tables_on_cadence(tmp_path):
+    loop, _ = _loop(tmp_path)
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    tables = [p.name for p in tmp_path.rglob("*") if "samples" in p.name]
+    assert tables, "no sample table written"
+
+
+ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp", "remax", "raft", "online_dpo")
+
+
+@pytest.mark.parametrize("command", ONLINE)
+def test_online_commands_reject_run_keys_they_cannot_honour(command):
+    cls = trainer_config_class(command)
+    base = ["model.path=m", "data.path=d"]
+    with pytest.raises(ConfigError, match="run.eval_every"):
+        load_config(cls, None, base + ["run.eval_every=5"])
+    with pytest.raises(ConfigError, match="run.keep_best_metric"):
+        load_config(cls, None, base + ["run.keep_best_metric=eval/gold_score"])
+    cfg = load_config(cls, None, base + ["run.keep_best_metric=train/score", "run.keep_best_mode=max",
+                                         "run.max_nan_skips=3", "run.total_steps=null", "run.epochs=2"])
+    assert cfg.run.keep_best_metric == "train/score" and cfg.run.epochs == 2
+
+
+def test_registry_names_every_cli_command():
+    assert set(ONLINE) | {"sft", "rm", "dpo", "label"} == set(REGISTRY)
+    assert all(np.all([isinstance(x, str) for x in v]) for v in REGISTRY.values())
