@@ -7,7 +7,7 @@ A checkpoint step holds two items:
 
 Restoring always needs an abstract *target* built from the live state (`abstract_like(state)`): it carries
 the shardings (so a checkpoint can be restored onto another mesh) and the pytree types (without it Orbax
-turns optax `NamedTuple`s into lists; see STACK.md).
+turns optax `NamedTuple`s into lists).
 
 RNG keys: typed keys (`jax.random.key`) are stored as their raw `uint32` key data and re-wrapped with the
 target's key implementation on restore, so the state may hold typed keys or raw `uint32` keys alike.

@@ -6,19 +6,15 @@ on ``free``, so every execution faults them in again and the kernel zeroes every
 time on the same cores the program computes on. Two layers of glibc tunables (``GLIBC_TUNABLES``):
 
 - ``glibc.malloc.hugetlb=1`` (glibc ≥ 2.35, every host): malloc asks for transparent huge pages
-  (``madvise(MADV_HUGEPAGE)``), 2 MiB per fault instead of 4 KiB. Measured earlier (the same update, 4
-  executions): minor faults 8.3 M → 0.6 M, kernel time 61 → 44 s.
+  (``madvise(MADV_HUGEPAGE)``), 2 MiB per fault instead of 4 KiB.
 - On hosts without an accelerator (XLA's buffers ARE host memory), also ``mmap_max=0`` (large blocks
   come from the heap), ``arena_max=1`` (one heap for all threads; a worker thread's own arena unmaps its
   heaps when they empty) and ``trim_threshold`` = 1 TiB (freed memory is never handed back). The next
-  execution reuses the same pages: no faults, no zeroing. Measured 2026-12-02 (``/tmp`` script: the
-  ~100M fused PPO update alone, f32, 32 × 128 tokens; getrusage per execution): kernel time 4.5–8.3 s →
-  0.00–0.08 s and minor faults ~5,300 → 0 per execution, wall 18.0–24.2 s → 15.4–20.2 s (min 18.0 →
-  15.4). The ~100M PPO trainer's resident set stayed flat at 13.5 GiB over 12 iterations.
+  execution reuses the same pages: no faults, no zeroing (``benchmarks/host_memory.py`` measures it;
+  numbers in ``benchmarks/README.md``).
 
-An earlier attempt at the second layer (``mallopt`` called at run time, after JAX had started its
-threads) let the heap grow to 24 GB and was killed by the OOM killer; set from process start, as here, it
-did not grow. On GPU/TPU hosts (``/dev/nvidia*``, ``/dev/accel*``, ``/dev/vfio/*`` present and
+The second layer must be set from process start: applied at run time (``mallopt`` after JAX has started
+its threads) the heap fragments instead. On GPU/TPU hosts (``/dev/nvidia*``, ``/dev/accel*``, ``/dev/vfio/*`` present and
 ``JAX_PLATFORMS`` not ``cpu``) only the first layer is set: device buffers are not malloc'd, and one arena
 would serialise the host threads' allocations for nothing.
 

@@ -380,10 +380,9 @@ def gradient_compiler_options() -> dict[str, Any] | None:
     """XLA compiler options for programs that differentiate a model (train steps, PPO/GRPO updates).
 
     On XLA:CPU, dots are handed to YNNPACK (``xla_cpu_experimental_ynn_fusion_type=DOT``), which runs the
-    transposed products of the backward pass much better than the default emitter. Measured
-    (``benchmarks/ppo.py`` model "small", ~100M Llama, 32 × 128 tokens, 2-core AMD EPYC): actor forward +
-    backward 22.8 → 16.7 s, critic 17.7 → 15.1 s; a forward alone got slower (4.6 → 5.4 s), so
-    forward-only programs keep the default. None elsewhere (GPU/TPU) or when ``RLHF_JAX_CPU_YNN=0``.
+    transposed products of the backward pass better than the default emitter, while forward-only
+    programs run faster with the default, so they keep it (numbers in ``benchmarks/README.md``). None
+    elsewhere (GPU/TPU) or when ``RLHF_JAX_CPU_YNN=0``.
     """
     if os.environ.get(CPU_YNN_ENV, "1") == "0" or jax.default_backend() != "cpu":
         return None

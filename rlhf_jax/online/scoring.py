@@ -68,10 +68,10 @@ def reward_model_scores(model, params, ids_BxS, mask_BxS) -> jax.Array:
     return ops.last_token(model.apply({"params": params}, ids_BxS, mask_BxS), mask_BxS).astype(jnp.float32)
 
 
-def decode(tokenizer, ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> list[str]:
+def decode(tokenizer, ids_BxS: np.ndarray, mask_BxS: np.ndarray) -> list[str]:
     """The real tokens of each row as text (special tokens dropped)."""
     return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True)
-            for row, mrow in zip(ids_BxL, mask_BxL)]
+            for row, mrow in zip(ids_BxS, mask_BxS)]
 
 
 def local_texts(tokenizer, rollout: Rollout) -> tuple[list[str], list[str]]:

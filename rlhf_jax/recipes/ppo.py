@@ -48,7 +48,7 @@ from rlhf_jax.train.state import create_train_state
 
 @dataclasses.dataclass(frozen=True)
 class PPOHyper:
-    """The PPO update (defaults: TRL PPO / ANCHORS.md)."""
+    """The PPO update (defaults as TRL ``PPOTrainer``)."""
 
     epochs: int = 4  # passes over each batch of experience
     num_minibatches: int = 1  # optimizer steps per epoch

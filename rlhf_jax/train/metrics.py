@@ -1,5 +1,5 @@
 """Run-time reporting: metrics to JSONL / TensorBoard / W&B, a progress bar, time splits, and the
-"read step N−1's metrics after dispatching step N" helper (STYLE.md #12).
+"read step N−1's metrics after dispatching step N" helper (`DeferredMetrics`, used by `train.loop`).
 
 End-of-run plots and the summary table live in `rlhf_jax.train.plots`.
 
