@@ -30,7 +30,7 @@ def main() -> None:
         "run.progress=off", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     with count_compiles() as compiles:
         result = ppo.train(cfg)
-    pieces = {k: compiles[k] for k in ("evaluate_rollout", "experience_fn", "update", "_generate_impl")}
+    pieces = {k: compiles[f"jit({k})"] for k in ("evaluate_rollout", "experience_fn", "update", "_generate_impl")}
     assert pieces == dict.fromkeys(pieces, 1), compiles
     actor = result["state"]["actor"].params
     emb = actor["embed"]

@@ -58,8 +58,9 @@ def test_resume_mid_run_equals_uninterrupted_run(tiny_llama, task_data, reward_f
 
     with count_compiles() as compiles:
         full = ppo.train(_cfg(tiny_llama, task_data, reward_file, tmp_path / "full", iters=4))
-    pieces = {k: compiles[k] for k in ("evaluate_rollout", "experience_fn", "update", "_generate_impl")}
-    assert pieces == dict.fromkeys(pieces, 1), compiles  # each piece compiled once over 4 iterations
+    pieces = {k: compiles[f"jit({k})"] for k in ("evaluate_rollout", "experience_fn", "update", "_generate_impl")}
+    # at most once over 4 iterations (0 when an earlier test in this process compiled the same program)
+    assert all(n <= 1 for n in pieces.values()), compiles
     out = tmp_path / "split"
     part = ppo.train(_cfg(tiny_llama, task_data, reward_file, out, iters=4, extra=["run.save_every=2"]),
                      stop_at_step=3)
