@@ -227,7 +227,8 @@ def _check_mask_rows(mask: np.ndarray, row0: int = 0) -> None:
         raise ValueError(f"generate: prompt rows {(empty + row0).tolist()} have no real token (prompt_mask_BxP all 0)")
     bad = np.flatnonzero((mask[:, -1] != 1) | np.any(np.diff(mask, axis=-1) < 0, axis=-1))
     if bad.size:
-        raise ValueError(f"generate: prompts must be LEFT-padded (mask 0...0 1...1); rows {(bad + row0).tolist()} are not")
+        raise ValueError(
+            f"generate: prompts must be LEFT-padded (mask 0...0 1...1); rows {(bad + row0).tolist()} are not")
 
 
 def _check_prompts(prompt_ids_BxP, prompt_mask_BxP) -> None:
@@ -337,7 +338,8 @@ def lower_generate(model, params, prompt_ids_BxP, prompt_mask_BxP, *, key: jax.A
     """The program `generate` would run for the same arguments, lowered but not run. Call it under the same
     mesh / axis-rules context; `.compile().as_text()` gives the partitioned HLO (e.g. to check which collectives
     run inside the decode loop, as `tests/rollout/test_layout.py` does)."""
-    return _sampler(model, prompt_ids_BxP, prompt_mask_BxP, **kwargs).lower(params, prompt_ids_BxP, prompt_mask_BxP, key)
+    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, **kwargs)
+    return fn.lower(params, prompt_ids_BxP, prompt_mask_BxP, key)
 
 
 def _sampler(model, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int, temperature: float = 1.0,

@@ -1,10 +1,14 @@
 """Hybrid-engine rollout layout: sample from a copy of the actor laid out for inference, not for training.
 
-The actor trains FSDP-sharded (``sharding.LOGICAL_RULES``: weights split over ``fsdp`` along ``embed``), so a
-forward pass all-gathers every weight it uses. In the sampler that forward runs once per generated token inside
-the decode ``while`` loop: XLA keeps those all-gathers in the loop body (it does not hoist size-inflating ops out
-of loops), so FSDP params cost T all-gathers of the whole model per rollout. DeepSpeed-Chat's hybrid engine,
-OpenRLHF and verl switch the actor to an inference layout for generation instead; this module does the same:
+The actor trains FSDP-sharded (``sharding.LOGICAL_RULES``: weights split over ``fsdp`` along ``embed``), so every
+forward pass all-gathers the weights it uses. In the sampler's decode ``while`` loop that is what the compiled
+program does (checked in ``tests/rollout/test_layout.py`` on 8 CPU devices): with ``scan_layers`` the gathers stay
+in the loop body, once per generated token and layer (they depend on the layer index); with unrolled layers
+XLA:CPU's loop-invariant code motion hoisted them out of the loop (gathered once per call, besides the prefill's
+own gathers, and kept whole for the whole decode). Where XLA instead splits a product over ``fsdp`` it adds
+per-step activation collectives. Not checked on GPU/TPU.
+DeepSpeed-Chat's hybrid engine, OpenRLHF and verl switch the actor to an inference layout for generation; so
+does this module:
 
     inf_sh = inference_layout(model, mesh)                     # once (weights: tensor-parallel, rest replicated)
     ...
@@ -13,10 +17,10 @@ OpenRLHF and verl switch the actor to an inference layout for generation instead
         ro = generate(model, rollout_params, ids, mask, ..., param_shardings=inf_sh, batch_sharding=b_sh)
     del rollout_params                                         # free the copy before the update
 
-The decode loop of that program contains no parameter all-gather (``tests/rollout/test_layout.py`` checks the
-compiled HLO). Cost: per device the copy holds ``params / tensor`` bytes (vs ``params / (fsdp · tensor)`` for the
-training copy), alive from the reshard to the end of generation; when that does not fit, pass a rules table that
-keeps part of the ``fsdp`` split (``rollout.param_rules``).
+That sampler has no weight all-gather anywhere, in the decode loop or out of it. Cost: per device the copy holds
+``params / tensor`` bytes (vs ``params / (fsdp · tensor)`` for the training copy), alive from the reshard to the
+end of generation; when that does not fit, pass a rules table that keeps part of the ``fsdp`` split
+(``rollout.param_rules``).
 """
 
 from __future__ import annotations
