@@ -271,3 +271,20 @@ def allgather_rows(local: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def allgather_objects(obj) -> list:
+    """Every host's picklable ``obj``, in process order (small payloads: labelled rows, counts); ``[obj]`` on
+    one process."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(every[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]

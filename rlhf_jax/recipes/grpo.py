@@ -212,9 +212,9 @@ def collect_groups(sampler: Sampler, scorer: RewardScorer, params, prompts, key,
                    dynamic: bool, max_tries: int, mesh) -> Groups:
     """One batch of G-sample groups; with DAPO dynamic sampling (single host), prompt batches are drawn until
     every group has reward variance (or ``max_tries``) and dropped groups fill what is still missing."""
-    if not dynamic:
+    if not dynamic:  # the first (only) draw of the dynamic loop below: the same key
         batch = next(prompts)
-        ro = sampler(params, batch, key, repeats=group_size)
+        ro = sampler(params, batch, jax.random.fold_in(key, 0), repeats=group_size)
         index = np.repeat(np.asarray(batch.index_B), group_size)
         sc = scorer(ro, index)
         return Groups(ro, sc.score_B, sc.local_score_B, index, sc.texts, sc.metrics)

@@ -21,6 +21,7 @@ Usage: ``rlhf-jax label configs/label_tiny_cpu.yaml model.path=runs/demo/sft/mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import ops
+from rlhf_jax import distributed, ops
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import require
 from rlhf_jax.data import BatchIterator, DataConfig, PromptBatch, build_data, pad_id_of
@@ -95,25 +96,32 @@ class Judge:
                 "use a single-token verdict")
         self.loaded, self.cfg, self.verdict_id, self.pad = loaded, cfg, int(ids[0]), pad_id_of(tok)
         self._fn = jax.jit(lambda p, i, m: verdict_logprob(loaded.model.apply({"params": p}, i, m), m,
-                                                           self.verdict_id))
+                                                           self.verdict_id))  # batch-sharded in → out
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def __call__(self, prompts: list[str], responses: list[str], *, mesh) -> np.ndarray:
+        """Scores of THIS host's (prompt, response) rows; every host calls it with the same number of rows."""
         texts = [self.cfg.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
         enc = [self.loaded.tokenizer(t)["input_ids"][-self.cfg.max_len:] for t in texts]
-        width = min(self.cfg.max_len, max(len(e) for e in enc))
+        width = int(max(distributed.allgather_rows(np.array([max(len(e) for e in enc)]))))  # one shape on all hosts
         ids = np.full((len(enc), width), self.pad, np.int32)
         mask = np.zeros((len(enc), width), np.int32)
         for i, e in enumerate(enc):  # left padding: the verdict position is the last column
             ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
-        return np.asarray(self._fn(self.loaded.params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
+        ids, mask = shd.shard_batch((ids, mask), mesh)
+        return shd.local_rows(self._fn(self.loaded.params, ids, mask)).astype(np.float32)
 
 
 def _full_batches(it: BatchIterator):
-    """Ordered batches; padding rows (index −1, no prompt token) become copies of row 0 and are dropped later."""
+    """This host's slice of each ordered global batch; padding rows (index −1, no prompt token) become copies
+    of the first real row (or, on a host whose whole slice is padding, a one-token prompt: every host must
+    sample every batch) and are dropped later."""
     for b in it:
         idx = np.asarray(b.index_B)
         pad = idx < 0
         if pad.all():
+            mask = np.zeros_like(b.prompt_mask_BxP)
+            mask[:, -1] = 1
+            yield PromptBatch(b.prompt_ids_BxP, mask, np.zeros_like(idx)), ~pad
             continue
         if pad.any():
             first = int(np.flatnonzero(~pad)[0])
@@ -135,9 +143,10 @@ def train(cfg: LabelConfig) -> dict:
     tok = actor.tokenizer
     data_cfg = dataclasses.replace(cfg.data, format="prompt" if cfg.data.format == "auto" else cfg.data.format,
                                    buckets=(cfg.data.max_prompt_len,), shuffle=False, drop_last=False)
-    it = build_data(data_cfg, tok, task="prompt", batch_size=cfg.rollout.batch_size).train
-    it = BatchIterator(it.data, data_cfg, batch_size=cfg.rollout.batch_size, pad_id=pad_id_of(tok),
-                       shuffle=False, drop_last=False, num_epochs=1)
+    host_bs = common.host_batch_size(cfg.rollout.batch_size, mesh)  # each host labels its slice of every batch
+    it = build_data(data_cfg, tok, task="prompt", batch_size=host_bs).train
+    it = BatchIterator(it.data, data_cfg, batch_size=host_bs, pad_id=pad_id_of(tok), shuffle=False, drop_last=False,
+                       num_epochs=1, process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.ranker == "judge":
         judge_loaded = actor if cfg.judge.model_path is None else common.load_model(
             dataclasses.replace(cfg.model, path=cfg.judge.model_path, tokenizer_path=None), mesh=mesh, head="lm")
@@ -148,30 +157,33 @@ def train(cfg: LabelConfig) -> dict:
                              prompt_field=cfg.data.prompt_field)
     sampler = Sampler(actor.model, tok, cfg.rollout, mesh)
     out = pathlib.Path(cfg.output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main_process()
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
     k, key = cfg.num_samples, jax.random.key(cfg.seed)
     counts = {"prompts": 0, "pairs": 0, "ties": 0}
-    with open(out, "w") as f:
+    with open(out, "w") if main else contextlib.nullcontext() as f:
         for n, (batch, real) in enumerate(_full_batches(it)):
             ro = sampler(actor.params, batch, jax.random.fold_in(key, n), repeats=k)
             if judge is not None:
                 prompts, responses = local_texts(tok, ro)
-                score = judge(prompts, responses)
+                score = judge(prompts, responses, mesh=mesh)
             else:
                 sc = scorer(ro, np.repeat(np.asarray(batch.index_B), k))
                 score, responses = sc.local_score_B, sc.texts["responses"]
             best, worst, differ = rows_of.best_worst(score, group_size=k)
             raw = it.data.rows.select([int(i) for i in np.asarray(batch.index_B)])[cfg.data.prompt_field]
-            for g in np.flatnonzero(real):
-                counts["prompts"] += 1
-                if not differ[g]:
-                    counts["ties"] += 1
-                    continue
-                row = pair_row(raw[g], responses[best[g]], responses[worst[g]],
-                               float(score[best[g]]), float(score[worst[g]]))
-                f.write(json.dumps(row) + "\n")
-                counts["pairs"] += 1
-    print(f"[rlhf_jax] label: {counts['pairs']} pairs from {counts['prompts']} prompts "
-          f"({counts['ties']} all-tied prompts skipped) -> {out}", flush=True)
+            rows = [None if not differ[g] else pair_row(raw[g], responses[best[g]], responses[worst[g]],
+                                                        float(score[best[g]]), float(score[worst[g]]))
+                    for g in np.flatnonzero(real)]
+            for host_rows in distributed.allgather_objects(rows):  # prompt order: hosts hold consecutive slices
+                for row in host_rows:
+                    counts["prompts"] += 1
+                    counts["ties" if row is None else "pairs"] += 1
+                    if main and row is not None:
+                        f.write(json.dumps(row) + "\n")
+    if main:
+        print(f"[rlhf_jax] label: {counts['pairs']} pairs from {counts['prompts']} prompts "
+              f"({counts['ties']} all-tied prompts skipped) -> {out}", flush=True)
     return {**counts, "output_dir": str(out.parent), "output_path": str(out)}
 

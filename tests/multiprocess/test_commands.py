@@ -20,6 +20,7 @@ from rlhf_jax import fixtures, tasks
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 _TIMING = ("time", "per_s", "elapsed")
+DENSE = "reward.functions=['tests/multiprocess/dense.py:dense_reward']"  # varies across samples (see dense.py)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,10 @@ def assets(tmp_path_factory) -> dict:
 
 def _online(a: dict) -> list[str]:
     return [f"model.path={a['model']}", f"data.path={a['prompts_train']}", "rollout.max_new_tokens=8",
-            "sample_every=0"]
+            "sample_every=0", DENSE, "reward.weights=[1.0]"]
 
 
 def _commands(a: dict) -> dict[str, tuple[str, list[str]]]:
-    gold = "reward.functions=['rlhf_jax.tasks:gold_score']"
     return {
         "sft": ("sft_tiny_cpu.yaml", [f"model.path={a['model']}", f"data.path={a['sft_train']}",
                                        f"data.eval_path={a['sft_eval']}", "batch_size=8", "run.eval_every=0"]),
@@ -46,7 +46,7 @@ def _commands(a: dict) -> dict[str, tuple[str, list[str]]]:
                                      f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0"]),
         "dpo": ("dpo_tiny_cpu.yaml", [f"model.path={a['model']}", f"data.path={a['pref_train']}",
                                        f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0"]),
-        "ppo": ("ppo_tiny_cpu.yaml", _online(a) + [f"reward.model_path={a['model']}", "reward.normalize=false", gold,
+        "ppo": ("ppo_tiny_cpu.yaml", _online(a) + [f"reward.model_path={a['model']}", "reward.normalize=false",
                                                     "rollout.batch_size=8", "ppo.num_minibatches=2"]),
         "grpo": ("grpo_tiny_cpu.yaml", _online(a) + ["rollout.batch_size=4"]),
         "rloo": ("rloo_tiny_cpu.yaml", _online(a) + ["rollout.batch_size=4"]),
@@ -61,8 +61,8 @@ def _run(command: str, config: str, overrides: list[str], out: pathlib.Path, pro
     env = dict(os.environ, PYTHON=sys.executable, RLHF_JAX_LAUNCH_TIMEOUT_S="600", RLHF_JAX_GRACE_S="30",
                RLHF_JAX_HOST_TUNABLES="0")
     cmd = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(procs), str(devices), "--", sys.executable,
-           "-m", "rlhf_jax", command, str(ROOT / "configs" / config), *overrides, *MESH, "run.total_steps=2",
-           "run.log_every=1", "run.tensorboard=false", "run.progress=off", f"run.output_dir={out}"]
+           "-m", "rlhf_jax", command, str(ROOT / "configs" / config), *MESH, "run.total_steps=2", "run.log_every=1",
+           "run.tensorboard=false", "run.progress=off", f"run.output_dir={out}", *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert p.returncode == 0, f"{procs}x{devices} {command} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -86,3 +86,40 @@ def test_two_processes_equal_one(command, assets, tmp_path):
         for k in r1:
             assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), (command, r1["step"], k, r1[k], r2[k])
     assert (tmp_path / "two" / "model" / "config.json").exists()  # process 0 exported
+
+
+@pytest.mark.slow
+def test_label_two_processes_write_one_file_equal_to_one_process(assets, tmp_path):
+    """Each host labels its slice of every prompt batch; process 0 writes every host's rows in prompt order."""
+    overrides = [f"model.path={assets['model']}", f"data.path={assets['prompts_eval']}", "rollout.batch_size=6",
+                 "rollout.max_new_tokens=8", DENSE, "reward.weights=[1.0]"]
+    env = dict(os.environ, PYTHON=sys.executable, RLHF_JAX_HOST_TUNABLES="0")
+    rows = {}
+    for procs, devices in ((1, 8), (2, 4)):
+        out = tmp_path / f"{procs}x{devices}.jsonl"
+        cmd = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(procs), str(devices), "--", sys.executable,
+               "-m", "rlhf_jax", "label", str(ROOT / "configs" / "label_tiny_cpu.yaml"), *overrides,
+               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"output_path={out}"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        rows[procs] = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(rows[1]) > 0
+    assert [r["prompt"] for r in rows[2]] == [r["prompt"] for r in rows[1]]
+    for a, b in zip(rows[1], rows[2]):
+        assert (a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"])
+        assert b["score_chosen"] == pytest.approx(a["score_chosen"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_across_process_counts(assets, tmp_path):
+    """GRPO checkpointed on 2 x 4 after 2 iterations resumes on 1 x 8 (and a 1 x 8 checkpoint on 2 x 4) at the
+    same global step with the same data order: iteration 3 equals the uninterrupted 1 x 8 run's."""
+    config, overrides = _commands(assets)["grpo"]
+    straight = _values(_run(command := "grpo", config, overrides + ["run.total_steps=3"], tmp_path / "straight", 1, 8))
+    for first, then in (((2, 4), (1, 8)), ((1, 8), (2, 4))):
+        out = tmp_path / f"{first[0]}to{then[0]}"
+        _run(command, config, overrides + ["run.save_every=1"], out, *first)  # 2 iterations, checkpointed
+        resumed = _values(_run(command, config, overrides + ["run.total_steps=3"], out, *then))
+        assert [r["step"] for r in resumed] == [1, 2, 3]  # steps 1-2 kept, 3 appended once
+        for k, v in straight[2].items():
+            assert resumed[2][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (first, then, k, v, resumed[2][k])
