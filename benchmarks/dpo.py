@@ -10,7 +10,7 @@ the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (tor
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
-(`preference_common.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
+(`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
 Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`), and this CPU's
 f32 matmul rate (2048³ jnp.dot) right before and right after the timed steps (this machine's speed drifts
 by tens of percent over minutes); the step's achieved rate is reported against the mean of the two:
@@ -138,8 +138,10 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
     from rlhf_jax.train.optim import make_optimizer
     from rlhf_jax.train.state import create_train_state
     from rlhf_jax.train.step import make_train_step
-    from rlhf_jax.trainers import common, dpo
-    from rlhf_jax.trainers import preference_common as pc
+    from rlhf_jax.algos import preference as pref
+    from rlhf_jax.recipes import dpo
+    from rlhf_jax.train import reference as pc
+    from rlhf_jax.train import run as common
 
     from rlhf_jax import models
     from rlhf_jax import sharding as shd
@@ -164,13 +166,13 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
         loss[:, P:] = 1
         return ids, np.ones((B, s), np.int32), loss
 
-    batch = pc.PairBatch(PreferenceBatch(*side(), *side()), np.zeros(B, np.float32), np.zeros(B, np.float32))
+    batch = pref.PairBatch(PreferenceBatch(*side(), *side()), np.zeros(B, np.float32), np.zeros(B, np.float32))
     batch = shd.shard_batch(batch, mesh)
     tx = make_optimizer(OptimConfig(learning_rate=LR, max_grad_norm=1.0), 100)
     state, state_sh = create_train_state(params, tx, mesh=mesh, params_shardings=p_sh)
-    loss = dpo.PreferenceLossConfig(algorithm="dpo", loss_type="sigmoid", beta=BETA)
+    loss = pref.PreferenceLossConfig(algorithm="dpo", loss_type="sigmoid", beta=BETA)
     width = dpo.completion_width(DataConfig(max_prompt_len=P, max_completion_len=C, max_seq_len=s))
-    step = make_train_step(dpo.make_loss_fn(model, loss, completion_width=width), tx=tx, mesh=mesh,
+    step = make_train_step(pref.make_loss_fn(model, loss, completion_width=width), tx=tx, mesh=mesh,
                            state_shardings=state_sh)
     attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh, completion_width=width)
     key = jax.random.key(0)
@@ -210,7 +212,7 @@ def main() -> None:
         print("TRL_JSON " + json.dumps(trl_worker(args.trl_worker, args.iters, args.warmup)), flush=True)
         return
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from rlhf_jax.host_memory import reexec_with_host_tunables
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
     reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the TRL worker inherits it)
     from benchmarks import _common as Cm

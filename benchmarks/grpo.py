@@ -122,7 +122,7 @@ def trl_worker(model_dir: str, prompts_file: str, iters: int, warmup: int) -> di
 def ours(model_dir: pathlib.Path, prompts: list[str], work: pathlib.Path, iters: int, warmup: int) -> dict:
     from rlhf_jax import tasks
     from rlhf_jax.config import load_config
-    from rlhf_jax.trainers import grpo
+    from rlhf_jax.recipes import grpo
 
     import shutil
 
@@ -159,7 +159,7 @@ def prepare(size: str, root: pathlib.Path) -> pathlib.Path:
 
 def run_one(size: str, args, root: pathlib.Path) -> dict:
     from benchmarks import _common as C_
-    from rlhf_jax.trainers.common import load_tokenizer
+    from rlhf_jax.train.run import load_tokenizer
 
     model_dir = prepare(size, root)
     tok = load_tokenizer(str(model_dir))
@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "rlhf_jax_bench_models"))
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from rlhf_jax.host_memory import reexec_with_host_tunables
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
     reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the TRL worker inherits it)
     from benchmarks import _common as C_

@@ -1,5 +1,5 @@
 """Page faults and wall time of repeated XLA:CPU executions, with and without the host allocator tunables
-(rlhf_jax/host_memory.py). Reports only: nothing here is asserted, because the no-tunable baseline is
+(rlhf_jax/runtime/host_memory.py). Reports only: nothing here is asserted, because the no-tunable baseline is
 decided by the host (glibc's dynamic mmap threshold, which rises after large frees, and the kernel's
 transparent-huge-page mode), not by this project. tests/test_host_memory.py asserts what the project
 controls.
@@ -7,8 +7,8 @@ controls.
 Each configuration runs in its own process (a glibc tunable is read at process start only):
 
 - ``none``: no tunables (``RLHF_JAX_HOST_TUNABLES=0``, ``GLIBC_TUNABLES`` unset): glibc's defaults.
-- ``hugetlb``: :data:`rlhf_jax.host_memory.TUNABLE` only, what a host with an accelerator gets.
-- ``cpu-only``: :data:`~rlhf_jax.host_memory.TUNABLE` + :data:`~rlhf_jax.host_memory.HEAP_TUNABLES`, what
+- ``hugetlb``: :data:`rlhf_jax.runtime.host_memory.TUNABLE` only, what a host with an accelerator gets.
+- ``cpu-only``: :data:`~rlhf_jax.runtime.host_memory.TUNABLE` + :data:`~rlhf_jax.runtime.host_memory.HEAP_TUNABLES`, what
   a CPU-only host gets (the project's default there).
 
 The workload: ``jnp.sum(jnp.tanh(x @ x.T) @ x)`` on ``x`` of ``[size, 256]`` f32, i.e. a ``[size, size]``
@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import _common  # noqa: E402
-from rlhf_jax import host_memory as hm  # noqa: E402
+from rlhf_jax.runtime import host_memory as hm  # noqa: E402
 
 CONFIGS: dict[str, str | None] = {
     "none": None,

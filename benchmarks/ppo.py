@@ -144,7 +144,7 @@ def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, 
     import shutil
 
     from rlhf_jax.config import load_config
-    from rlhf_jax.trainers import ppo
+    from rlhf_jax.recipes import ppo
 
     shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: `--work` may hold an earlier run's checkpoints
 
@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temp dir)")
     ap.add_argument("--peer", nargs=2, metavar=("MODEL_DIR", "PROMPTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.peer:  # same allocator tunable for both sides (the peer inherits it): rlhf_jax/host_memory.py
-        from rlhf_jax.host_memory import reexec_with_host_tunables
+    if not args.peer:  # same allocator tunable for both sides (the peer inherits it): rlhf_jax/runtime/host_memory.py
+        from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
         reexec_with_host_tunables(sys.argv)
     if args.peer:  # inside the TRL venv

@@ -33,8 +33,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # the CLI's allocator tunables (rlhf_jax/host_memory.py), set before JAX starts
-    from rlhf_jax.host_memory import reexec_with_host_tunables
+if __name__ == "__main__":  # the CLI's allocator tunables (rlhf_jax/runtime/host_memory.py), set before JAX starts
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
     reexec_with_host_tunables(sys.argv)
 

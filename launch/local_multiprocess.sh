@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run N_PROC local processes of one command, each with DEVICES_PER_PROC simulated CPU devices, joined by
-# jax.distributed through a coordinator on 127.0.0.1 (rlhf_jax.distributed reads the RLHF_JAX_* variables).
+# jax.distributed through a coordinator on 127.0.0.1 (rlhf_jax.runtime.distributed reads the RLHF_JAX_* variables).
 #
 #   bash launch/local_multiprocess.sh 2 4 -- python -m rlhf_jax.cli sft configs/tiny_sft.yaml
 #

@@ -5,7 +5,7 @@
 #
 # 1. copies this checkout (git-tracked files) to ~/rlhf_jax on all workers (gcloud ... scp --worker=all),
 # 2. creates/reuses a venv there with rlhf_jax[tpu] pinned by constraints.txt (launch/_venv.sh),
-# 3. runs the command on all workers at once with RLHF_JAX_DISTRIBUTED=auto, so rlhf_jax.distributed
+# 3. runs the command on all workers at once with RLHF_JAX_DISTRIBUTED=auto, so rlhf_jax.runtime.distributed
 #    calls jax.distributed.initialize() with no arguments (TPU auto-detection of coordinator and ids).
 # Bounded: RLHF_JAX_LAUNCH_TIMEOUT_S (default 86400 s) per worker; a dead worker stops the others through
 # jax.distributed's heartbeat (RLHF_JAX_HEARTBEAT_TIMEOUT_S, default 100 s) and the step watchdogs.

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         demo.run_demo(out, quick=args.quick)
         return 0
     if args.command in TRAINERS:
-        from rlhf_jax import distributed
+        from rlhf_jax.runtime import distributed
         from rlhf_jax.config import save_config
 
         if not os.path.isfile(args.config):
@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status."""
     if argv is None:  # a real command line: restart once with the host allocator tunable (host_memory.py)
-        from rlhf_jax.host_memory import reexec_with_host_tunables
+        from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
         reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]])
     args = _parser().parse_args(argv)

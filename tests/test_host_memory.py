@@ -1,4 +1,4 @@
-"""The host allocator tunables (rlhf_jax/host_memory.py): when they are set, that glibc reads them, and that
+"""The host allocator tunables (rlhf_jax/runtime/host_memory.py): when they are set, that glibc reads them, and that
 they take effect.
 
 Only what the project controls is asserted: the environment and re-exec logic, that this glibc accepts every
@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 
-from rlhf_jax import host_memory as hm
+from rlhf_jax.runtime import host_memory as hm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LINUX_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -95,14 +95,14 @@ def test_reexec_sets_the_tunable_once():
     env = _clean_env()
     out = _run("""
         import os, sys
-        from rlhf_jax.host_memory import reexec_with_host_tunables
+        from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
         print("start", os.environ.get("GLIBC_TUNABLES"))
         reexec_with_host_tunables(["-c", "import os, sys; print('child', os.environ['GLIBC_TUNABLES'], sys.argv[1:])",
                                    "arg"])
         print("not reached when re-executed")
         """, env)
     assert out.splitlines() == ["start None", f"child {CPU_ONLY_TUNABLES} ['arg']"]
-    out = _run("from rlhf_jax.host_memory import reexec_with_host_tunables as r; r(['-c', 'print(1)']); print('kept')",
+    out = _run("from rlhf_jax.runtime.host_memory import reexec_with_host_tunables as r; r(['-c', 'print(1)']); print('kept')",
                {**env, hm.ENV: "0"})
     assert out == "kept"
 
@@ -131,7 +131,7 @@ def test_this_glibc_reads_every_tunable_with_our_value():
 
 _PLACEMENT = """
     import ctypes, json, os, sys, threading
-    from rlhf_jax.host_memory import reexec_with_host_tunables
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
     reexec_with_host_tunables(sys.argv)
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -174,7 +174,7 @@ def test_with_tunables_large_blocks_come_from_one_heap_that_is_never_trimmed(tmp
 
 _FAULTS = """
     import json, os, resource, sys
-    from rlhf_jax.host_memory import reexec_with_host_tunables
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
     reexec_with_host_tunables(sys.argv)
     import jax, jax.numpy as jnp
     warmup, measured = int(sys.argv[1]), int(sys.argv[2])

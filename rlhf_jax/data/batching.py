@@ -15,6 +15,10 @@ import numpy as np
 from rlhf_jax.data.batches import PreferenceBatch, PromptBatch, SFTBatch, UnpairedBatch
 
 
+#: Prompt widths for :func:`pad_prompts`: a ragged prompt set compiles at most this many sampler programs.
+PROMPT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 def pick_bucket(length: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= length (buckets ascending)."""
     for b in buckets:
@@ -132,3 +136,27 @@ def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
             free[node] = max(free[2 * node], free[2 * node + 1])
             node //= 2
     return rows
+
+
+def pad_prompts(prompts, *, pad_token_id: int, buckets: tuple[int, ...] = PROMPT_BUCKETS,
+                max_prompt_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """LEFT-pad a ragged list of token-id lists to the bucket of the longest one, for ``rollout.generate``.
+
+    ``max_prompt_length``: longer prompts keep their LAST tokens (the text nearest the response); otherwise
+    a prompt longer than the largest bucket raises. Returns ``(prompt_ids_BxP, prompt_mask_BxP)`` (int32).
+    """
+    if len(prompts) == 0:
+        raise ValueError("pad_prompts: got an empty list of prompts")
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError(f"pad_prompts: prompt at row {i} is empty (the sampler needs >= 1 token)")
+        if max_prompt_length is not None:
+            ids = ids[-max_prompt_length:]
+        if ids.min() < 0:
+            raise ValueError(f"pad_prompts: prompt at row {i} has a negative token id {int(ids.min())}")
+        rows.append(ids)
+    batch = prompt_batch(rows, list(range(len(rows))), batch_size=len(rows), buckets=tuple(sorted(buckets)),
+                         pad_id=pad_token_id)
+    return batch.prompt_ids_BxP, batch.prompt_mask_BxP

@@ -20,9 +20,16 @@ class RolloutConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     min_new_tokens: int = 0
+    # Mesh axes the actor's weights stay split over while sampling (the hybrid engine): ["tensor"] reshards
+    # them once per iteration to tensor-parallel, replicated over data and fsdp, so the decode loop gathers no
+    # weights (a copy of params/tensor bytes per device while sampling); ["fsdp", "tensor"] samples from the
+    # training layout (no copy; weights gathered by the sampler). Nothing to do when mesh.fsdp = 1.
+    param_axes: tuple[str, ...] = ("tensor",)
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(set(self.param_axes) <= {"data", "fsdp", "tensor"}, "param_axes",
+                f"must name mesh axes among data, fsdp, tensor; got {list(self.param_axes)}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.temperature > 0, "temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
 

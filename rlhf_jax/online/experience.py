@@ -117,12 +117,12 @@ def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt
     group (:func:`shared_prompt_logits`).
     """
     S = ids_BxS.shape[1]
-    if not 1 <= prompt_length < S:  # the range check of `rollout.response_logits`, whose slice this is
+    if not 1 <= prompt_length < S:  # logits at s predict token s + 1: the response is predicted by [P − 1, S − 1)
         raise ValueError(f"policy_forward: prompt_length {prompt_length} must be in [1, S={S})")
     if prompt_repeats > 1:
         logits_BxTxV = shared_prompt_logits(model, params, ids_BxS, mask_BxS, prompt_length=prompt_length,
                                             repeats=prompt_repeats)
-    else:  # the head runs on the T positions that predict the response only (see `response_logits`)
+    else:  # the head runs on the T positions that predict the response only
         logits_BxTxV = model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(prompt_length - 1, S - 1))
     logits_BxTxV = logits_BxTxV / temperature
     mask_BxT = mask_BxS[:, prompt_length:]

@@ -3,7 +3,8 @@
 * :func:`prompt_data`: the training prompts at ONE static width (nothing recompiles across iterations).
 * :class:`Sampler`: ``rollout.generate`` on the policy's current params, G samples per prompt in
   contiguous groups (:func:`repeat_prompts` order), the prompt prefilled once per group when the groups
-  split evenly over the batch shards.
+  split evenly over the batch shards; the params resharded once per call to the inference layout
+  (``rollout.param_axes``, the hybrid engine: no weight all-gather in the decode loop).
 * :func:`frozen_copy`: the reference (and reward model) as frozen copies in fresh buffers.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from rlhf_jax import sharding as shd
 from rlhf_jax.data import DataConfig, PromptBatch, build_data
 from rlhf_jax.online.config import RolloutConfig
-from rlhf_jax.rollout import generate
+from rlhf_jax.rollout import generate, inference_layout, inference_rules, reshard_for_inference
 from rlhf_jax.rollout.types import Rollout
 
 
@@ -65,6 +66,9 @@ class Sampler:
     def __init__(self, model, tokenizer, rollout: RolloutConfig, mesh):
         self.model, self.rollout, self.mesh = model, rollout, mesh
         self.eos_ids, self.pad_id = eos_and_pad(model, tokenizer)
+        same = "fsdp" in rollout.param_axes or mesh.shape["fsdp"] == 1  # inference layout = training layout
+        self.param_shardings = None if same else inference_layout(
+            model, mesh, rules=inference_rules(keep_axes=tuple(rollout.param_axes)))
 
     def __call__(self, params, batch: PromptBatch, key: jax.Array, *, temperature: Optional[float] = None,
                  repeats: int = 1) -> Rollout:
@@ -79,10 +83,14 @@ class Sampler:
         if repeats > 1 and not shared:
             batch = repeat_prompts(batch, repeats)
         b = shd.shard_batch(batch, self.mesh)
+        if self.param_shardings is not None:  # a copy for sampling; the training params stay as they are
+            params = reshard_for_inference(params, self.param_shardings)
         with shd.mesh_context(self.mesh):
             ro = generate(self.model, params, b.prompt_ids_BxP, b.prompt_mask_BxP, key=key,
                           max_new_tokens=r.max_new_tokens,
                           temperature=r.temperature if temperature is None else temperature,
                           top_k=r.top_k, top_p=r.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                          min_new_tokens=r.min_new_tokens, prompt_repeats=repeats if shared else 1)
+                          min_new_tokens=r.min_new_tokens, prompt_repeats=repeats if shared else 1,
+                          param_shardings=self.param_shardings,
+                          batch_sharding=None if self.param_shardings is None else shd.batch_sharding(self.mesh))
         return jax.block_until_ready(ro)

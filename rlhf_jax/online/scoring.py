@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed, ops, rewards
+from rlhf_jax import ops, rewards
+from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.online.config import RewardConfig
 from rlhf_jax.rollout.types import Rollout

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as shd
+from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import xla
 from rlhf_jax.algos import critic_free
 from rlhf_jax.algos.base import Algorithm, PolicyLossHparams
 from rlhf_jax.config import require
@@ -298,7 +300,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                                out_shardings=(bsh, rep))
     update = shd.jit_sharded(make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
                              in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
-                             donate_argnums=(0,), compiler_options=shd.gradient_compiler_options())
+                             donate_argnums=(0,), compiler_options=xla.gradient_compiler_options())
     base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)
 
     def step(it, state):
@@ -317,7 +319,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                 greedy = sampler(state.params, uniq, k_greedy, temperature=0.0)
                 b = scorer(greedy, uniq.index_B).local_score_B
                 baseline = np.repeat(b, h.group_size)
-                host_mets["remax_baseline"] = float(np.mean(b))
+                host_mets["remax_baseline"] = float(np.mean(distributed.allgather_rows(b)))
         with timer("score"):
             ev = evaluate(state.params, ref_params, None, g.rollout)
             zeros = shd.shard_batch(np.zeros_like(g.local_score_B), mesh)

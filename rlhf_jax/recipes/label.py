@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed, ops
+from rlhf_jax import ops
+from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import require
 from rlhf_jax.data import BatchIterator, DataConfig, PromptBatch, build_data, pad_id_of

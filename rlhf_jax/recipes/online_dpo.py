@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import jax
 import numpy as np
 
-from rlhf_jax import distributed
+from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import PairBatch, PreferenceLossConfig, make_loss_fn, preference_metrics
 from rlhf_jax.config import require

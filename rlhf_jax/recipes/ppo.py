@@ -27,6 +27,7 @@ import numpy as np
 
 from rlhf_jax import ops
 from rlhf_jax import sharding as shd
+from rlhf_jax.runtime import xla
 from rlhf_jax.algos.base import PolicyLossHparams
 from rlhf_jax.algos.ppo import ppo_algorithm
 from rlhf_jax.config import require
@@ -195,7 +196,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx, settings=settings), mesh,
         in_shardings=(actor_sh, critic_sh, bsh, bsh if ptx_iter is not None else None, rep, rep),
         out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),
-        compiler_options=shd.gradient_compiler_options())
+        compiler_options=xla.gradient_compiler_options())
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it: int, state: dict):

@@ -23,7 +23,8 @@ from typing import Optional
 
 import jax
 
-from rlhf_jax import distributed, rewards
+from rlhf_jax import rewards
+from rlhf_jax.runtime import distributed
 from rlhf_jax.algos.supervised import pair_metrics, reward_moments, rm_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import BatchIterator, DataConfig, build_data, pad_id_of

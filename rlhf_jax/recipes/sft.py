@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import jax
 
-from rlhf_jax import distributed
+from rlhf_jax.runtime import distributed
 from rlhf_jax.algos.supervised import sft_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, build_data

@@ -37,10 +37,6 @@ from rlhf_jax.rollout.types import Rollout
 
 _CACHE_AXES = (None, "batch", "act_kv_heads", "length", None)  # KVCache leaves [L, B, K, Smax, hd]
 
-# Incremented each time `_generate_impl` is traced (tests assert it stays bounded).
-TRACE_COUNT = 0
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """Everything static about one compiled sampler (hashable: part of the compile-cache key)."""
@@ -69,8 +65,6 @@ class _LoopState(NamedTuple):
 
 
 def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, settings: SamplingSettings):
-    global TRACE_COUNT
-    TRACE_COUNT += 1
     s = settings
     R = s.prompt_repeats
     U, P = prompt_ids_BxP.shape  # U distinct prompts, each decoded R times: B = U·R rows
@@ -302,7 +296,7 @@ def generate(
       model: a `rlhf_jax.models.Transformer` with the LM head (hashable; part of the compile key).
       params: its parameters, passed to `jit` as an argument (new params of the same shapes reuse the
         compiled program).
-      prompt_ids_BxP: int ids, LEFT-padded (P should come from `bucket_length`).
+      prompt_ids_BxP: int ids, LEFT-padded (P from a few bucketed widths, e.g. `data.batching.pad_prompts`).
       prompt_mask_BxP: 1 on real prompt tokens; each row needs ≥ 1 real token. Checked (ValueError) in full for
         host arrays and single-process `jax.Array`s (one small device->host copy); a multi-process global array is
         not fetched and not checked unless `RLHF_JAX_CHECK_PROMPTS=local` (each process checks its own rows).

@@ -62,21 +62,6 @@ class Rollout(NamedTuple):
         return self.prompt_ids_BxP.shape[1]
 
 
-def response_logits(logits_BxSxV: jax.Array, prompt_length: int) -> jax.Array:
-    """Slice a teacher-forced forward over `Rollout.ids_BxS` to the logits that predict the response.
-
-    Logits at position s predict token s + 1, so response token t (at position P + t) is predicted by
-    position P + t - 1: the slice is `[P - 1, S - 1)`, shape `[B, T, V]`.
-    """
-    if logits_BxSxV.ndim != 3:
-        raise ValueError(f"response_logits: expected logits [B, S, V], got shape {logits_BxSxV.shape}")
-    if not 1 <= prompt_length < logits_BxSxV.shape[1]:
-        raise ValueError(
-            f"response_logits: prompt_length {prompt_length} must be in [1, S={logits_BxSxV.shape[1]})"
-        )
-    return logits_BxSxV[:, prompt_length - 1 : -1]
-
-
 def logprob_temperature(temperature: float) -> float:
     """The temperature the trainer divides logits by to recompute `Rollout.logp_BxT` (1 when greedy)."""
     if temperature < 0:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from rlhf_jax import distributed
+from rlhf_jax.runtime import distributed
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import DeferredMetrics, MetricsLogger, Progress

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed
+from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import KTOBatch, PairBatch, completion_logps, stacked_rows
 from rlhf_jax.data import BatchIterator, UnpairedBatch

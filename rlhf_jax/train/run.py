@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed
+from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import save_config
 from rlhf_jax.run_config import RunConfig

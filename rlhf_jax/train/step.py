@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import sharding as shd
+from rlhf_jax.runtime import xla
 from rlhf_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, jax.Array], Any]]
@@ -209,13 +210,13 @@ def make_train_step(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_mi
     step = train_step_fn(loss_fn, tx=tx, num_micro_batches=num_micro_batches, lr_schedule=lr_schedule)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=shd.gradient_compiler_options())
+        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=xla.gradient_compiler_options())
     if state_shardings is None:
         raise ValueError("make_train_step: state_shardings is required when a mesh is given")
     rep = shd.replicated(mesh)
     return shd.jit_sharded(step, mesh, in_shardings=(state_shardings, shd.batch_sharding(mesh), rep),
                            out_shardings=(state_shardings, rep), donate_argnums=donate_argnums,
-                           compiler_options=shd.gradient_compiler_options())
+                           compiler_options=xla.gradient_compiler_options())
 
 
 def make_eval_step(eval_fn: Callable[..., Any], *, mesh: Any = None, params_shardings: Any = None,

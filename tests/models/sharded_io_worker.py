@@ -18,7 +18,7 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from rlhf_jax import distributed  # noqa: E402
+from rlhf_jax.runtime import distributed  # noqa: E402
 
 distributed.init_distributed()  # multihost: joins the peers (RLHF_JAX_* from the launcher); else no-op
 

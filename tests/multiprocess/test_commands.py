@@ -41,11 +41,11 @@ def _online(a: dict) -> list[str]:
 def _commands(a: dict) -> dict[str, tuple[str, list[str]]]:
     return {
         "sft": ("sft_tiny_cpu.yaml", [f"model.path={a['model']}", f"data.path={a['sft_train']}",
-                                       f"data.eval_path={a['sft_eval']}", "batch_size=8", "run.eval_every=0"]),
+                                       f"data.eval_path={a['sft_eval']}", "batch_size=8", "run.eval_every=0", "optim.warmup_steps=1"]),
         "rm": ("rm_tiny_cpu.yaml", [f"model.path={a['model']}", f"data.path={a['pref_train']}",
-                                     f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0"]),
+                                     f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0", "optim.warmup_steps=1"]),
         "dpo": ("dpo_tiny_cpu.yaml", [f"model.path={a['model']}", f"data.path={a['pref_train']}",
-                                       f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0"]),
+                                       f"data.eval_path={a['pref_eval']}", "batch_size=8", "run.eval_every=0", "optim.warmup_steps=1"]),
         "ppo": ("ppo_tiny_cpu.yaml", _online(a) + [f"reward.model_path={a['model']}", "reward.normalize=false",
                                                     "rollout.batch_size=8", "ppo.num_minibatches=2"]),
         "grpo": ("grpo_tiny_cpu.yaml", _online(a) + ["rollout.batch_size=4"]),

@@ -11,7 +11,7 @@ from rlhf_jax import fixtures, tasks
 from rlhf_jax.config import load_config
 from rlhf_jax.recipes import ppo
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: the sibling helper
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # importlib mode: tests/compile_log.py
 from compile_log import count_compiles  # noqa: E402
 
 

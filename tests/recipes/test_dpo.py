@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from rlhf_jax import ops
+from rlhf_jax.data.batching import pad_prompts
 from rlhf_jax.config import ConfigError, load_config
 from rlhf_jax.data import BatchIterator, DataConfig, DataStats, EncodedDataset
 from rlhf_jax.models import ModelConfig, Transformer, init_params
@@ -374,7 +375,7 @@ def sample_gold(model_dir, prompts: list[str], *, seed: int = 0, max_new_tokens:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model, params = models.load_pretrained(model_dir)
-    ids, mask = rollout.pad_prompts([tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+    ids, mask = pad_prompts([tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
                                     pad_token_id=tok.pad_token_id or 0, buckets=(16, 32))
     out = rollout.generate(model, params, ids, mask, key=jax.random.key(seed), max_new_tokens=max_new_tokens,
                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0)

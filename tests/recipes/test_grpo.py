@@ -12,7 +12,7 @@ from rlhf_jax.config import ConfigError, load_config
 from rlhf_jax.data import PromptBatch
 from rlhf_jax.algos import critic_free as cf
 from rlhf_jax.recipes import grpo
-from rlhf_jax.algos.base import Experience, Forward, PolicyLossHparams
+from rlhf_jax.algos.base import Experience, Forward
 
 B, T = 6, 5
 

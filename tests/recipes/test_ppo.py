@@ -53,7 +53,7 @@ def _leaves(result):
 @pytest.mark.slow
 def test_resume_mid_run_equals_uninterrupted_run(tiny_llama, task_data, reward_file, tmp_path):
     """Run 4 iterations straight; run 3 saving at 2 and 3, resume from 2 (as if killed after 3): same result."""
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: the sibling helper
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # importlib mode: tests/compile_log.py
     from compile_log import count_compiles
 
     with count_compiles() as compiles:

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hlo_loops (als
 import hlo_loops as H  # noqa: E402
 
 from rlhf_jax import fixtures, models, rollout, sharding  # noqa: E402
+from rlhf_jax.data.batching import pad_prompts
 from rlhf_jax.rollout import decode  # noqa: E402
 
 V = 120  # vocab, distinct from hidden 32, mlp 96, heads 4 x head_dim 8, kv 2 x 8: weight shapes are recognisable
@@ -40,7 +41,7 @@ def tiny_model(scan: bool):
 
 def prompts():
     rows = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 33)), [40], [50, 51, 52], [60] * 7, [70, 71], [80, 81, 82, 83]]
-    return rollout.pad_prompts(rows, pad_token_id=0, buckets=(16,))
+    return pad_prompts(rows, pad_token_id=0, buckets=(16,))
 
 
 def decode_gathers(hlo: str, weight_sizes: set[int]) -> dict[str, list]:

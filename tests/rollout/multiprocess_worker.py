@@ -17,7 +17,8 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(_HERE))]  # rlhf_jax
 
-from rlhf_jax import distributed as D  # noqa: E402
+from rlhf_jax.data.batching import pad_prompts
+from rlhf_jax.runtime import distributed as D  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +42,7 @@ def main() -> int:
     params = sharding.create_sharded(lambda k: models.init_params(model, k), jax.random.key(0), out_shardings=train_sh)
 
     rows = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 33)), [40], [50, 51, 52], [60] * 7, [70, 71], [80, 81, 82, 83]]
-    ids, mask = rollout.pad_prompts(rows, pad_token_id=0, buckets=(16,))
+    ids, mask = pad_prompts(rows, pad_token_id=0, buckets=(16,))
     shard, num_shards = sharding.host_data_shard(mesh)
     local = lambda x: np.split(x, num_shards)[shard]  # noqa: E731
     batch = sharding.shard_batch({"ids": local(ids), "mask": local(mask)}, mesh)

@@ -1,6 +1,9 @@
 """Tests for rlhf_jax/rollout/decode.py: log-probs equal a teacher-forced forward, greedy = argmax, EOS
 masking, early stop, determinism, padding invariance, and a bounded number of traces."""
 
+import pathlib
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,9 +11,13 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models, ops, rollout
+from rlhf_jax.data.batching import pad_prompts
 from rlhf_jax.rollout import decode, sampling
 
 from .conftest import VOCAB, tiny_config
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # importlib mode: tests/compile_log.py
+from compile_log import count_compiles  # noqa: E402
 
 PAD = 0
 T = 10  # most tests share (T, eos, temperature) so they reuse one compiled program
@@ -18,12 +25,12 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 33)), [40]]  # mixed length
 
 
 def _batch(prompts=PROMPTS, buckets=(8, 16)):
-    return rollout.pad_prompts(prompts, pad_token_id=PAD, buckets=buckets)
+    return pad_prompts(prompts, pad_token_id=PAD, buckets=buckets)
 
 
 def _teacher_forced_logits(model, params, r: rollout.Rollout):
     logits = model.apply({"params": params}, r.ids_BxS, r.mask_BxS)
-    return rollout.response_logits(logits, r.prompt_length)
+    return logits[:, r.prompt_length - 1 : -1]  # logits at s predict token s + 1
 
 
 def _first_eos(ids_T, eos):
@@ -180,11 +187,11 @@ def test_new_params_do_not_retrace(llama_model):
     ids, mask = _batch()
     kw = dict(key=jax.random.key(0), max_new_tokens=T, eos_token_id=1, pad_token_id=PAD)
     first = rollout.generate(model, params, ids, mask, **kw)
-    n = decode.TRACE_COUNT
-    for scale in (1.5, 2.0, 3.0):
-        new = jax.tree.map(lambda p: p * scale, params)
-        out = rollout.generate(model, new, ids, mask, **kw)
-    assert decode.TRACE_COUNT == n
+    with count_compiles() as compiles:
+        for scale in (1.5, 2.0, 3.0):
+            new = jax.tree.map(lambda p: p * scale, params)
+            out = rollout.generate(model, new, ids, mask, **kw)
+    assert compiles["jit(_generate_impl)"] == 0, compiles
     assert not np.array_equal(first.logp_BxT, out.logp_BxT)  # the new params were really used
 
 
@@ -195,14 +202,14 @@ def test_bucketed_dataset_compiles_one_program_per_bucket(llama_model):
     prompts = [list(rng.integers(2, VOCAB, size=n)) for n in lengths]
     buckets = (8, 16, 32, 64)
     used = set()
-    n0 = decode.TRACE_COUNT
-    for i in range(0, 16, 2):
-        ids, mask = rollout.pad_prompts(prompts[i:i + 2], pad_token_id=PAD, buckets=buckets)
-        used.add(ids.shape[1])
-        rollout.generate(model, params, ids, mask, key=jax.random.key(i), max_new_tokens=4, eos_token_id=1,
-                         pad_token_id=PAD, temperature=0.9)
+    with count_compiles() as compiles:
+        for i in range(0, 16, 2):
+            ids, mask = pad_prompts(prompts[i:i + 2], pad_token_id=PAD, buckets=buckets)
+            used.add(ids.shape[1])
+            rollout.generate(model, params, ids, mask, key=jax.random.key(i), max_new_tokens=4, eos_token_id=1,
+                             pad_token_id=PAD, temperature=0.9)
     assert len(used) >= 2
-    assert decode.TRACE_COUNT - n0 == len(used)
+    assert 1 <= compiles["jit(_generate_impl)"] <= len(used), compiles  # at most one program per bucket
 
 
 def test_rollout_crosses_jit(llama_model):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.data.batching import pad_prompts
 from rlhf_jax import models, rollout, sharding
 from rlhf_jax.rollout import decode, layout
 
@@ -66,7 +67,7 @@ def test_reshard_copies_into_new_buffers_and_keeps_the_params():
 
 # ------------------------------------------------------------------------------------ prompt check
 def _bad_mask():
-    ids, mask = rollout.pad_prompts([[5, 6], [7], [8, 9, 10], [11]], pad_token_id=0, buckets=(4,))
+    ids, mask = pad_prompts([[5, 6], [7], [8, 9, 10], [11]], pad_token_id=0, buckets=(4,))
     bad = mask.copy()
     bad[2] = 0
     return ids, mask, bad

@@ -14,7 +14,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(os.path.dirname(_HERE))]  # sharding_harness, rlhf_jax
 
-from rlhf_jax import distributed as D  # noqa: E402
+from rlhf_jax.runtime import distributed as D  # noqa: E402
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""rlhf_jax.distributed: env parsing (in process) and real 2-process runs through
+"""rlhf_jax.runtime.distributed: env parsing (in process) and real 2-process runs through
 launch/local_multiprocess.sh (subprocesses, CPU collectives over gloo)."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rlhf_jax import distributed as D
+from rlhf_jax.runtime import distributed as D
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
 LAUNCH = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")

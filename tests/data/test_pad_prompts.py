@@ -1,24 +1,24 @@
-"""Tests for rlhf_jax/rollout/bucketing.py."""
+"""Tests for rlhf_jax.data.batching.pad_prompts / pick_bucket (left-padded prompts for the sampler)."""
 
 import numpy as np
 import pytest
 
-from rlhf_jax.rollout import bucket_length, pad_prompts
+from rlhf_jax.data.batching import PROMPT_BUCKETS, pad_prompts, pick_bucket
 
 
 @pytest.mark.parametrize("n,expect", [(0, 16), (1, 16), (16, 16), (17, 32), (64, 64), (65, 128)])
-def test_bucket_length(n, expect):
-    assert bucket_length(n) == expect
+def test_pick_bucket(n, expect):
+    assert pick_bucket(n, PROMPT_BUCKETS) == expect
 
 
 def test_custom_buckets_unsorted():
-    assert bucket_length(5, buckets=(8, 4)) == 8
-    assert bucket_length(4, buckets=(8, 4)) == 4
+    assert pad_prompts([[1] * 5], pad_token_id=0, buckets=(8, 4))[0].shape == (1, 8)
+    assert pad_prompts([[1] * 4], pad_token_id=0, buckets=(8, 4))[0].shape == (1, 4)
 
 
 def test_too_long_raises_with_length():
-    with pytest.raises(ValueError, match="length 9 exceeds the largest bucket 8"):
-        bucket_length(9, buckets=(4, 8))
+    with pytest.raises(ValueError, match="a row of 9 tokens does not fit the largest bucket 8"):
+        pad_prompts([[1] * 9], pad_token_id=0, buckets=(4, 8))
 
 
 def test_pad_prompts_left_pads_to_bucket():
