@@ -50,3 +50,12 @@ class RewardConfig:
     def __post_init__(self):
         require(self.model_path is not None or len(self.functions) > 0, "model_path",
                 "set a reward model path and/or reward.functions")
+
+
+def online_data_checks(data) -> None:
+    """Reject the data keys an online command cannot honour: its held-out prompts would never be evaluated
+    (and ``eval_fraction`` would silently drop training prompts)."""
+    require(data.eval_path is None, "data.eval_path",
+            "the online commands run no held-out evaluation; remove it (evaluate with the exported model)")
+    require(data.eval_fraction == 0, "data.eval_fraction",
+            "the online commands run no held-out evaluation; set 0")

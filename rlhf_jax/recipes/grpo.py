@@ -42,7 +42,7 @@ from rlhf_jax.algos.base import Algorithm, PolicyLossHparams
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, PromptBatch
 from rlhf_jax.online import batches as rows_of
-from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, make_experience,
                                         prompt_sharing_allowed, rollout_metrics)
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_data
@@ -158,6 +158,7 @@ class CriticFreeConfig:
 
     def __post_init__(self):
         online_run_checks(self.run)
+        online_data_checks(self.data)
         require(self.ALGORITHM is None or self.algo.algorithm == self.ALGORITHM, "algo.algorithm",
                 f"this subcommand runs {self.ALGORITHM}; got {self.algo.algorithm}")
         a, b = self.algo, self.rollout.batch_size * self.algo.group_size

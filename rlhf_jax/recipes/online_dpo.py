@@ -27,7 +27,7 @@ from rlhf_jax.algos.preference import PairBatch, PreferenceLossConfig, make_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig
 from rlhf_jax.online import batches as rows_of
-from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_data
 from rlhf_jax.online.scoring import make_scorer, sample_rows
 from rlhf_jax.run_config import OptimConfig, RunConfig, online_run_checks
@@ -72,6 +72,7 @@ class OnlineDPOConfig:
 
     def __post_init__(self):
         online_run_checks(self.run)
+        online_data_checks(self.data)
         require(self.loss.algorithm in ("dpo", "simpo", "orpo"), "loss.algorithm",
                 f"online pairs need a pairwise loss (dpo, simpo, orpo), got {self.loss.algorithm}")
         require(self.rollout.batch_size % self.online.num_micro_batches == 0, "online.num_micro_batches",

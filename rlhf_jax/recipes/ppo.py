@@ -32,7 +32,7 @@ from rlhf_jax.algos.base import PolicyLossHparams
 from rlhf_jax.algos.ppo import ppo_algorithm
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, build_data
-from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, fused_values_allowed,
                                         make_experience, rollout_metrics)
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_data
@@ -133,6 +133,7 @@ class PPOConfig:
 
     def __post_init__(self):
         online_run_checks(self.run)
+        online_data_checks(self.data)
         per_mb = self.rollout.batch_size // self.ppo.num_minibatches
         require(self.rollout.batch_size % self.ppo.num_minibatches == 0 and per_mb % self.ppo.num_micro_batches == 0,
                 "ppo.num_minibatches", f"rollout.batch_size={self.rollout.batch_size} must divide into "

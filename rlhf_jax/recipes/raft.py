@@ -26,7 +26,7 @@ from rlhf_jax.algos.supervised import sft_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, SFTBatch
 from rlhf_jax.online import batches as rows_of
-from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
 from rlhf_jax.online.sampler import Sampler, prompt_data
 from rlhf_jax.online.scoring import make_scorer, sample_rows
 from rlhf_jax.run_config import OptimConfig, RunConfig, online_run_checks
@@ -73,6 +73,7 @@ class RAFTConfig:
 
     def __post_init__(self):
         online_run_checks(self.run)
+        online_data_checks(self.data)
         rows = self.rollout.batch_size * (self.raft.num_samples if self.raft.quantile is not None else self.raft.top_k)
         require(rows % self.raft.num_micro_batches == 0, "raft.num_micro_batches",
                 f"must divide the {rows} kept rows per iteration")

@@ -140,6 +140,10 @@ def test_online_commands_reject_run_keys_they_cannot_honour(command):
         load_config(cls, None, base + ["run.eval_every=5"])
     with pytest.raises(ConfigError, match="run.keep_best_metric"):
         load_config(cls, None, base + ["run.keep_best_metric=eval/gold_score"])
+    with pytest.raises(ConfigError, match="data.eval_path"):
+        load_config(cls, None, base + ["data.eval_path=e.jsonl"])
+    with pytest.raises(ConfigError, match="data.eval_fraction"):
+        load_config(cls, None, base + ["data.eval_fraction=0.1"])
     cfg = load_config(cls, None, base + ["run.keep_best_metric=train/score", "run.keep_best_mode=max",
                                          "run.max_nan_skips=3", "run.total_steps=null", "run.epochs=2"])
     assert cfg.run.keep_best_metric == "train/score" and cfg.run.epochs == 2
