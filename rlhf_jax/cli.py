@@ -10,6 +10,8 @@ stays fast.
 
 Config, data and model-file errors (bad key, wrong type, missing file, malformed row, ...) are printed as
 one line on stderr and exit with status 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead.
+SIGTERM / SIGINT during training: the step finishes, a checkpoint is committed, exit status 143 / 130
+(`rlhf_jax.train.preempt`); the same command resumes.
 """
 
 from __future__ import annotations
@@ -89,8 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if os.environ.get("RLHF_JAX_TRACEBACK"):
         return _run(args)
+    from rlhf_jax.train.preempt import Preempted
+
     try:
         return _run(args)
+    except Preempted as e:  # SIGTERM/SIGINT: checkpoint committed, message printed by the loop
+        return e.exit_code
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"rlhf-jax {args.command}: error: {msg}", file=sys.stderr)

@@ -72,6 +72,9 @@ class RunConfig:
     tensorboard: bool = True  # write TensorBoard event files under output_dir/tensorboard
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "rlhf_jax"  # W&B project name
+    preempt_grace_s: float = 30.0  # on SIGTERM/SIGINT: finish the step and checkpoint; exit unsaved past this
+    allow_config_change: bool = False  # resume even if the saved config.yaml differs in a key that changes the math
+    overwrite: bool = False  # with resume=never: clear a non-empty output_dir's run files instead of refusing
 
     def __post_init__(self):
         require(self.total_steps is None or self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
@@ -82,6 +85,7 @@ class RunConfig:
         require(self.keep_last_n is None or self.keep_last_n >= 1, "keep_last_n", f"must be >= 1 or null, got {self.keep_last_n}")
         require(self.max_nan_skips >= 1, "max_nan_skips", f"must be >= 1, got {self.max_nan_skips}")
         require(bool(self.output_dir), "output_dir", "must not be empty")
+        require(self.preempt_grace_s > 0, "preempt_grace_s", f"must be > 0, got {self.preempt_grace_s}")
         require(bool(self.resume), "resume", "must be 'auto', 'never' or a checkpoint path")
 
 

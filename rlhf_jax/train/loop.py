@@ -17,6 +17,9 @@ A recipe supplies one ``step(index, state) -> (state, metrics, samples)`` (an op
   end; keep-last-N and keep-best by ``run.keep_best_metric``, a logged ``train/<name>`` or
   ``eval/<name>``), sample tables every ``sample_every`` steps.
 * **export** of the final params when the run reaches its last step.
+* **preemption** (``train/preempt.py``): on SIGTERM/SIGINT the current step finishes, a checkpoint is
+  written and committed, and :class:`Preempted` is raised (the CLI exits 143 / 130); the same command
+  resumes. Multi-process runs agree on the stop step with one tiny all-gather per step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rlhf_jax.runtime import distributed
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import DeferredMetrics, MetricsLogger, Progress
+from rlhf_jax.train.preempt import Preempted, StopSignals, signal_name
 from rlhf_jax.train.run import truncate_metrics
 from rlhf_jax.train.step import NonFiniteError
 
@@ -153,25 +157,8 @@ def run_loop(loop: Loop, state: Any) -> LoopResult:
             latest.update({f"train/{k}": v for k, v in logger.log(done, values).items()})
 
     try:
-        for index in range(start, last):
-            state, metrics, samples = loop.step(index, state)
-            done = index + 1
-            report(deferred.push(done, metrics))  # step N-1's metrics, while step N runs
-            every = lambda n: bool(n) and done % n == 0  # noqa: E731
-            if samples and (every(loop.sample_every) or (loop.sample_every and index == start)):
-                logger.log_table(done, samples)
-            want_eval = loop.evaluate is not None and (done == loop.total or every(run.eval_every))
-            want_save = done == last or every(run.save_every)
-            if want_eval or want_save:
-                report(deferred.flush())  # a non-finite step raises here, before anything is saved
-            if want_eval:
-                ev = logger.log(done, loop.evaluate(state), split="eval")
-                latest.update({f"eval/{k}": v for k, v in ev.items()})
-                if main:
-                    print(f"[{loop.name} eval @ {done}] " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()), flush=True)
-            if want_save:
-                meta = {"step": done, "data": {name: it.state() for name, it in loop.data.items()}}
-                ckpt.save(done, state, meta=meta, metrics=dict(latest))
+        with StopSignals(loop.name, run.preempt_grace_s) as signals:
+            state = _steps(loop, state, start, last, ckpt, logger, deferred, report, latest, signals, main)
         report(deferred.flush())
     finally:
         progress.close()
@@ -182,6 +169,47 @@ def run_loop(loop: Loop, state: Any) -> LoopResult:
         exported = loop.export(state)
         result.export_dir = None if exported is None else str(exported)
     return result
+
+
+def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, logger: MetricsLogger,
+           deferred: DeferredMetrics, report: Callable, latest: dict, signals: StopSignals, main: bool) -> Any:
+    """Steps ``start..last-1`` with their logging, evaluation and checkpoints; stops cleanly on a signal."""
+    run = loop.run
+    for index in range(start, last):
+        state, metrics, samples = loop.step(index, state)
+        done = index + 1
+        report(deferred.push(done, metrics))  # step N-1's metrics, while step N runs
+        every = lambda n: bool(n) and done % n == 0  # noqa: E731
+        if samples and (every(loop.sample_every) or (loop.sample_every and index == start)):
+            logger.log_table(done, samples)
+        want_eval = loop.evaluate is not None and (done == loop.total or every(run.eval_every))
+        want_save = done == last or every(run.save_every)
+        if want_eval or want_save:
+            report(deferred.flush())  # a non-finite step raises here, before anything is saved
+        if want_eval:
+            ev = logger.log(done, loop.evaluate(state), split="eval")
+            latest.update({f"eval/{k}": v for k, v in ev.items()})
+            if main:
+                print(f"[{loop.name} eval @ {done}] " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()), flush=True)
+        if want_save:
+            meta = {"step": done, "data": {name: it.state() for name, it in loop.data.items()}}
+            ckpt.save(done, state, meta=meta, metrics=dict(latest))
+        signum = signals.poll()
+        if signum:
+            report(deferred.flush())  # a non-finite step raises here, before anything is saved
+            jax.block_until_ready(state)
+            signals.step_finished()  # the save always runs to completion
+            if not want_save:
+                meta = {"step": done, "data": {name: it.state() for name, it in loop.data.items()}}
+                ckpt.save(done, state, meta=meta, metrics=dict(latest))
+            ckpt.wait_until_finished()
+            where = ckpt.directory / str(done)
+            msg = (f"{signal_name(signum)} at step {done}: checkpoint saved to {where}; "
+                   "resume with the same command")
+            if main:
+                print(f"[rlhf_jax] {msg}", flush=True)
+            raise Preempted(signum, done, str(where), msg)
+    return state
 
 
 def batch_steps(train_step: Callable, batches: Any, mesh: jax.sharding.Mesh, *, seed: int,

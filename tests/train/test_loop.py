@@ -152,3 +152,35 @@ def test_online_commands_reject_run_keys_they_cannot_honour(command):
 def test_registry_names_every_cli_command():
     assert set(ONLINE) | {"sft", "rm", "dpo", "label"} == set(REGISTRY)
     assert all(np.all([isinstance(x, str) for x in v]) for v in REGISTRY.values())
+
+
+def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, capsys):
+    import os
+    import signal
+
+    from rlhf_jax.train.preempt import Preempted
+
+    loop, exported = _loop(tmp_path, save_every=0)
+    inner = loop.step
+
+    def step(index, state):  # the signal lands mid-step (twice: the second is ignored)
+        if index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(index, state)
+
+    loop.step = step
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as err:
+        run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert err.value.step == 3 and err.value.exit_code == 143 and exported == []
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    out = capsys.readouterr()
+    assert f"[rlhf_jax] SIGTERM at step 3: checkpoint saved to {tmp_path / 'checkpoints' / '3'}; resume with the " \
+           "same command" in out.out
+    assert "SIGINT again: ignored" in out.err
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3]  # step 3 flushed before the save
+    loop2, exported = _loop(tmp_path, save_every=0)
+    res = run_loop(loop2, {"w": jnp.zeros((), jnp.float32)})
+    assert float(res.state["w"]) == 21.0 and exported == [21.0]
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
