@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RLHF_JAX_COMPILATION_CACHE", os.path.join(_CACHE, "xla"))  # hermetic, shared by subprocesses
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

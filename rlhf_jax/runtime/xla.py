@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,3 +24,35 @@ def gradient_compiler_options() -> dict[str, Any] | None:
     if os.environ.get(CPU_YNN_ENV, "1") == "0" or jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+#: Env switch for :func:`enable_compilation_cache`: a folder relocates the cache, "0" turns it off.
+CACHE_ENV = "RLHF_JAX_COMPILATION_CACHE"
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> str:
+    """``$XDG_CACHE_HOME/rlhf_jax/xla`` (``~/.cache/rlhf_jax/xla``)."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rlhf_jax", "xla")
+
+
+def enable_compilation_cache(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Turn on JAX's persistent compilation cache so a rerun of the same config — a resume after a
+    preemption above all — loads its compiled programs instead of compiling them again.
+
+    The cache key is the program itself (HLO, compile options, backend, jax/jaxlib versions), so an entry is
+    never reused for a different program, and entries are written atomically, so concurrent processes (a
+    multi-host run, or two runs on one machine) share the folder safely. Programs that compiled in under a
+    second are not stored. A cache folder the user set through ``jax.config`` wins. Returns the folder, or
+    None when turned off (``RLHF_JAX_COMPILATION_CACHE=0``).
+    """
+    value = environ.get(CACHE_ENV, "")
+    if value == "0":
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = value or default_cache_dir(environ)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
