@@ -28,6 +28,9 @@ TRAINERS = REGISTRY  # the recipes' registry (`rlhf_jax.recipes.REGISTRY`), read
 
 EXIT_USER_ERROR = 2
 
+#: commands driven by flags instead of a YAML config: name -> module with HELP, add_arguments(parser), main(args)
+TOOLS = {"eval": "rlhf_jax.recipes.evaluate"}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf-jax", description="JAX-native RLHF trainers.")
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("out_pos", nargs="?", default=None, metavar="OUT_DIR", help="output folder (default runs/demo)")
     d.add_argument("--out", default=None, help="output folder (same as OUT_DIR)")
     d.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    for name, module in TOOLS.items():  # flag-driven commands; the modules import jax only in main(args)
+        m = importlib.import_module(module)
+        m.add_arguments(sub.add_parser(name, help=m.HELP, description=m.HELP))
     return p
 
 
@@ -79,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         if distributed.is_main_process():
             print(f"[rlhf_jax] {args.command} done: outputs in {result.get('output_dir')}")
         return 0
+    if args.command in TOOLS:
+        return importlib.import_module(TOOLS[args.command]).main(args)
     raise AssertionError(args.command)
 
 
