@@ -133,9 +133,12 @@ def progress_bar(*, total: int, enabled: bool, stream=None):
     stream = sys.stderr if stream is None else stream
     if not enabled or not getattr(stream, "isatty", lambda: False)():
         return _NoBar()
-    from tqdm.auto import tqdm
+    import shutil
 
-    return tqdm(total=total, unit="prompt", file=stream, dynamic_ncols=True)
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size((80, 24))  # 80x24 when the terminal reports no size (a bare pseudo-terminal)
+    return tqdm(total=total, unit="prompt", file=stream, ncols=size.columns, nrows=size.lines)
 
 
 def per_prompt(sb: SampledBatch, tokenizer) -> list[dict[str, Any]]:
