@@ -251,9 +251,43 @@ class Checkpointer:
             state=ocp.args.StandardRestore(_host_local_targets(encoded)),
             meta=ocp.args.JsonRestore(),
         )
-        out = self._manager.restore(step, args=args)
+
+        def mismatch(diffs: list[str]) -> ValueError:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            return ValueError(
+                f"checkpoint {self.directory / str(step)} does not fit this run's state: {'; '.join(diffs[:3])}{more}. "
+                "The model, optimizer or config changed since it was saved: use a new run.output_dir, or "
+                "run.resume=never run.overwrite=true to start over")
+
+        # shapes first (a cheap metadata read): Orbax's own error names no parameter
+        shapes = [d for d in self._shape_differences(step, encoded) if ": saved " in d]
+        if shapes:
+            raise mismatch(shapes)
+        try:
+            out = self._manager.restore(step, args=args)
+        except ValueError as e:
+            diffs = self._shape_differences(step, encoded)
+            if not diffs:
+                raise
+            raise mismatch(diffs) from e
         state = _put_host_local(out["state"], encoded)
         return _decode_keys(state, target), dict(out["meta"] or {})
+
+    def _shape_differences(self, step: int, encoded_target: Any) -> list[str]:
+        """'name: saved (a, b), now (c, d)' for each array whose saved shape differs from the target's."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                meta = reader.metadata(self.directory / str(step) / "state")
+        except Exception:  # noqa: BLE001 - diagnosis only; the original error is raised instead
+            return []
+        meta = getattr(meta, "item_metadata", meta)
+        has_shape = lambda x: hasattr(x, "shape")  # noqa: E731
+        saved = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(meta, is_leaf=has_shape)[0]}
+        wanted = {_path_name(p): tuple(np.shape(x))
+                  for p, x in jax.tree_util.tree_flatten_with_path(encoded_target, is_leaf=has_shape)[0]}
+        diffs = [f"{k}: saved {saved[k]}, now {v}" if k in saved else f"{k}: not in the checkpoint"
+                 for k, v in wanted.items() if saved.get(k) != v]
+        return diffs + [f"{k}: only in the checkpoint" for k in saved if k not in wanted]
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON meta dict of `step` (latest when None)."""
@@ -285,6 +319,19 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _path_name(path: tuple) -> str:
+    """'params/layer_0/kernel' for a pytree key path (dict keys, attributes and indices alike)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def resolve_resume(resume: str, output_checkpoint_dir: str | os.PathLike) -> tuple[pathlib.Path, int] | None:

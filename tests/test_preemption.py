@@ -116,3 +116,25 @@ def test_a_step_past_the_grace_period_exits_without_saving_and_keeps_the_last_ch
         assert ckpt.all_steps() == [1, 2]
         state, meta = ckpt.restore(2, target={"w": jnp.zeros(())})
     assert float(state["w"]) == 2.0 and meta["step"] == 2
+
+
+def test_a_second_command_on_a_live_run_is_refused_naming_the_owner(assets, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(sft_cmd(assets, out), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not logged_steps(out):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = subprocess.run(sft_cmd(assets, out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2, second.stderr[-2000:]
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"is in use by pid {first.pid} on host" in err[0], second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=240) == 143
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
+    assert not (out / "run.lock").exists()  # released on a clean (preempted) exit

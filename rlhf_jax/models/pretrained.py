@@ -351,6 +351,16 @@ def save_pretrained(path, model: Transformer, params, *, tokenizer=None, max_sha
     return path
 
 
+def _world_readable(root: pathlib.Path) -> None:
+    """Folders 0755 and files 0644 under (and including) `root`: an export is shared, e.g. with a serving job."""
+    os.chmod(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+
 def _write_dir(path: pathlib.Path, shards: list[list], tensors: Iterator[np.ndarray], hf_config: dict,
                tokenizer) -> None:
     """Writes config, weights (shard by shard, consuming `tensors` in order) and tokenizer to a temp dir
@@ -372,6 +382,7 @@ def _write_dir(path: pathlib.Path, shards: list[list], tensors: Iterator[np.ndar
                                                      indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        _world_readable(tmp)  # mkdtemp makes the folder 0700
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)

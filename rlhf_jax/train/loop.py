@@ -36,7 +36,7 @@ from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import DeferredMetrics, MetricsLogger, Progress
 from rlhf_jax.train.preempt import Preempted, StopSignals, signal_name
-from rlhf_jax.train.run import truncate_metrics
+from rlhf_jax.train.run import commit_config, truncate_metrics
 from rlhf_jax.train.step import NonFiniteError
 
 #: ``step(index, state) -> (state, metrics, samples)``; metrics are a device pytree (fetched one step late)
@@ -63,6 +63,8 @@ class Loop:
       sample_every: log the step's sample table every N steps (and at the first); 0 = never.
       progress_keys: values shown on the progress bar.
       stop_at_step: stop after this step as if killed (tests); checkpoints as usual until then.
+      export_dir: where ``export`` writes (default ``output_dir/model``): a run whose last checkpoint is at
+        ``total`` and whose export holds a ``config.json`` is finished, and is not run again.
     """
 
     name: str
@@ -78,6 +80,7 @@ class Loop:
     sample_every: int = 0
     progress_keys: tuple[str, ...] = ("loss",)
     stop_at_step: Optional[int] = None
+    export_dir: Optional[pathlib.Path] = None
 
 
 @dataclasses.dataclass
@@ -96,11 +99,13 @@ def _finite(metrics: Any) -> bool:
     return bool(float(value) >= 1.0) if isinstance(value, (float, int)) else bool(value)
 
 
-def restore(loop: Loop, state: Any, ckpt: Checkpointer) -> tuple[Any, int]:
-    """Apply ``run.resume``: the state, the data positions and the step of the chosen checkpoint."""
+def restore(loop: Loop, state: Any, ckpt: Checkpointer) -> tuple[Any, int, dict]:
+    """Apply ``run.resume``: the state, the data positions, the step and the meta of the chosen checkpoint.
+    Before restoring, the run's config is checked against the saved one and written (``run.commit_config``)."""
     found = resolve_resume(loop.run.resume, ckpt.directory)
+    commit_config(loop.output_dir, loop.run, resuming=found is not None and found[0] == ckpt.directory)
     if found is None:
-        return state, 0
+        return state, 0, {}
     directory, step = found
     source = ckpt if directory == ckpt.directory else Checkpointer(directory, read_only=True)
     state, meta = source.restore(step, target=abstract_like(state))
@@ -108,7 +113,7 @@ def restore(loop: Loop, state: Any, ckpt: Checkpointer) -> tuple[Any, int]:
         it.restore(meta["data"][name])
     if distributed.is_main_process():
         print(f"[rlhf_jax] {loop.name} resumed from {directory}/{step} (step {meta['step']})", flush=True)
-    return state, int(meta["step"])
+    return state, int(meta["step"]), meta
 
 
 def run_loop(loop: Loop, state: Any) -> LoopResult:
@@ -116,7 +121,16 @@ def run_loop(loop: Loop, state: Any) -> LoopResult:
     run = loop.run
     ckpt = Checkpointer(loop.output_dir / "checkpoints", keep_last_n=run.keep_last_n,
                         keep_best_metric=run.keep_best_metric, keep_best_mode=run.keep_best_mode)
-    state, start = restore(loop, state, ckpt)
+    state, start, meta = restore(loop, state, ckpt)
+    export_dir = loop.export_dir or loop.output_dir / "model"
+    if start >= loop.total and (loop.export is None or (export_dir / "config.json").exists()):
+        ckpt.close()
+        if distributed.is_main_process():
+            print(f"[rlhf_jax] {loop.name}: {loop.output_dir} is a finished run (step {start} of {loop.total}"
+                  + (f", model exported to {export_dir}" if loop.export else "") + "); nothing to do. Raise "
+                  "run.total_steps to train further, or choose another run.output_dir", flush=True)
+        return LoopResult(state=state, latest=dict(meta.get("metrics") or {}), history=[], steps=start,
+                          export_dir=str(export_dir) if loop.export else None)
     truncate_metrics(loop.output_dir / "metrics.jsonl", after_step=start)
     main = distributed.is_main_process()
     logger = MetricsLogger(loop.output_dir, tensorboard=run.tensorboard, wandb=run.wandb,

@@ -1,6 +1,6 @@
 """Run plumbing every recipe shares: the run folder, the mesh, model loading onto it, export.
 
-    out = start_run(cfg, cfg.run)                                   # folder + config.yaml
+    out = start_run(cfg, cfg.run)                                   # folder, lock (config.yaml: run_loop)
     mesh = make_mesh(cfg.mesh)
     loaded = load_model(cfg.model, mesh=mesh, head="lm")            # params born on the mesh
     ...                                                             # the recipe's step
@@ -9,19 +9,25 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import fnmatch
 import json
 import os
 import pathlib
+import shutil
+import socket
+import time
 from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
-from rlhf_jax.config import save_config
+from rlhf_jax.config import save_config, to_dict
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.step import StepMetrics
 
@@ -43,13 +49,158 @@ class ModelLoadConfig:
 
 
 # ---------------------------------------------------------------------------------------------- setup
+LOCK_FILE = "run.lock"
+#: Run files a `run.resume=never run.overwrite=true` start clears (nothing else in the folder is touched).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tensorboard", "model", "config.yaml", "plots")
+#: Keys a resume may change freely: cadence, logging and where the run lives; any other difference from the
+#: saved config.yaml changes the math and is refused unless `run.allow_config_change=true`.
+RESUME_FREE_KEYS = ("run.total_steps", "run.log_every", "run.eval_every", "run.save_every", "run.keep_last_n",
+                    "run.progress", "run.tensorboard", "run.wandb*", "sample_every", "num_samples", "run.resume",
+                    "run.output_dir", "run.preempt_grace_s", "run.allow_config_change", "run.overwrite")
+_PENDING_CONFIG: dict[pathlib.Path, Any] = {}  # output_dir -> config, written by run_loop once the run starts
+
+
 def start_run(cfg: Any, run: RunConfig) -> pathlib.Path:
-    """Create `run.output_dir`, write the resolved `config.yaml` there (main process); return the folder."""
+    """Prepare `run.output_dir` (main process): check it is a writable folder, take its lock (one run per
+    folder), apply `run.resume=never` / `run.overwrite`, remove stale temporary exports. `config.yaml` is
+    written later, by `train.loop.run_loop`, once the run is known to start. Returns the folder.
+
+    Raises (on every process, so none is left waiting in a collective):
+      ValueError: the folder is a file or not writable, another live run holds it, or `run.resume=never`
+        on a folder with a previous run's files and no `run.overwrite=true`.
+    """
     out = pathlib.Path(run.output_dir)
+    error = None
     if distributed.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        try:
+            _prepare_output_dir(out, run)
+        except ValueError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        error = distributed.allgather_objects(error)[0]
+    if error:
+        raise ValueError(error)
+    _PENDING_CONFIG[out.absolute()] = cfg
     return out
+
+
+def _prepare_output_dir(out: pathlib.Path, run: RunConfig) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run.output_dir {out} is a file, not a folder; choose another run.output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create run.output_dir {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"run.output_dir {out} is not writable by this user; choose another run.output_dir")
+    acquire_lock(out)
+    if run.resume == "never":
+        previous = [n for n in RUN_FILES if (out / n).exists()]
+        if previous and not run.overwrite:
+            raise ValueError(f"run.output_dir {out} already holds a run ({', '.join(previous)}) and run.resume=never: "
+                             "set run.overwrite=true to replace it, or choose another run.output_dir")
+        for name in previous:
+            (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+        if previous:
+            print(f"[rlhf_jax] run.overwrite=true: removed the previous run's {', '.join(previous)} from {out}",
+                  flush=True)
+    for stale in sorted(out.glob(".*.tmp-*")) + sorted(out.glob(".*.old-*")):  # exports a killed run left
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        print(f"[rlhf_jax] removed {stale} (temporary export folder left by an interrupted run)", flush=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(out: pathlib.Path) -> None:
+    """Take `out/run.lock` (host, pid) for this process; refuse a folder whose lock a live process holds.
+
+    A lock of this process is kept; one of a dead pid on this host is taken over with a message; one from
+    another host is refused (its liveness cannot be checked: remove the file if that run is gone). The lock
+    is removed when this process exits normally (a killed run leaves it, and the next start takes it over).
+    """
+    path = out / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+                host, pid = str(owner["host"]), int(owner["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                owner, host, pid = None, "?", -1
+            if owner is not None and host == me["host"] and pid == me["pid"]:
+                return  # this process already holds it (a second run in the same process)
+            if owner is not None and (host != me["host"] or _pid_alive(pid)):
+                started = owner.get("started", "?")
+                raise ValueError(f"run.output_dir {out} is in use by pid {pid} on host {host} (started {started}); "
+                                 f"wait for that run or stop it, or choose another run.output_dir (if it is gone, "
+                                 f"delete {path})")
+            why = "unreadable" if owner is None else f"of pid {pid}, which is no longer running"
+            print(f"[rlhf_jax] taking over the stale lock {path} ({why})", flush=True)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({**me, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        atexit.register(release_lock, out)
+        return
+    raise ValueError(f"could not take the lock {path}: another process keeps creating it")
+
+
+def release_lock(out: pathlib.Path) -> None:
+    """Remove `out/run.lock` if this process holds it."""
+    path = out / LOCK_FILE
+    try:
+        owner = json.loads(path.read_text())
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """'key: saved -> now' for every key present in both whose value differs (minus `RESUME_FREE_KEYS`)."""
+    a, b = _flat(saved), _flat(now)
+    free = lambda k: any(fnmatch.fnmatchcase(k, p) for p in RESUME_FREE_KEYS)  # noqa: E731
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if k in a and not free(k) and a[k] != b[k]]
+
+
+def commit_config(out: pathlib.Path, run: RunConfig, *, resuming: bool) -> None:
+    """Called by `run_loop` once the run starts (models and data loaded, resume resolved): refuse a resume
+    whose config differs from the saved `config.yaml` in a key that changes the math (unless
+    `run.allow_config_change=true`), then write `config.yaml` (main process)."""
+    cfg = _PENDING_CONFIG.pop(pathlib.Path(out).absolute(), None)
+    if cfg is None:
+        return
+    path = pathlib.Path(out) / "config.yaml"
+    now = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the round trip saved configs went through
+    diffs = config_differences(yaml.safe_load(path.read_text()) or {}, now) if resuming and path.exists() else []
+    if jax.process_count() > 1:  # every process has read the old file before process 0 replaces it
+        diffs = distributed.allgather_objects(diffs)[0]
+    if diffs and not run.allow_config_change:
+        raise ValueError(f"resuming {out} with a config that differs from its config.yaml: {'; '.join(diffs)}; "
+                         "set run.allow_config_change=true to resume anyway, or choose a new run.output_dir")
+    if diffs and distributed.is_main_process():
+        print(f"[rlhf_jax] run.allow_config_change=true: resuming with {'; '.join(diffs)}", flush=True)
+    if distributed.is_main_process():
+        save_config(cfg, path)
 
 
 def make_mesh(mesh_cfg: shd.MeshConfig) -> jax.sharding.Mesh:

@@ -184,3 +184,132 @@ def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, capsys):
     res = run_loop(loop2, {"w": jnp.zeros((), jnp.float32)})
     assert float(res.state["w"]) == 21.0 and exported == [21.0]
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------ run folder (issue #18: preemption-safe runs)
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from rlhf_jax.run_config import OptimConfig  # noqa: E402
+from rlhf_jax.train.run import start_run  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    run: RunConfig
+    optim: OptimConfig = OptimConfig()
+
+
+def _started(tmp_path, *, total=6, optim=None, **run_kw):
+    """start_run + a toy loop whose export writes a model folder with a config.json."""
+    loop, exported = _loop(tmp_path, total=total, **run_kw)
+
+    def export(s):
+        (tmp_path / "model").mkdir(exist_ok=True)
+        (tmp_path / "model" / "config.json").write_text("{}")
+        exported.append(float(s["w"]))
+        return tmp_path / "model"
+
+    loop.export = export
+    start_run(_Cfg(run=loop.run, optim=optim or OptimConfig()), loop.run)
+    return loop, exported
+
+
+def test_config_yaml_is_written_when_the_run_starts_and_a_math_change_is_refused(tmp_path, capsys):
+    loop, _ = _started(tmp_path)
+    assert not (tmp_path / "config.yaml").exists()  # not before the loop starts
+    loop.stop_at_step = 3
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert "learning_rate: 1.0e-05" in (tmp_path / "config.yaml").read_text()
+    loop, _ = _started(tmp_path, optim=OptimConfig(learning_rate=2e-5, b1=0.8), save_every=2, keep_last_n=5)
+    with pytest.raises(ValueError, match=r"differs from its config.yaml: optim.learning_rate: 1e-05 -> 2e-05; "
+                                         r"optim.b1: 0.9 -> 0.8; set run.allow_config_change=true") as err:
+        run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert "save_every" not in str(err.value) and "keep_last_n" not in str(err.value)  # free keys
+    loop, exported = _started(tmp_path, optim=OptimConfig(learning_rate=2e-5), allow_config_change=True)
+    res = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert float(res.state["w"]) == 21.0 and "resuming with optim.learning_rate" in capsys.readouterr().out
+    assert "learning_rate: 2.0e-05" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_finished_run_is_not_run_again(tmp_path, capsys):
+    loop, exported = _started(tmp_path)
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert exported == [21.0]
+    loop, exported = _started(tmp_path)
+    loop.step = None  # never called
+    res = run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert exported == [] and float(res.state["w"]) == 21.0 and res.latest["train/loss"] == 5.0
+    assert res.export_dir == str(tmp_path / "model")
+    assert "is a finished run (step 6 of 6, model exported to" in capsys.readouterr().out
+    # a longer run.total_steps goes on from there
+    loop, exported = _started(tmp_path, total=7)
+    assert float(run_loop(loop, {"w": jnp.zeros((), jnp.float32)}).state["w"]) == 28.0 and exported == [28.0]
+
+
+def test_resume_never_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
+    loop, _ = _started(tmp_path)
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    with pytest.raises(ValueError, match="already holds a run .*checkpoints.*set run.overwrite=true"):
+        _started(tmp_path, resume="never")
+    loop, exported = _started(tmp_path, resume="never", overwrite=True)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    assert exported == [21.0] and [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_restore_shape_mismatch_names_the_param(tmp_path):
+    loop, _ = _loop(tmp_path)
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    loop, _ = _loop(tmp_path, total=8)
+    with pytest.raises(ValueError, match=r"does not fit this run's state: w: saved \(\), now \(2,\)\. .*new "
+                                         r"run.output_dir, or run.resume=never run.overwrite=true"):
+        run_loop(loop, {"w": jnp.zeros((2,), jnp.float32)})
+
+
+def test_output_dir_that_is_a_file_or_not_writable(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        start_run(None, RunConfig(output_dir=str(tmp_path / "f")))
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            start_run(None, RunConfig(output_dir=str(ro)))
+
+
+def test_lock_of_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "started": "x"}))
+        with pytest.raises(ValueError, match=f"is in use by pid {live.pid} on host {socket.gethostname()}"):
+            start_run(None, RunConfig(output_dir=str(out)))
+    finally:
+        live.kill()
+        live.wait()
+    start_run(None, RunConfig(output_dir=str(out)))  # the pid is dead now: taken over
+    assert f"taking over the stale lock {out / 'run.lock'} (of pid {live.pid}" in capsys.readouterr().out
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_stale_temporary_exports_are_removed_and_exports_are_world_readable(tmp_path, capsys):
+    import jax
+
+    from rlhf_jax.models import ModelConfig, Transformer, init_params, save_pretrained
+    from rlhf_jax.fixtures import tiny_config
+
+    (tmp_path / ".model.tmp-abc").mkdir()
+    (tmp_path / ".model.tmp-abc" / "model.safetensors").write_text("half")
+    start_run(None, RunConfig(output_dir=str(tmp_path)))
+    assert not (tmp_path / ".model.tmp-abc").exists() and "removed" in capsys.readouterr().out
+    model = Transformer(ModelConfig.from_hf(tiny_config("llama", vocab_size=64, hidden=16, layers=1, heads=2,
+                                                        kv_heads=1, max_positions=32)))
+    out = save_pretrained(tmp_path / "model", model, init_params(model, jax.random.key(0)))
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert all(os.stat(f).st_mode & 0o777 == 0o644 for f in out.iterdir())
