@@ -2,7 +2,7 @@
 in order, the training sampler over them, and the statistics of scored samples.
 
 * :func:`load_policy`: the model (LM head) on the default ``(data, fsdp, tensor)`` mesh, one process.
-* :func:`prompt_iterator`: every prompt of a JSONL/Parquet/... file (plain strings or chat messages through
+* :func:`prompt_iterator` / :func:`open_prompts`: every prompt of a JSONL/Parquet/... file (plain strings or chat messages through
   the tokenizer's chat template), in file order, one ordered pass; the last batch is padded.
 * :func:`sample_all`: the online engine's :class:`~rlhf_jax.online.sampler.Sampler` (``rollout.generate``,
   greedy when τ = 0, K samples per prompt in contiguous groups) over every batch; the padding rows of the
@@ -81,6 +81,22 @@ def fill_padding(batch: PromptBatch) -> tuple[PromptBatch, np.ndarray]:
         batch = PromptBatch(*(np.where((~real).reshape(-1, *[1] * (np.ndim(x) - 1)), np.asarray(x)[first], x)
                               for x in batch))
     return batch, real
+
+
+def open_prompts(args, loaded, mesh) -> tuple[BatchIterator, Sampler]:
+    """The prompt iterator and the sampler of the ``eval`` / ``generate`` flags (``recipes/_sampling_flags.py``):
+    ``--data``, ``--prompt-field``, ``--max-prompt-len`` (default :func:`default_max_prompt_len`; a warning
+    counts truncated prompts), ``--batch-size``, ``--max-new-tokens``, ``--temperature``, ``--top-k``, ``--top-p``."""
+    max_prompt_len = args.max_prompt_len or default_max_prompt_len(loaded.model, args.max_new_tokens)
+    batches = prompt_iterator(args.data, loaded.tokenizer, batch_size=common.host_batch_size(args.batch_size, mesh),
+                              max_prompt_len=max_prompt_len, prompt_field=args.prompt_field)
+    stats = batches.data.stats
+    if stats.prompt_truncated:
+        print(f"[rlhf_jax] warning: {stats.prompt_truncated} of {stats.examples} prompts were longer than "
+              f"{max_prompt_len} tokens and keep their last {max_prompt_len} (--max-prompt-len)", file=sys.stderr)
+    sampler = make_sampler(loaded, mesh, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return batches, sampler
 
 
 class SampledBatch(NamedTuple):

@@ -25,25 +25,9 @@ import pathlib
 import sys
 from typing import Any
 
+from rlhf_jax.recipes._sampling_flags import add_sampling_arguments, validate_sampling
+
 HELP = "sample a model on a prompt file and score it (rewards, reward model, gold, pass@k, KL to a reference)"
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser, *, temperature: float, samples_help: str) -> None:
-    """The flags ``eval`` and ``generate`` share."""
-    p.add_argument("--model", required=True, help="Hugging Face model folder (with its tokenizer)")
-    p.add_argument("--data", required=True, help="prompt file (.jsonl/.json/.parquet/...): plain or chat-message prompts")
-    p.add_argument("--prompt-field", default="prompt", help="column holding the prompt (default: prompt)")
-    p.add_argument("--samples", type=int, default=1, metavar="K", help=samples_help)
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature; 0 = greedy (default {temperature:g})")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="response length limit (default 128)")
-    p.add_argument("--max-prompt-len", type=int, default=None,
-                   help="longer prompts keep their last tokens (default: the model's positions minus --max-new-tokens)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,44 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gold", default=None, metavar="MODULE:FUNCTION", help="gold score function (reported only)")
     p.add_argument("--ref", default=None, metavar="DIR", help="reference model folder: report the KL to it")
     p.add_argument("--output", default=None, help="per-prompt JSONL; the summary goes next to it (.summary.json)")
-
-
-def validate_sampling(args: argparse.Namespace) -> None:
-    """One-line errors (ValueError) for flag values the sampler cannot take."""
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.samples > 1 and args.temperature == 0:
-        raise ValueError("--samples > 1 with --temperature 0 gives K identical greedy samples; set --temperature > 0")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_prompt_len is not None and args.max_prompt_len < 1:
-        raise ValueError(f"--max-prompt-len must be >= 1, got {args.max_prompt_len}")
-
-
-def open_prompts(args: argparse.Namespace, loaded, mesh):
-    """The ordered prompt iterator of ``--data`` (this process's batches) and a sampler for the flags."""
-    from rlhf_jax.online import evaluation as ev
-    from rlhf_jax.train import run as common
-
-    max_prompt_len = args.max_prompt_len or ev.default_max_prompt_len(loaded.model, args.max_new_tokens)
-    host_bs = common.host_batch_size(args.batch_size, mesh)
-    batches = ev.prompt_iterator(args.data, loaded.tokenizer, batch_size=host_bs, max_prompt_len=max_prompt_len,
-                                 prompt_field=args.prompt_field)
-    stats = batches.data.stats
-    if stats.prompt_truncated:
-        print(f"[rlhf_jax] warning: {stats.prompt_truncated} of {stats.examples} prompts were longer than "
-              f"{max_prompt_len} tokens and keep their last {max_prompt_len} (--max-prompt-len)", file=sys.stderr)
-    sampler = ev.make_sampler(loaded, mesh, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    return batches, sampler
 
 
 def summary_path(output: str) -> pathlib.Path:
@@ -115,7 +61,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         rewards.load_function(spec)  # a bad spec fails before any model is loaded
     mesh, actor = ev.load_policy(args.model, dtype=args.dtype)
     tok = actor.tokenizer
-    batches, sampler = open_prompts(args, actor, mesh)
+    batches, sampler = ev.open_prompts(args, actor, mesh)
     eos_ids, _ = eos_and_pad(actor.model, tok)
     scorer = None
     if args.reward or args.reward_model:

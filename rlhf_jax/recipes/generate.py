@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-from rlhf_jax.recipes.evaluate import add_sampling_arguments, open_prompts, validate_sampling
+from rlhf_jax.recipes._sampling_flags import add_sampling_arguments, validate_sampling
 
 HELP = "generate completions for every prompt of a file into JSONL (plain or chat prompts, K samples each)"
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     validate_sampling(args)
     mesh, loaded = ev.load_policy(args.model, dtype=args.dtype)
-    batches, sampler = open_prompts(args, loaded, mesh)
+    batches, sampler = ev.open_prompts(args, loaded, mesh)
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
