@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         demo.run_demo(out, quick=args.quick)
         return 0
     if args.command in TRAINERS:
-        from rlhf_jax.runtime import distributed
+        from rlhf_jax.runtime import distributed, xla
         from rlhf_jax.config import save_config
 
         if not os.path.isfile(args.config):
@@ -80,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(save_config(cfg, os.path.join(tmp, "c.yaml")).read_text(), end="")
             return 0
         distributed.init_distributed()
+        xla.enable_compilation_cache()  # a rerun or resume of this config loads its compiled programs
         module = importlib.import_module(TRAINERS[args.command][0])
         result = module.train(cfg)
         if distributed.is_main_process():
