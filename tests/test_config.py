@@ -10,8 +10,6 @@ import yaml
 
 from rlhf_jax.config import (
     ConfigError,
-    OptimConfig,
-    RunConfig,
     from_dict,
     load_config,
     parse_overrides,
@@ -19,6 +17,7 @@ from rlhf_jax.config import (
     save_config,
     to_dict,
 )
+from rlhf_jax.run_config import OptimConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
