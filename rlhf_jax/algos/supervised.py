@@ -10,8 +10,13 @@ margin m as in Llama 2 / TRL ``RewardTrainer``)::
     L = mean over pairs of −log σ(r(x, y_c) − r(x, y_r) − m)
 
 with r the scalar head at the LAST real token of prompt + response; chosen and rejected rows go through
-ONE forward pass of 2B rows, and padding pairs (all-zero masks) count 0. Both return
-``((loss_sum, count), aux_sums)`` for ``train.step``.
+ONE forward pass of 2B rows, and padding pairs (all-zero masks) count 0. With soft labels p = P(y_c ≻ y_r)
+(a :class:`SoftPreferenceBatch`, e.g. Constitutional AI's judge probabilities; Bai et al. 2022 §4.1) the
+RM loss is the cross-entropy with p as target, which is the loss above where p = 1::
+
+    L = mean over pairs of −p·log σ(Δ) − (1 − p)·log σ(−Δ),    Δ = r(x, y_c) − r(x, y_r) − m
+
+Both return ``((loss_sum, count), aux_sums)`` for ``train.step``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import ops
-from rlhf_jax.data import PreferenceBatch, SFTBatch
+from rlhf_jax.data import PreferenceBatch, SFTBatch, SoftPreferenceBatch
+from rlhf_jax.ops.ai_feedback import soft_bradley_terry_loss
 
 
 class SFTAux(NamedTuple):
@@ -62,11 +68,17 @@ def pair_scores(model, params, batch: PreferenceBatch) -> tuple[jax.Array, jax.A
     return last_2B[:b], last_2B[b:], valid_B
 
 
-def rm_loss(model, params, batch: PreferenceBatch, key: jax.Array, *, margin: Optional[float] = None):
-    """`((loss_sum, pairs), RMAux)` of the Bradley–Terry loss over the real pairs of `batch`."""
+def rm_loss(model, params, batch: PreferenceBatch | SoftPreferenceBatch, key: jax.Array, *,
+            margin: Optional[float] = None):
+    """`((loss_sum, pairs), RMAux)` of the Bradley–Terry loss over the real pairs of `batch` (the soft-label
+    cross-entropy for a :class:`SoftPreferenceBatch`)."""
     del key
-    chosen_B, rejected_B, valid_B = pair_scores(model, params, batch)
-    loss_B = ops.bradley_terry_loss(chosen_B, rejected_B, margin=margin)
+    if isinstance(batch, SoftPreferenceBatch):
+        chosen_B, rejected_B, valid_B = pair_scores(model, params, batch.pair)
+        loss_B = soft_bradley_terry_loss(chosen_B, rejected_B, batch.chosen_prob_B, margin=margin)
+    else:
+        chosen_B, rejected_B, valid_B = pair_scores(model, params, batch)
+        loss_B = ops.bradley_terry_loss(chosen_B, rejected_B, margin=margin)
     v_B = valid_B.astype(jnp.float32)
     zero = jnp.zeros_like(loss_B)
     aux = RMAux(pairs=jnp.sum(v_B), correct=jnp.sum(v_B * (chosen_B > rejected_B)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.data.batches import PreferenceBatch, PromptBatch, SFTBatch, UnpairedBatch
+from rlhf_jax.data.batches import PreferenceBatch, PromptBatch, SFTBatch, SoftPreferenceBatch, UnpairedBatch
 from rlhf_jax.data.config import DataConfig
 from rlhf_jax.data.encode import DataStats, EncodedDataset, encode
 from rlhf_jax.data.formats import MalformedRowError
@@ -24,7 +24,7 @@ from rlhf_jax.data import real
 
 __all__ = [
     "BatchIterator", "DataConfig", "DataFileError", "DataSplits", "DataStats", "EncodedDataset",
-    "MalformedRowError", "PreferenceBatch", "PromptBatch", "SFTBatch", "UnpairedBatch",
+    "MalformedRowError", "PreferenceBatch", "PromptBatch", "SFTBatch", "SoftPreferenceBatch", "UnpairedBatch",
     "build_data", "encode", "load_encoded", "load_rows", "pad_id_of",
 ]
 
@@ -78,6 +78,7 @@ def build_data(
     eval_batch_size: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    soft_labels: bool = False,
 ) -> DataSplits:
     """Iterators of typed batches for one trainer.
 
@@ -89,6 +90,7 @@ def build_data(
       batch_size: Rows per batch on this host; the global batch is batch_size * process_count.
       eval_batch_size: Per-host eval batch size (default batch_size).
       process_index, process_count: This host and the number of hosts (`jax.process_index()`/`_count()`).
+      soft_labels: preference files with a `data.chosen_prob_field` column give `SoftPreferenceBatch`.
 
     Returns:
       DataSplits; `eval` is None unless `cfg.eval_path` or `cfg.eval_fraction` is set.
@@ -103,7 +105,7 @@ def build_data(
         eval_rows, eval_stats = _load_adapted(cfg, tokenizer, cfg.eval_path)
     data = encode(rows, tokenizer, cfg, task=task, source=cfg.path, stats=stats)
     pad_id = pad_id_of(tokenizer)
-    host = dict(pad_id=pad_id, process_index=process_index, process_count=process_count)
+    host = dict(pad_id=pad_id, process_index=process_index, process_count=process_count, soft_labels=soft_labels)
     train = BatchIterator(data, cfg, batch_size=batch_size, **host)
     evaluation = None
     if eval_rows is not None:

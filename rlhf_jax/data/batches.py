@@ -41,6 +41,14 @@ class PreferenceBatch(NamedTuple):
     rejected_loss_mask_BxS: jax.Array
 
 
+class SoftPreferenceBatch(NamedTuple):
+    """Pairs with soft labels: `chosen_prob_B` = P(chosen ≻ rejected) (e.g. an AI judge's probability, as
+    `rlhf-jax label` with `ranker: pairwise_judge` writes it); 1 on padding rows (which have no tokens)."""
+
+    pair: PreferenceBatch
+    chosen_prob_B: jax.Array
+
+
 class UnpairedBatch(NamedTuple):
     """KTO data: prompt + completion with a desirable (1) / undesirable (0) label per row."""
 

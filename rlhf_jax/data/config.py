@@ -68,6 +68,7 @@ class DataConfig:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     label_field: str = "label"
+    chosen_prob_field: str = "chosen_prob"  # soft preference labels P(chosen ≻ rejected), read when present (rm)
     max_prompt_len: int = 256
     max_completion_len: int = 256
     max_seq_len: int = 512

@@ -24,7 +24,7 @@ import numpy as np
 
 from rlhf_jax.data.config import DataConfig
 from rlhf_jax.data.formats import (
-    TASK_FORMATS, MalformedRowError, NoChatTemplateError, RowError, detect_format, label_of, render,
+    TASK_FORMATS, MalformedRowError, NoChatTemplateError, RowError, detect_format, label_of, prob_of, render,
 )
 
 _TOKENIZE_CHUNK = 1024
@@ -75,6 +75,8 @@ class EncodedDataset:
         (chosen, rejected) for preference, () for prompt.
       labels: int32 [N] KTO labels (1 desirable), or None.
       row_index: int64 [N], the row of `rows` each example came from (PromptBatch.index_B holds these).
+      chosen_prob: float32 [N] soft preference labels (`cfg.chosen_prob_field`) of preference rows whose
+        file has that column, else None.
       rows: The source rows (after any adapter), for extra columns such as `answer`.
       stats: Counts of rows read, kept, truncated and skipped.
     """
@@ -86,6 +88,7 @@ class EncodedDataset:
     row_index: np.ndarray
     rows: datasets.Dataset
     stats: DataStats
+    chosen_prob: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -132,7 +135,8 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
             raise MalformedRowError(f"{source}: row {i}: field {field or err.field!r}: {err.message}") from None
         skipped[err.reason] += 1
 
-    rendered, labels, kept = [], [], []
+    rendered, labels, probs, kept = [], [], [], []
+    soft = task == "preference" and cfg.chosen_prob_field in rows.column_names
     for i, row in enumerate(_iter_rows(rows)):
         stats.rows += 1
         try:
@@ -141,6 +145,8 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
                 raise RowError(cfg.prompt_field, "empty_text", "the prompt is empty")
             if task == "unpaired":
                 labels.append(label_of(row, cfg.label_field))
+            if soft:
+                probs.append(prob_of(row, cfg.chosen_prob_field))
         except RowError as err:
             fail(i, err)
             continue
@@ -154,7 +160,7 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
     comps = [
         _tokenize(tokenizer, [r.completions[k] for r in rendered], special=[False] * len(rendered)) for k in range(n_comp)
     ]
-    out_prompts, out_comps, out_rows, out_labels = [], [], [], []
+    out_prompts, out_comps, out_rows, out_labels, out_probs = [], [], [], [], []
     for j, (i, r) in enumerate(zip(kept, rendered)):
         extra = [eos] if cfg.add_eos and not r.is_chat else []
         cut = _truncate(prompts[j], [comps[k][j] + extra for k in range(n_comp)], cfg, task=task)
@@ -170,6 +176,8 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
         out_rows.append(i)
         if task == "unpaired":
             out_labels.append(labels[j])
+        if soft:
+            out_probs.append(probs[j])
     stats.examples += len(out_prompts)
     stats.skipped = dict(skipped)
     return EncodedDataset(
@@ -180,6 +188,7 @@ def encode(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, task: str, sou
         row_index=np.asarray(out_rows, np.int64),
         rows=rows,
         stats=stats,
+        chosen_prob=np.asarray(out_probs, np.float32) if soft else None,
     )
 
 

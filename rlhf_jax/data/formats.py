@@ -158,6 +158,16 @@ def label_of(row: dict[str, Any], field: str) -> int:
     raise RowError(field, "wrong_type", f"label must be a bool or 0/1, got {value!r}")
 
 
+def prob_of(row: dict[str, Any], field: str) -> float:
+    """A soft preference label: a number in [0, 1] (the probability that `chosen` is preferred)."""
+    value = row.get(field)
+    if value is None:
+        raise RowError(field, "missing_field", "missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RowError(field, "wrong_type", f"must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _text_or_messages(row: dict[str, Any], field: str):
     if field not in row or row[field] is None:
         raise RowError(field, "missing_field", "missing")

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.data import batching
+from rlhf_jax.data.batches import SoftPreferenceBatch
 from rlhf_jax.data.config import DataConfig
 from rlhf_jax.data.encode import EncodedDataset
 
 
 class BatchIterator:
-    """Yields `SFTBatch` / `PreferenceBatch` / `UnpairedBatch` / `PromptBatch` of numpy int32 arrays.
+    """Yields `SFTBatch` / `PreferenceBatch` / `UnpairedBatch` / `PromptBatch` of numpy int32 arrays
+    (`SoftPreferenceBatch` with `soft_labels` when the preference data has soft labels).
 
     Args:
       data: Encoded examples (`encode` output); its `kind` picks the batch type.
@@ -37,6 +39,8 @@ class BatchIterator:
       shuffle: Overrides `cfg.shuffle` (eval iterators pass False).
       drop_last: Overrides `cfg.drop_last`.
       num_epochs: Stop after this many epochs; None = cycle forever.
+      soft_labels: Preference data with a `chosen_prob` column (`data.chosen_prob`) comes as
+        `SoftPreferenceBatch` (the reward model's soft-label loss); other readers get plain pairs.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class BatchIterator:
         shuffle: bool | None = None,
         drop_last: bool | None = None,
         num_epochs: int | None = None,
+        soft_labels: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,6 +69,7 @@ class BatchIterator:
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.drop_last = cfg.drop_last if drop_last is None else drop_last
         self.num_epochs = num_epochs
+        self.soft_labels = soft_labels and data.chosen_prob is not None
         self.buckets = cfg.prompt_bucket_lengths if data.kind == "prompt" else cfg.bucket_lengths
         self.packed_rows: list[list[int]] | None = None
         if cfg.pack:
@@ -153,7 +159,12 @@ class BatchIterator:
         if d.kind == "unpaired":
             return batching.unpaired_batch([self._example(i, 0) for i in items], [int(d.labels[i]) for i in items], buckets=self.buckets, **kw)
         pairs = [(self._example(i, 0), self._example(i, 1)) for i in items]
-        return batching.preference_batch(pairs, buckets=self.buckets, **kw)
+        batch = batching.preference_batch(pairs, buckets=self.buckets, **kw)
+        if not self.soft_labels:
+            return batch
+        prob = np.ones(self.batch_size, np.float32)
+        prob[: len(items)] = d.chosen_prob[items]
+        return SoftPreferenceBatch(batch, prob)
 
     def _example(self, i: int, k: int):
         return batching.example_tokens(

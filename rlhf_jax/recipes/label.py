@@ -13,6 +13,13 @@ equal are skipped and counted). The file loads with ``rlhf_jax.data`` (``format:
       s(x, y) = log p_judge(verdict | template(prompt=x, response=y))
 
   e.g. template ``"{prompt}{response}\\nIs this response good? Answer:"`` and verdict ``" Yes"``.
+* ``pairwise_judge`` (Constitutional AI's RL-CAI labels, Bai et al. 2022 §4.1): ``num_samples: 2``; a judge LM
+  sees both responses as (A) and (B) under each principle of ``pairwise_judge.principles``, in both orders,
+  and ``p = P(y_1 ≻ y_2)`` is read from its log-probs of the two option tokens
+  (:mod:`rlhf_jax.online.judge`, :func:`rlhf_jax.ops.ai_feedback.pairwise_preference_prob`). The row holds
+  the hard pair (the more probable response as ``chosen``) and the soft label ``chosen_prob`` = max(p, 1 − p)
+  (``score_chosen`` / ``score_rejected`` = the two probabilities), on which ``rlhf-jax rm`` trains with the
+  soft-label loss. Pairs of two identical responses are ties.
 
 Conversational prompts (message lists) are written back as message lists, responses as one assistant turn.
 
@@ -38,6 +45,7 @@ from rlhf_jax.config import require
 from rlhf_jax.data import BatchIterator, DataConfig, PromptBatch, build_data, pad_id_of
 from rlhf_jax.online import batches as rows_of
 from rlhf_jax.online.config import RewardConfig, RolloutConfig
+from rlhf_jax.online.judge import PairwiseJudge, PairwiseJudgeConfig
 from rlhf_jax.online.sampler import Sampler
 from rlhf_jax.online.scoring import local_texts, make_scorer
 from rlhf_jax.train import run as common
@@ -64,9 +72,10 @@ class LabelConfig:
     model: common.ModelLoadConfig  # the model that samples responses
     data: DataConfig  # prompt rows (plain strings or message lists)
     output_path: str  # JSONL to write (prompt / chosen / rejected)
-    ranker: Literal["reward_model", "function", "judge"] = "function"
+    ranker: Literal["reward_model", "function", "judge", "pairwise_judge"] = "function"
     reward: RewardConfig = RewardConfig(functions=("rlhf_jax.tasks:gold_score",))  # reward_model / function
     judge: JudgeConfig = JudgeConfig()
+    pairwise_judge: PairwiseJudgeConfig = PairwiseJudgeConfig()
     num_samples: int = 4  # k responses per prompt
     rollout: RolloutConfig = RolloutConfig(batch_size=8)  # batch_size = prompts per generate call
     seed: int = 0
@@ -79,6 +88,8 @@ class LabelConfig:
                 "ranker=reward_model needs a reward model path")
         require(self.ranker != "function" or len(self.reward.functions) > 0, "reward.functions",
                 "ranker=function needs at least one reward function")
+        require(self.ranker != "pairwise_judge" or self.num_samples == 2, "num_samples",
+                f"ranker=pairwise_judge compares two responses per prompt; set 2, got {self.num_samples}")
 
 
 def verdict_logprob(logits_BxSxV: jax.Array, mask_BxS: jax.Array, verdict_id: int) -> jax.Array:
@@ -130,11 +141,26 @@ def _full_batches(it: BatchIterator):
         yield b, ~pad
 
 
-def pair_row(prompt, chosen: str, rejected: str, s_c: float, s_r: float) -> dict:
-    """One output row; message-list prompts get assistant-turn completions."""
+def pair_row(prompt, chosen: str, rejected: str, s_c: float, s_r: float, chosen_prob: Optional[float] = None) -> dict:
+    """One output row (with the soft label ``chosen_prob`` when given); message-list prompts get assistant-turn
+    completions."""
     if isinstance(prompt, list):
         chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": s_c, "score_rejected": s_r}
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": s_c, "score_rejected": s_r}
+    return row if chosen_prob is None else {**row, "chosen_prob": chosen_prob}
+
+
+def pairwise_rows(raw_prompts: list, responses: list[str], prob: np.ndarray, real: np.ndarray) -> list:
+    """Rows of the real prompts from pairs (responses 2g, 2g + 1) with p = P(first ≻ second); None = a tie."""
+    rows = []
+    for g in np.flatnonzero(real):
+        y1, y2, p = responses[2 * g], responses[2 * g + 1], float(prob[g])
+        if y1 == y2:
+            rows.append(None)
+            continue
+        (c, r, pc) = (y1, y2, p) if p >= 0.5 else (y2, y1, 1.0 - p)
+        rows.append(pair_row(raw_prompts[g], c, r, pc, 1.0 - pc, chosen_prob=pc))
+    return rows
 
 
 def train(cfg: LabelConfig) -> dict:
@@ -148,10 +174,12 @@ def train(cfg: LabelConfig) -> dict:
     it = build_data(data_cfg, tok, task="prompt", batch_size=host_bs).train
     it = BatchIterator(it.data, data_cfg, batch_size=host_bs, pad_id=pad_id_of(tok), shuffle=False, drop_last=False,
                        num_epochs=1, process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.ranker == "judge":
-        judge_loaded = actor if cfg.judge.model_path is None else common.load_model(
-            dataclasses.replace(cfg.model, path=cfg.judge.model_path, tokenizer_path=None), mesh=mesh, head="lm")
-        judge, scorer = Judge(judge_loaded, cfg.judge), None
+    if cfg.ranker in ("judge", "pairwise_judge"):
+        judge_path = cfg.judge.model_path if cfg.ranker == "judge" else cfg.pairwise_judge.model_path
+        judge_loaded = actor if judge_path is None else common.load_model(
+            dataclasses.replace(cfg.model, path=judge_path, tokenizer_path=None), mesh=mesh, head="lm")
+        judge = Judge(judge_loaded, cfg.judge) if cfg.ranker == "judge" else PairwiseJudge(judge_loaded, cfg.pairwise_judge)
+        scorer = None
     else:
         judge = None
         scorer = make_scorer(cfg.reward, model_cfg=cfg.model, actor=actor, mesh=mesh, dataset=it.data,
@@ -166,17 +194,22 @@ def train(cfg: LabelConfig) -> dict:
     with open(out, "w") if main else contextlib.nullcontext() as f:
         for n, (batch, real) in enumerate(_full_batches(it)):
             ro = sampler(actor.params, batch, jax.random.fold_in(key, n), repeats=k)
-            if judge is not None:
-                prompts, responses = local_texts(tok, ro)
-                score = judge(prompts, responses, mesh=mesh)
-            else:
-                sc = scorer(ro, np.repeat(np.asarray(batch.index_B), k))
-                score, responses = sc.local_score_B, sc.texts["responses"]
-            best, worst, differ = rows_of.best_worst(score, group_size=k)
             raw = it.data.rows.select([int(i) for i in np.asarray(batch.index_B)])[cfg.data.prompt_field]
-            rows = [None if not differ[g] else pair_row(raw[g], responses[best[g]], responses[worst[g]],
-                                                        float(score[best[g]]), float(score[worst[g]]))
-                    for g in np.flatnonzero(real)]
+            if cfg.ranker == "pairwise_judge":
+                prompts, responses = local_texts(tok, ro)
+                prob = judge(prompts[::2], responses[::2], responses[1::2], mesh=mesh)
+                rows = pairwise_rows(raw, responses, prob, real)
+            else:
+                if judge is not None:
+                    prompts, responses = local_texts(tok, ro)
+                    score = judge(prompts, responses, mesh=mesh)
+                else:
+                    sc = scorer(ro, np.repeat(np.asarray(batch.index_B), k))
+                    score, responses = sc.local_score_B, sc.texts["responses"]
+                best, worst, differ = rows_of.best_worst(score, group_size=k)
+                rows = [None if not differ[g] else pair_row(raw[g], responses[best[g]], responses[worst[g]],
+                                                            float(score[best[g]]), float(score[worst[g]]))
+                        for g in np.flatnonzero(real)]
             for host_rows in distributed.allgather_objects(rows):  # prompt order: hosts hold consecutive slices
                 for row in host_rows:
                     counts["prompts"] += 1

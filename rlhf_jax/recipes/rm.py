@@ -3,7 +3,10 @@
     L = mean over pairs of  -log sigma(r(x, y_c) - r(x, y_r) - m)
 
 (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT; constant margin m as in Llama 2 / TRL
-`RewardTrainer`), where r is the scalar head's output at the LAST real token of prompt + response.
+`RewardTrainer`), where r is the scalar head's output at the LAST real token of prompt + response. When the
+preference file has a `chosen_prob` column (`data.chosen_prob_field`; `rlhf-jax label ranker=pairwise_judge`
+writes it), the loss is the cross-entropy with that probability p as target,
+-p log sigma(Δ) - (1 - p) log sigma(-Δ) (Constitutional AI's soft labels; the loss above at p = 1).
 Chosen and rejected rows go through ONE forward pass (concatenated into 2B rows). Padding pairs (all-zero
 masks, from a padded last eval batch) count 0. Eval reports pairwise accuracy P(r_c > r_r).
 
@@ -81,7 +84,7 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
     eval_bs = common.host_batch_size(cfg.eval_batch_size or cfg.batch_size, mesh)
     splits = build_data(cfg.data, loaded.tokenizer, task="preference", batch_size=host_bs,
                         eval_batch_size=eval_bs, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(), soft_labels=True)
     if distributed.is_main_process():
         print(f"[rlhf_jax] train data: {splits.stats.summary()}", flush=True)
     total = common.total_steps_of(cfg.run, splits.train.batches_per_epoch)
