@@ -67,7 +67,7 @@ class RevisionSampling:
     """How the helper samples critiques and revisions."""
 
     max_new_tokens: int = 32
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_k: Optional[int] = None
     top_p: Optional[float] = None
 
@@ -97,7 +97,7 @@ class CritiqueConfig:
                 "set exactly one of principles (an inline list) and principles_path (a YAML file)")
         require(self.max_context_len >= 2, "max_context_len", f"must be >= 2, got {self.max_context_len}")
         require(self.revision.max_new_tokens >= 1, "revision.max_new_tokens", "must be >= 1")
-        require(self.revision.temperature > 0, "revision.temperature", "must be > 0")
+        require(self.revision.temperature >= 0, "revision.temperature", "must be >= 0 (0 = greedy)")
 
     @property
     def trace_file(self) -> pathlib.Path:
@@ -154,8 +154,8 @@ class Reviser:
         room = int(loaded.model.config.max_position_embeddings) - r.max_new_tokens
         require(cfg.max_context_len <= room, "max_context_len", f"{cfg.max_context_len} + revision.max_new_tokens="
                 f"{r.max_new_tokens} exceeds the helper's {loaded.model.config.max_position_embeddings} positions")
-        rollout = RolloutConfig(batch_size=batch_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                top_k=r.top_k, top_p=r.top_p)
+        rollout = RolloutConfig(batch_size=batch_size, max_new_tokens=r.max_new_tokens,
+                                temperature=r.temperature or 1.0, top_k=r.top_k, top_p=r.top_p)
         self.loaded, self.cfg, self.mesh = loaded, cfg, mesh
         self.sampler = Sampler(loaded.model, loaded.tokenizer, rollout, mesh)
         self.pad, self.truncated = pad_id_of(loaded.tokenizer), 0
@@ -167,7 +167,7 @@ class Reviser:
         batch, cut = text_prompt_batch(self.loaded.tokenizer, [t for t, _ in rendered],
                                        max_len=self.cfg.max_context_len, pad_id=self.pad, special=special)
         self.truncated += cut
-        ro = self.sampler(self.loaded.params, batch, key)
+        ro = self.sampler(self.loaded.params, batch, key, temperature=self.cfg.revision.temperature)
         return local_texts(self.loaded.tokenizer, ro)[1]
 
 
