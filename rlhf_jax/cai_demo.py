@@ -1,7 +1,7 @@
 """Constitutional AI on the demo task, end to end on CPU: does SFT on critique → revision data reduce a
 measurable violation?
 
-The toy constitution (``configs/constitution_toy.yaml``) forbids unkind words (``rlhf_jax.tasks.NEGATIVE``);
+The toy constitution (``configs/constitutions/toy.yaml``) forbids unkind words (``rlhf_jax.tasks.NEGATIVE``);
 the violation rate of a set of responses is the fraction holding at least one of them
 (:func:`violation_rate`). A tiny random model cannot follow critique and revision instructions, so the
 helper that writes critiques and revisions is itself a tiny model, SFT'd first on a synthetic dataset that
@@ -100,7 +100,7 @@ def run(out: pathlib.Path, *, n_prompts: int = 512, samples: int = 4) -> dict:
     from rlhf_jax.recipes import critique, load_trainer_config
 
     out.mkdir(parents=True, exist_ok=True)
-    principles = yaml.safe_load((CONFIG_DIR / "constitution_toy.yaml").read_text())
+    principles = yaml.safe_load((CONFIG_DIR / "constitutions" / "toy.yaml").read_text())
     tok = fixtures.build_tokenizer(out / "tokenizer")
     base = {name: str(fixtures.build_tiny_model(out / name, "llama", tokenizer=tok, seed=seed, hidden=64, layers=2,
                                                 heads=4, kv_heads=2, max_positions=128))

@@ -20,7 +20,7 @@ BASE = ("model.path=x", "data.path=y", "output_path=out/rev.jsonl")
 def test_principles_inline_or_from_yaml(tmp_path):
     cfg = load_config(critique.CritiqueConfig, None, BASE + ("principles=[{critique: ' C?', revision: ' R:'}]",))
     assert critique.load_principles(cfg) == (critique.Principle(" C?", " R:"),)
-    cfg = load_config(critique.CritiqueConfig, None, BASE + ("principles_path=configs/constitution_toy.yaml",))
+    cfg = load_config(critique.CritiqueConfig, None, BASE + ("principles_path=configs/constitutions/toy.yaml",))
     assert len(critique.load_principles(cfg)) == 2 and cfg.trace_file.name == "rev.trace.jsonl"
     bad = tmp_path / "bad.yaml"
     bad.write_text("- critique: x\n  revisoin: y\n")
@@ -71,7 +71,7 @@ def test_toy_constitution_synthetic_helper_rows():
 def test_critique_writes_revisions_that_train_sft(tiny_llama, task_data, tmp_path):
     out = tmp_path / "revised.jsonl"
     overrides = [f"model.path={tiny_llama}", f"data.path={task_data['prompts_train']}", "data.max_prompt_len=16",
-                 f"output_path={out}", "principles_path=configs/constitution_toy.yaml", "n_revisions=2",
+                 f"output_path={out}", "principles_path=configs/constitutions/toy.yaml", "n_revisions=2",
                  "rollout.batch_size=12", "rollout.max_new_tokens=8", "revision.max_new_tokens=8",
                  "max_context_len=48"]
     res = critique.train(cli.load_trainer_config("critique", "configs/critique_tiny_cpu.yaml", overrides))

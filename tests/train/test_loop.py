@@ -150,7 +150,7 @@ def test_online_commands_reject_run_keys_they_cannot_honour(command):
 
 
 def test_registry_names_every_cli_command():
-    assert set(ONLINE) | {"sft", "rm", "dpo", "label"} == set(REGISTRY)
+    assert set(ONLINE) | {"sft", "rm", "dpo", "label", "critique"} == set(REGISTRY)
     assert all(np.all([isinstance(x, str) for x in v]) for v in REGISTRY.values())
 
 
