@@ -88,11 +88,3 @@ class RunConfig:
         require(self.preempt_grace_s > 0, "preempt_grace_s", f"must be > 0, got {self.preempt_grace_s}")
         require(bool(self.resume), "resume", "must be 'auto', 'never' or a checkpoint path")
 
-
-def online_run_checks(run: RunConfig) -> None:
-    """Reject the run keys an online command cannot honour: it evaluates no held-out set (yet), so
-    ``run.eval_every`` and an ``eval/`` keep-best metric would be silently ignored."""
-    require(run.eval_every == 0, "run.eval_every",
-            f"the online commands run no held-out evaluation; set 0 (got {run.eval_every})")
-    require(run.keep_best_metric is None or run.keep_best_metric.startswith("train/"), "run.keep_best_metric",
-            f"the online commands log train/<metric> only (e.g. train/score), got {run.keep_best_metric!r}")

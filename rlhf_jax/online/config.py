@@ -52,10 +52,24 @@ class RewardConfig:
                 "set a reward model path and/or reward.functions")
 
 
-def online_data_checks(data) -> None:
-    """Reject the data keys an online command cannot honour: its held-out prompts would never be evaluated
-    (and ``eval_fraction`` would silently drop training prompts)."""
-    require(data.eval_path is None, "data.eval_path",
-            "the online commands run no held-out evaluation; remove it (evaluate with the exported model)")
-    require(data.eval_fraction == 0, "data.eval_fraction",
-            "the online commands run no held-out evaluation; set 0")
+def online_eval_checks(run, data, reward: RewardConfig) -> None:
+    """The held-out evaluation keys of an online command (``online.heldout``), checked together:
+    ``run.eval_every`` and an ``eval/`` keep-best metric need held-out prompts (``data.eval_path`` or
+    ``data.eval_fraction``); ``eval/*gold_score`` needs ``reward.gold_function``; a score or accuracy ranks
+    checkpoints only with ``keep_best_mode: max``."""
+    held_out = data.eval_path is not None or data.eval_fraction > 0
+    require(run.eval_every == 0 or held_out, "run.eval_every",
+            f"={run.eval_every} evaluates held-out prompts: set data.eval_path or data.eval_fraction")
+    metric = run.keep_best_metric
+    if metric is None:
+        return
+    require(metric.startswith(("train/", "eval/")), "run.keep_best_metric",
+            f"must name a logged train/<metric> or eval/<metric>, got {metric!r}")
+    require(not metric.startswith("eval/") or held_out, "run.keep_best_metric",
+            f"{metric!r} needs held-out prompts: set data.eval_path or data.eval_fraction")
+    require(not metric.endswith("gold_score") or reward.gold_function is not None, "run.keep_best_metric",
+            f"{metric!r} needs reward.gold_function")
+    name = metric.split("/", 1)[-1]
+    larger = any(w in name for w in ("score", "accuracy", "reward")) and not name.endswith("_std")
+    require(not larger or run.keep_best_mode == "max", "run.keep_best_mode",
+            f"{metric} is better when larger: set run.keep_best_mode=max")

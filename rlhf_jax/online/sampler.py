@@ -1,6 +1,6 @@
 """Step 1 of an online iteration: prompts → responses.
 
-* :func:`prompt_data`: the training prompts at ONE static width (nothing recompiles across iterations).
+* :func:`prompt_splits`: the training (and held-out) prompts at ONE static width (nothing recompiles).
 * :class:`Sampler`: ``rollout.generate`` on the policy's current params, G samples per prompt in
   contiguous groups (:func:`repeat_prompts` order), the prompt prefilled once per group when the groups
   split evenly over the batch shards; the params resharded once per call to the inference layout
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.data import DataConfig, PromptBatch, build_data
+from rlhf_jax.data import DataConfig, DataSplits, PromptBatch, build_data
 from rlhf_jax.online.config import RolloutConfig
 from rlhf_jax.rollout import generate, inference_layout, inference_rules, reshard_for_inference
 from rlhf_jax.rollout.types import Rollout
@@ -31,12 +31,14 @@ def repeat_prompts(batch: PromptBatch, n: int) -> PromptBatch:
     return PromptBatch(*(np.repeat(np.asarray(x), n, axis=0) for x in batch))
 
 
-def prompt_data(data: DataConfig, tokenizer, host_bs: int):
-    """This host's training prompts at ONE static width ``data.max_prompt_len`` (nothing recompiles)."""
+def prompt_splits(data: DataConfig, tokenizer, host_bs: int) -> DataSplits:
+    """This host's training prompts (``.train``) and held-out prompts (``.eval``: None without
+    ``data.eval_path`` / ``data.eval_fraction``; one ordered pass, last batch padded), both at ONE static width
+    ``data.max_prompt_len`` (nothing recompiles)."""
     cfg = dataclasses.replace(data, format="prompt" if data.format == "auto" else data.format,
                               buckets=(data.max_prompt_len,))
-    return build_data(cfg, tokenizer, task="prompt", batch_size=host_bs,
-                      process_index=jax.process_index(), process_count=jax.process_count()).train
+    return build_data(cfg, tokenizer, task="prompt", batch_size=host_bs, eval_batch_size=host_bs,
+                      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def frozen_copy(params, shardings, dtype: str):

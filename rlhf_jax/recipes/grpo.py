@@ -42,14 +42,15 @@ from rlhf_jax.algos.base import Algorithm, PolicyLossHparams
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, PromptBatch
 from rlhf_jax.online import batches as rows_of
-from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, make_experience,
                                         prompt_sharing_allowed, rollout_metrics)
-from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_data
+from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
+from rlhf_jax.online.heldout import make_heldout
 from rlhf_jax.online.scoring import RewardScorer, make_scorer, sample_rows
 from rlhf_jax.online.update import make_update
 from rlhf_jax.rollout.types import logprob_temperature
-from rlhf_jax.run_config import OptimConfig, RunConfig, online_run_checks
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.train import run as common
 from rlhf_jax.train.loop import Loop, run_loop
 from rlhf_jax.train.metrics import Timer
@@ -157,8 +158,7 @@ class CriticFreeConfig:
     num_samples: int = 4
 
     def __post_init__(self):
-        online_run_checks(self.run)
-        online_data_checks(self.data)
+        online_eval_checks(self.run, self.data, self.reward)
         require(self.ALGORITHM is None or self.algo.algorithm == self.ALGORITHM, "algo.algorithm",
                 f"this subcommand runs {self.ALGORITHM}; got {self.algo.algorithm}")
         a, b = self.algo, self.rollout.batch_size * self.algo.group_size
@@ -268,10 +268,13 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     if r.dynamic_sampling and jax.process_count() > 1:  # hosts could draw different numbers of batches
         raise ValueError("algo.dynamic_sampling: supported on a single host only (set algo.dynamic_sampling=false)")
     ref_params = frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
-    prompts = prompt_data(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    prompts = splits.train
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
     scorer = make_scorer(cfg.reward, model_cfg=cfg.model, actor=actor, mesh=mesh, dataset=prompts.data,
                          prompt_field=cfg.data.prompt_field, frozen_dtype=cfg.frozen_dtype)
+    heldout = make_heldout(splits, sampler=sampler, scorer=scorer, reward=cfg.reward,
+                           prompt_field=cfg.data.prompt_field, seed=cfg.run.seed)
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.actor_optim, iters * h.epochs * h.num_minibatches)
     actor_state, actor_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
@@ -336,6 +339,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     loop = Loop(name=h.algorithm, run=cfg.run, output_dir=out, total=iters, step=step, data={"prompts": prompts},
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
+                evaluate=None if heldout is None else (lambda s: heldout(s.params)),
                 export=lambda s: common.export_model(actor, s.params, out / "model"))
     res = run_loop(loop, actor_state)
     result = {"output_dir": str(out), "iterations": len(res.history), "history": res.history, "state": res.state,

@@ -32,14 +32,15 @@ from rlhf_jax.algos.base import PolicyLossHparams
 from rlhf_jax.algos.ppo import ppo_algorithm
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, build_data
-from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, fused_values_allowed,
                                         make_experience, rollout_metrics)
-from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_data
+from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
+from rlhf_jax.online.heldout import make_heldout
 from rlhf_jax.online.scoring import make_scorer, sample_rows
 from rlhf_jax.online.update import make_update
 from rlhf_jax.rollout.types import logprob_temperature
-from rlhf_jax.run_config import OptimConfig, RunConfig, online_run_checks
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.train import run as common
 from rlhf_jax.train.loop import Loop, run_loop
 from rlhf_jax.train.metrics import Timer
@@ -132,8 +133,7 @@ class PPOConfig:
     num_samples: int = 4  # rows in each sample table
 
     def __post_init__(self):
-        online_run_checks(self.run)
-        online_data_checks(self.data)
+        online_eval_checks(self.run, self.data, self.reward)
         per_mb = self.rollout.batch_size // self.ppo.num_minibatches
         require(self.rollout.batch_size % self.ppo.num_minibatches == 0 and per_mb % self.ppo.num_micro_batches == 0,
                 "ppo.num_minibatches", f"rollout.batch_size={self.rollout.batch_size} must divide into "
@@ -152,8 +152,10 @@ def _ptx_data(cfg: PPOConfig, tokenizer, mesh):
                       process_count=jax.process_count()).train
 
 
-def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
-    """Run PPO; returns the metric history, the final state, the models and the export path."""
+def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initial: bool = False) -> dict:
+    """Run PPO; returns the metric history, the final state, the models, the export path and the last held-out
+    evaluation (``eval``); ``evaluate_initial``: also the held-out evaluation of the initial actor
+    (``eval_initial``, before any update; the demo's "before")."""
     out = common.start_run(cfg, cfg.run)
     mesh = common.make_mesh(cfg.mesh)
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
@@ -162,11 +164,14 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     critic = common.load_model(dataclasses.replace(cfg.model, path=critic_path, tokenizer_path=None), mesh=mesh,
                                head="scalar")
     models = Models(actor=actor.model, critic=critic.model)
-    prompts = prompt_data(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    prompts = splits.train
     ptx_iter = _ptx_data(cfg, actor.tokenizer, mesh)
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
     scorer = make_scorer(cfg.reward, model_cfg=cfg.model, actor=actor, mesh=mesh, dataset=prompts.data,
                          prompt_field=cfg.data.prompt_field, frozen_dtype=cfg.frozen_dtype)
+    heldout = make_heldout(splits, sampler=sampler, scorer=scorer, reward=cfg.reward,
+                           prompt_field=cfg.data.prompt_field, seed=cfg.run.seed)
 
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     h, temp = cfg.ppo, logprob_temperature(cfg.rollout.temperature)
@@ -230,11 +235,16 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     data = {"prompts": prompts} if ptx_iter is None else {"prompts": prompts, "ptx": ptx_iter}
     loop = Loop(name="ppo", run=cfg.run, output_dir=out, total=iters, step=step, data=data,
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
+                evaluate=None if heldout is None else (lambda s: heldout(s["actor"].params)),
                 export=lambda s: common.export_model(actor, s["actor"].params, out / "model"))
     state = {"actor": actor_state, "critic": critic_state, "kl": ops.adaptive_kl_init(cfg.kl.coef)}
+    initial = heldout(actor_state.params) if evaluate_initial and heldout is not None else None
     res = run_loop(loop, state)
     result = {"output_dir": str(out), "iterations": res.steps, "history": res.history, "state": res.state,
-              "models": models, "ref_params": ref_params}
+              "models": models, "ref_params": ref_params,
+              "eval": {k[len("eval/"):]: v for k, v in res.latest.items() if k.startswith("eval/")}}
+    if initial is not None:
+        result["eval_initial"] = initial
     if res.export_dir:
         result["export_dir"] = res.export_dir
     return result

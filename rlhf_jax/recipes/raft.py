@@ -26,10 +26,11 @@ from rlhf_jax.algos.supervised import sft_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, SFTBatch
 from rlhf_jax.online import batches as rows_of
-from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_data_checks
-from rlhf_jax.online.sampler import Sampler, prompt_data
+from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
+from rlhf_jax.online.sampler import Sampler, prompt_splits
+from rlhf_jax.online.heldout import make_heldout
 from rlhf_jax.online.scoring import make_scorer, sample_rows
-from rlhf_jax.run_config import OptimConfig, RunConfig, online_run_checks
+from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.train import run as common
 from rlhf_jax.train.loop import Loop, run_loop
 from rlhf_jax.train.metrics import Timer
@@ -72,8 +73,7 @@ class RAFTConfig:
     num_samples: int = 4  # rows in each sample table
 
     def __post_init__(self):
-        online_run_checks(self.run)
-        online_data_checks(self.data)
+        online_eval_checks(self.run, self.data, self.reward)
         rows = self.rollout.batch_size * (self.raft.num_samples if self.raft.quantile is not None else self.raft.top_k)
         require(rows % self.raft.num_micro_batches == 0, "raft.num_micro_batches",
                 f"must divide the {rows} kept rows per iteration")
@@ -103,10 +103,13 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
     mesh = common.make_mesh(cfg.mesh)
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
     h = cfg.raft
-    prompts = prompt_data(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
+    prompts = splits.train
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
     scorer = make_scorer(cfg.reward, model_cfg=cfg.model, actor=actor, mesh=mesh, dataset=prompts.data,
                          prompt_field=cfg.data.prompt_field)
+    heldout = make_heldout(splits, sampler=sampler, scorer=scorer, reward=cfg.reward,
+                           prompt_field=cfg.data.prompt_field, seed=cfg.run.seed)
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.optim, iters * h.sft_steps)
     state, state_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
@@ -139,6 +142,7 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     loop = Loop(name="raft", run=cfg.run, output_dir=out, total=iters, step=step, data={"prompts": prompts},
                 sample_every=cfg.sample_every, progress_keys=("score", "kept_score"), stop_at_step=stop_at_step,
+                evaluate=None if heldout is None else (lambda s: heldout(s.params)),
                 export=lambda s: common.export_model(actor, s.params, out / "model"))
     res = run_loop(loop, state)
     result = {"output_dir": str(out), "iterations": len(res.history), "history": res.history, "state": res.state,
