@@ -59,6 +59,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
+def _write_curves(output_dir: Optional[str], command: str) -> None:
+    """``curves.png`` next to ``metrics.jsonl`` (``train.plots.plot_curves``: losses, scores, KL, lengths,
+    held-out metrics); a run with nothing to plot gets none."""
+    from rlhf_jax.train.plots import plot_curves
+
+    metrics = os.path.join(output_dir or "", "metrics.jsonl")
+    if output_dir and os.path.isfile(metrics):
+        try:
+            plot_curves(metrics, os.path.join(output_dir, "curves.png"), title=f"{command}: {output_dir}")
+        except ValueError:  # no plottable metric logged
+            pass
+
+
+def quiet_datasets() -> None:
+    """No ``datasets`` progress bars (``Generating train split: ...``, ``Map: ...``) in the CLI's output: files are
+    local and small next to training, and the bars bury the trainers' own lines. ``HF_DATASETS_DISABLE_PROGRESS_BARS=0``
+    in the environment brings them back."""
+    if os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1") == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()  # imported before main() (tests): the variable is read at import
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from rlhf_jax import demo
@@ -84,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         module = importlib.import_module(TRAINERS[args.command][0])
         result = module.train(cfg)
         if distributed.is_main_process():
+            _write_curves(result.get("output_dir"), args.command)
             print(f"[rlhf_jax] {args.command} done: outputs in {result.get('output_dir')}")
         return 0
     if args.command in TOOLS:
@@ -98,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]])
     args = _parser().parse_args(argv)
+    quiet_datasets()
     if os.environ.get("RLHF_JAX_TRACEBACK"):
         return _run(args)
     from rlhf_jax.train.preempt import Preempted

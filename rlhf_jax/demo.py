@@ -7,7 +7,8 @@ Stages (each a function `stage(ctx) -> dict` in `STAGES`; a later stage such as 
   2. rm: train a reward model from the SFT export on the preference pairs (configs/rm_tiny_cpu.yaml) and
      report its held-out pairwise accuracy (target >= 90%);
   3. ppo: PPO from the SFT export against that reward model (configs/ppo_tiny_cpu.yaml); prints the gold
-     score and KL of sampled responses before -> after.
+     score and KL of sampled responses before -> after, and the held-out prompts' numbers (greedy and
+     sampled score and gold score, length, EOS rate; `online.heldout`) of the SFT policy vs the PPO policy.
 Everything lands under OUT (default runs/demo): data/, base_model/, <stage>/{metrics.jsonl, checkpoints/,
 model/, curves.png}, and demo_summary.json.
 """
@@ -98,13 +99,34 @@ def stage_ppo(ctx: DemoContext) -> dict:
     overrides = [f"run.output_dir={ctx.stage_dir('ppo')}", "run.resume=never", "run.tensorboard=false",
                  f"run.total_steps={iters}", f"run.log_every={max(iters // 6, 1)}", f"run.save_every={iters}",
                  f"model.path={ctx.results['sft']['export_dir']}", f"reward.model_path={ctx.results['rm']['export_dir']}",
-                 f"data.path={ctx.data['prompts_train']}"]
+                 f"data.path={ctx.data['prompts_train']}", f"data.eval_path={ctx.data['prompts_eval']}"]
     if ctx.quick:
         overrides += ["rollout.batch_size=8", "sample_every=0"]
-    result = ppo.train(load_trainer_config("ppo", str(CONFIG_DIR / "ppo_tiny_cpu.yaml"), overrides))
+    result = ppo.train(load_trainer_config("ppo", str(CONFIG_DIR / "ppo_tiny_cpu.yaml"), overrides),
+                       evaluate_initial=True)
     table = ppo.before_after(result["history"])
+    heldout = heldout_table(result["eval_initial"], result["eval"])
     print(ppo.format_before_after(table), flush=True)
-    return {"output_dir": result["output_dir"], "export_dir": result.get("export_dir"), "before_after": table}
+    print(format_heldout(heldout), flush=True)
+    return {"output_dir": result["output_dir"], "export_dir": result.get("export_dir"), "before_after": table,
+            "heldout": heldout}
+
+
+#: held-out metrics the demo reports (``online.heldout``), in order
+HELDOUT_KEYS = ("score", "gold_score", "sampled_score", "sampled_gold_score", "response_length", "eos_rate")
+
+
+def heldout_table(before: dict, after: dict) -> dict:
+    """``{metric: {"before", "after"}}`` of the held-out evaluation of the initial and the final policy."""
+    return {k: {"before": float(before[k]), "after": float(after[k])} for k in HELDOUT_KEYS
+            if k in before and k in after}
+
+
+def format_heldout(table: dict) -> str:
+    """A small text table of :func:`heldout_table`."""
+    lines = ["PPO: held-out prompts (greedy unless 'sampled'), SFT policy vs PPO policy",
+             f"{'metric':<20}{'before':>10}{'after':>10}"]
+    return "\n".join(lines + [f"{k:<20}{v['before']:>10.3f}{v['after']:>10.3f}" for k, v in table.items()])
 
 
 #: (name, stage) in run order; later algorithms append theirs (e.g. ("ppo", stage_ppo)).
@@ -124,8 +146,7 @@ def _report(ctx: DemoContext, seconds: dict[str, float]) -> str:
         if "export_dir" in result:
             outputs["exported HF model"] = result["export_dir"]
         try:
-            outputs["curves"] = plot_curves(metrics, ctx.out / name / "curves.png",
-                                            keys=("loss", "accuracy", "reward", "kl"), title=f"demo: {name}")
+            outputs["curves"] = plot_curves(metrics, ctx.out / name / "curves.png", title=f"demo: {name}")
         except ValueError:
             pass
         lines.append(summary_table(metrics, outputs=outputs, title=f"{name} ({seconds[name]:.0f} s)"))
@@ -154,6 +175,8 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, quick: bool = False) -> d
         summary["ppo_before_after"] = ctx.results["ppo"]["before_after"]
         from rlhf_jax.recipes.ppo import format_before_after
         print("\n" + format_before_after(summary["ppo_before_after"]))
+        summary["ppo_heldout"] = ctx.results["ppo"]["heldout"]
+        print("\n" + format_heldout(summary["ppo_heldout"]))
     (ctx.out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"demo finished in {total:.0f} s; everything is under {ctx.out} (summary: {ctx.out / 'demo_summary.json'})")
     return summary

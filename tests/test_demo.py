@@ -27,3 +27,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert str(export) in out
     assert (root / "rm" / "model" / "reward_stats.json").exists()
     assert (root / "data" / "pref_eval.jsonl").exists() and (root / "base_model" / "config.json").exists()
+    # PPO: held-out prompts evaluated before (SFT policy) and after (PPO policy); curves show score and gold
+    assert "PPO: held-out prompts" in out
+    heldout = summary["ppo_heldout"]
+    assert set(heldout) == set(demo.HELDOUT_KEYS)
+    assert all(0 <= v[k] <= 1 for k in ("before", "after") for v in (heldout["eos_rate"],))
+    assert (root / "ppo" / "curves.png").exists()
+    evals = [json.loads(ln) for ln in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["split"] == "eval"] == [demo.QUICK_STEPS]

@@ -8,11 +8,20 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
-__all__ = ["best_mode", "plot_curves", "read_metrics", "summary_table"]
+__all__ = ["PANELS", "best_mode", "curve_keys", "plot_curves", "read_metrics", "summary_table"]
 
 _RESERVED = ("step", "split", "time")
 # Metrics where larger is better; everything else (losses, KL, ...) is better when smaller.
 _MAXIMIZE = ("acc", "reward", "score", "win", "margin", "return")
+#: The panels `plot_curves` draws by default, in order, when logged: the losses, then what a user watches —
+#: the score and gold score (train = the iteration's samples; eval = held-out greedy and sampled), the KL,
+#: the response length — and the supervised/preference commands' held-out metrics.
+PANELS = ("loss", "policy_loss", "value_loss", "score", "gold_score", "rm_score", "kl", "response_length",
+          "eos_rate", "perplexity", "accuracy", "rewards_accuracy", "reward_margin", "rewards_margin")
+#: Series drawn in another metric's panel: held-out sampled responses next to the greedy ones.
+_SAME_PANEL = {"score": ("sampled_score",), "gold_score": ("sampled_gold_score",),
+               "response_length": ("sampled_response_length",), "eos_rate": ("sampled_eos_rate",),
+               "accuracy": ("sampled_accuracy",)}
 
 
 def read_metrics(metrics_jsonl: str | os.PathLike) -> list[dict[str, Any]]:
@@ -47,14 +56,22 @@ def _series(records: Sequence[Mapping[str, Any]], split: str, key: str) -> tuple
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def curve_keys(records: Sequence[Mapping[str, Any]], keys: Sequence[str] = PANELS) -> list[str]:
+    """The panels of `keys` with at least one logged value (a panel also counts its `_SAME_PANEL` series)."""
+    logged = {k for r in records for k in r if k not in _RESERVED}
+    return [k for k in keys if k in logged or any(x in logged for x in _SAME_PANEL.get(k, ()))]
+
+
 def plot_curves(
     metrics_jsonl: str | os.PathLike,
     out_png: str | os.PathLike,
-    keys: Sequence[str] = ("loss", "accuracy"),
+    keys: Sequence[str] | None = None,
     *,
     title: str | None = None,
 ) -> pathlib.Path:
-    """One subplot per metric in `keys` (those that were logged), one line per split; saved as PNG.
+    """One panel per metric in `keys` (default `PANELS`; those that were logged), one line per split (an online
+    run's `eval` split: the held-out greedy line, and its sampled line in the same panel); saved as PNG,
+    at most 4 panels a row.
 
     Raises:
       ValueError: none of `keys` appears in the file.
@@ -65,21 +82,31 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_jsonl)
-    present = [k for k in keys if any(k in r for r in records)]
+    keys = PANELS if keys is None else keys
+    present = curve_keys(records, keys)
     if not present:
         logged = sorted({k for r in records for k in r if k not in _RESERVED})
         raise ValueError(f"none of {list(keys)} in {metrics_jsonl}; logged metrics: {logged}")
     splits = list(dict.fromkeys(r["split"] for r in records))
-    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], present):
+    cols = min(4, len(present))
+    rows = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, present):
         for split in splits:
-            xs, ys = _series(records, split, key)
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=split)
+            sampled = _SAME_PANEL.get(key, ())
+            for series in (key, *sampled):
+                xs, ys = _series(records, split, series)
+                if xs:
+                    label = split if not sampled else f"{split} ({'sampled' if series != key else 'greedy'})"
+                    label = split if split == "train" else label
+                    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label,
+                            linestyle="--" if series != key else "-")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(present):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
