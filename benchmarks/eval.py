@@ -18,7 +18,7 @@ The load average (`uptime`) before and after is printed: on a shared machine the
 run, is the number to read.
 
 Usage: python benchmarks/eval.py [--model tiny|small|both] [--rounds 3] [--prompts 16] [--batch-size 16]
-                                 [--max-new-tokens 64] [--models-dir DIR]
+                                 [--max-new-tokens 64] [--peer-threads N] [--models-dir DIR]
 """
 
 from __future__ import annotations
@@ -97,10 +97,13 @@ class Ours:
 class Peer:
     """`transformers` greedy generate, same prompts and batch size."""
 
-    def __init__(self, model_dir: str, prompts: list[str], *, batch_size: int, max_new_tokens: int):
+    def __init__(self, model_dir: str, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+                 threads: int = 0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
@@ -127,7 +130,7 @@ def timed(fn):
 
 
 def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, batch_size: int,
-          max_new_tokens: int) -> dict:
+          max_new_tokens: int, peer_threads: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -136,7 +139,7 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
     max_prompt_len = max(len(tok(p)["input_ids"]) for p in prompts)
     ours = Ours(str(model_dir), str(work / "prompts.jsonl"), batch_size=batch_size, max_new_tokens=max_new_tokens,
                 max_prompt_len=max_prompt_len)
-    peer = Peer(str(model_dir), prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    peer = Peer(str(model_dir), prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, threads=peer_threads)
     warm = {"peer": timed(peer)[0], "ours": timed(ours)[0]}  # ours: includes compilation
     times: dict[str, list[float]] = {"peer": [], "ours": []}
     ids = {}
@@ -153,9 +156,10 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
            "rounds": rounds, "warmup_s": warm, "times_s": times,
            "median_s": {s: statistics.median(v) for s, v in times.items()},
            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-           "tokens": tokens, "identical_rows": same, "load_before": load_before, "load_after": load_after}
+           "tokens": tokens, "identical_rows": same, "peer_threads": peer.torch.get_num_threads(), "load_before": load_before, "load_after": load_after}
     C.print_table([
         ("prompts x new tokens", f"{n_prompts} x {max_new_tokens} (batch {batch_size}, greedy)"),
+        ("peer torch threads", str(rec["peer_threads"])),
         ("warm-up (compile) s", f"peer {warm['peer']:.2f}  ours {warm['ours']:.2f}"),
         ("peer s/pass", f"median {rec['median_s']['peer']:.3f}  [{min(times['peer']):.3f} – {max(times['peer']):.3f}]"),
         ("ours s/pass", f"median {rec['median_s']['ours']:.3f}  [{min(times['ours']):.3f} – {max(times['ours']):.3f}]"),
@@ -168,12 +172,17 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
 
 
 def main() -> None:
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
+
+    reexec_with_host_tunables(sys.argv)  # as `rlhf-jax eval` runs (the CLI re-executes itself); both sides share it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "small", "both"), default="both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--peer-threads", type=int, default=0,
+                    help="torch.set_num_threads for the peer (0 = torch's default; 1 is faster on an oversubscribed machine)")
     ap.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "rlhf_jax_peer_models"))
     args = ap.parse_args()
     if args.rounds < 3:
@@ -182,7 +191,7 @@ def main() -> None:
     names = ["tiny", "small"] if args.model == "both" else [args.model]
     print(f"{uptime()}\njax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs", flush=True)
     records = [bench(n, root / n, rounds=args.rounds, n_prompts=args.prompts, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens) for n in names]
+                     max_new_tokens=args.max_new_tokens, peer_threads=args.peer_threads) for n in names]
     C.emit_json({"benchmark": "eval", "machine": C.machine_info(), "results": records})
 
 
