@@ -133,17 +133,20 @@ ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp", "remax", "raft", "online_dpo")
 
 
 @pytest.mark.parametrize("command", ONLINE)
-def test_online_commands_reject_run_keys_they_cannot_honour(command):
+def test_online_commands_check_their_heldout_evaluation_keys(command):
+    """Held-out evaluation (online.heldout) needs held-out prompts; with them, eval_every and eval/ keep-best load."""
     cls = trainer_config_class(command)
     base = ["model.path=m", "data.path=d"]
     with pytest.raises(ConfigError, match="run.eval_every"):
         load_config(cls, None, base + ["run.eval_every=5"])
     with pytest.raises(ConfigError, match="run.keep_best_metric"):
-        load_config(cls, None, base + ["run.keep_best_metric=eval/gold_score"])
-    with pytest.raises(ConfigError, match="data.eval_path"):
-        load_config(cls, None, base + ["data.eval_path=e.jsonl"])
-    with pytest.raises(ConfigError, match="data.eval_fraction"):
-        load_config(cls, None, base + ["data.eval_fraction=0.1"])
+        load_config(cls, None, base + ["run.keep_best_metric=eval/gold_score", "run.keep_best_mode=max"])
+    with pytest.raises(ConfigError, match="run.keep_best_mode"):
+        load_config(cls, None, base + ["data.eval_path=e.jsonl", "run.keep_best_metric=eval/score"])
+    for held_out in ("data.eval_path=e.jsonl", "data.eval_fraction=0.1"):
+        cfg = load_config(cls, None, base + [held_out, "run.eval_every=5", "run.keep_best_metric=eval/score",
+                                             "run.keep_best_mode=max"])
+        assert cfg.run.eval_every == 5 and cfg.run.keep_best_metric == "eval/score"
     cfg = load_config(cls, None, base + ["run.keep_best_metric=train/score", "run.keep_best_mode=max",
                                          "run.max_nan_skips=3", "run.total_steps=null", "run.epochs=2"])
     assert cfg.run.keep_best_metric == "train/score" and cfg.run.epochs == 2
