@@ -118,11 +118,12 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     width = completion_width(cfg.data)
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
-                                      num_chunks=cfg.num_micro_batches, completion_width=width)
+                                      num_chunks=cfg.num_micro_batches, completion_width=width,
+                                      ld_alpha=cfg.loss.ld_alpha)
         return (pc.RefStream(splits.train), _maybe(splits.eval),
                 lambda batch: attach(ref.params, batch))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
-                                                             completion_width=width),
+                                                             completion_width=width, ld_alpha=cfg.loss.ld_alpha),
                              mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
                              out_shardings=shd.replicated(mesh))
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
@@ -130,7 +131,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     dtype = cfg.ref_dtype or cfg.model.dtype
 
     def values(it: BatchIterator):
-        key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype)
+        key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype, ld_alpha=cfg.loss.ld_alpha)
         return pc.precompute_ref_logps(_ordered(it), scores, ref.params, mesh=mesh, cache_dir=cache, key=key)
 
     train_stream = pc.RefStream(splits.train, values(splits.train))

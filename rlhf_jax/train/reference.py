@@ -35,17 +35,19 @@ REF_CACHE_VERSION = 1
 
 
 def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1,
-                    completion_width: Optional[int] = None) -> jax.Array:
+                    completion_width: Optional[int] = None, ld_alpha: Optional[float] = None) -> jax.Array:
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
     micro-batches), bounding the logits held at once. ``completion_width``: see `completion_logps`.
+    ``ld_alpha``: LD-DPO's sums (pairs only), as TRL ``_compute_ref_logps``; the strided chunks keep each
+    chosen row with its rejected row (chunk m holds chosen rows m, m+M, ... then the same rejected rows).
     """
     ids, mask, loss = stacked_rows(batch)
     b = ids.shape[0] // 2
 
     def score(chunk):
-        return completion_logps(model, ref_params, *chunk, completion_width=completion_width)[0]
+        return completion_logps(model, ref_params, *chunk, completion_width=completion_width, ld_alpha=ld_alpha)[0]
 
     if num_chunks == 1:
         out_2B = score((ids, mask, loss))
@@ -65,7 +67,8 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
     return batch._replace(ref_logps_B=ref_Bx2[:, 0], ref_kl_logps_B=ref_Bx2[:, 1])
 
 
-def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None):
+def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None,
+                      ld_alpha: Optional[float] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is
@@ -73,7 +76,7 @@ def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, com
     """
     def attach(ref_params, batch):
         return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks,
-                                               completion_width=completion_width))
+                                               completion_width=completion_width, ld_alpha=ld_alpha))
 
     bsh = shd.batch_sharding(mesh)
     return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh)
@@ -233,8 +236,10 @@ def precompute_ref_logps(stream_data: BatchIterator, ref_fn, ref_params, *, mesh
     return out
 
 
-def ref_cache_key(data: EncodedDataset, max_seq_len: int, model_path: str, dtype: str) -> str:
-    """Cache file stem for the reference values of `data` under the model at `model_path`."""
+def ref_cache_key(data: EncodedDataset, max_seq_len: int, model_path: str, dtype: str, *,
+                  ld_alpha: Optional[float] = None) -> str:
+    """Cache file stem for the reference values of `data` under the model at `model_path` (and LD-DPO's α)."""
+    ld = "" if ld_alpha is None else f"|ld_alpha={ld_alpha!r}"
     h = hashlib.sha256(f"v{REF_CACHE_VERSION}|{dataset_fingerprint(data, max_seq_len)}|"
-                       f"{model_fingerprint(model_path, dtype=dtype)}".encode())
+                       f"{model_fingerprint(model_path, dtype=dtype)}{ld}".encode())
     return h.hexdigest()[:32]

@@ -1,0 +1,111 @@
+"""TRL's DPO options through the trainer's loss function (rlhf_jax.algos.preference) on a tiny model.
+
+The ops are checked against TRL itself in tests/ops/test_dpo_options_trl_parity.py; here: the options
+reach the loss (sft term = token-mean NLL computed independently, ld_alpha = 1 and rpo_alpha = 0 are plain
+DPO, LD reference values under chunking), every option trains jitted, and the config keys validate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import ops
+from rlhf_jax.algos import preference as pref
+from rlhf_jax.config import ConfigError, from_dict
+from rlhf_jax.train import reference as pc
+from rlhf_jax.train.state import init_train_state
+from rlhf_jax.train.step import make_train_step
+from tests.recipes.test_dpo import B, attach_ref, model_and_params, stream  # noqa: F401 (fixture)
+
+L = pref.PreferenceLossConfig
+
+
+def _loss(model, params, batch, loss):
+    (s, n), aux = jax.jit(pref.make_loss_fn(model, loss))(params, batch, None)
+    return float(s) / float(n), aux
+
+
+@pytest.fixture(scope="module")
+def batch(model_and_params):
+    model, params = model_and_params
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)
+    return attach_ref(model, ref_params, next(stream("preference")))
+
+
+def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_completions(model_and_params, batch):
+    model, params = model_and_params
+    ids, mask, lmask = (np.asarray(x) for x in pref.stacked_rows(batch))
+    logits = model.apply({"params": params}, ids, mask)[:, :-1]
+    tok = np.asarray(ops.token_logprobs(logits, ids[:, 1:]))
+    m = lmask[:, 1:]
+    nll = -(tok[:B] * m[:B]).sum() / m[:B].sum()  # TRL: -chosen_per_token_logps[chosen_mask].mean()
+    plain, _ = _loss(model, params, batch, L(beta=0.2))
+    rpo, _ = _loss(model, params, batch, L(beta=0.2, rpo_alpha=0.7))
+    np.testing.assert_allclose(rpo - plain, 0.7 * nll, rtol=1e-5)
+    listed, _ = _loss(model, params, batch, L(beta=0.2, loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.7)))
+    np.testing.assert_allclose(listed, rpo, rtol=1e-6)
+    zero, _ = _loss(model, params, batch, L(beta=0.2, rpo_alpha=0.0))
+    np.testing.assert_allclose(zero, plain, rtol=1e-6)
+
+
+def test_ld_alpha_one_is_plain_dpo_and_chunked_reference_keeps_pairs(model_and_params, batch):
+    model, params = model_and_params
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)
+    plain, _ = _loss(model, params, batch, L(beta=0.2))
+    ld1, _ = _loss(model, params, batch, L(beta=0.2, ld_alpha=1.0))
+    np.testing.assert_allclose(ld1, plain, rtol=1e-5)
+    whole = jax.jit(lambda p: pc.reference_logps(model, p, batch, ld_alpha=0.3))(ref_params)
+    chunked = jax.jit(lambda p: pc.reference_logps(model, p, batch, num_chunks=2, ld_alpha=0.3))(ref_params)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+    ids, mask, lmask = pref.stacked_rows(batch)
+    logits = model.apply({"params": ref_params}, ids, mask)[:, :-1]
+    want = ops.ld_logps(ops.token_logprobs(logits, ids[:, 1:]), lmask[:, 1:], ld_alpha=0.3)
+    np.testing.assert_allclose(whole, np.stack([want[:B], want[B:]], 1), rtol=1e-5)
+    assert not np.allclose(whole, pc.reference_logps(model, ref_params, batch))  # tails are really reweighted
+
+
+OPTIONS = [L(beta=0.2, loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)),  # MPO
+           L(beta=0.2, rpo_alpha=1.0), L(beta=0.2, use_weighting=True), L(beta=0.2, ld_alpha=0.5),
+           L(beta=0.2, loss_type=("ipo", "sft"), use_weighting=True, ld_alpha=0.2)]
+
+
+@pytest.mark.parametrize("loss", OPTIONS, ids=lambda c: f"{c.resolved_loss_type}-w{c.use_weighting}-ld{c.ld_alpha}")
+def test_every_option_trains_jitted(model_and_params, batch, loss):
+    model, params = model_and_params
+    tx = optax.adam(3e-3)
+    step = make_train_step(pref.make_loss_fn(model, loss, completion_width=8), tx=tx, num_micro_batches=2,
+                           donate=False)
+    state = init_train_state(params, tx)
+    history = []
+    for _ in range(4):
+        state, m = step(state, batch, jax.random.key(0))
+        assert bool(m.finite) and float(m.count) == B
+        history.append(float(m.loss))
+    assert history[-1] < history[0], history
+    assert step._cache_size() == 1
+
+
+def test_wpo_weights_scale_the_loss(model_and_params, batch):
+    model, params = model_and_params
+    plain, _ = _loss(model, params, batch, L(beta=0.2))
+    wpo, _ = _loss(model, params, batch, L(beta=0.2, use_weighting=True))
+    assert 0 < wpo < plain  # weights are products of two probabilities-like factors in (0, 1]
+
+
+def test_config_keys_validate_and_parse():
+    cfg = from_dict(L, {"loss_type": "[sigmoid, bco_pair, sft]", "loss_weights": [0.8, 0.2, 1.0]})
+    assert cfg.loss_type == ("sigmoid", "bco_pair", "sft") and cfg.dpo_loss_weights == (0.8, 0.2, 1.0)
+    assert L(rpo_alpha=0.5).dpo_loss_types == ("sigmoid", "sft") and L(rpo_alpha=0.5).dpo_loss_weights == (1.0, 0.5)
+    assert not L().dpo_options and L().dpo_loss_weights is None
+    for kw, key in [({"loss_type": ("sigmoid", "nope")}, "loss.loss_type"),
+                    ({"loss_type": ("sigmoid", "sft"), "loss_weights": (1.0,)}, "loss.loss_weights"),
+                    ({"ld_alpha": 1.5}, "loss.ld_alpha"), ({"rpo_alpha": -1.0}, "loss.rpo_alpha"),
+                    ({"use_weighting": True, "loss_type": "aot"}, "loss.use_weighting"),
+                    ({"algorithm": "simpo", "rpo_alpha": 1.0}, "loss.rpo_alpha"),
+                    ({"algorithm": "kto", "use_weighting": True}, "loss.use_weighting")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            L(**kw)
