@@ -15,7 +15,7 @@ from rlhf_jax.ops.dpo import (
     f_divergence_scores,
 )
 from rlhf_jax.ops.dpo_options import ld_logps, log_sum_sq_probs, sft_nll, sft_nll_from_sums, wpo_weights
-from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_shaped_rewards
+from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_regularised_nll, kl_shaped_rewards
 from rlhf_jax.ops.kl_control import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
 from rlhf_jax.ops.logprobs import entropy, sequence_logprobs, token_logprobs
 from rlhf_jax.ops.policy_loss import (
@@ -80,6 +80,7 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_in_loss",
+    "kl_regularised_nll",
     "kl_shaped_rewards",
     "last_token",
     "last_token_mask",
