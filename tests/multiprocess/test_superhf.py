@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 
-from tests.multiprocess.test_commands import _online, _run, _values, assets  # noqa: F401 (fixture)
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: make the sibling helpers importable
+from test_commands import _online, _run, _values, assets  # noqa: E402, F401 (fixture)
 
 
 def _commands(a: dict) -> dict[str, tuple[str, str, list[str]]]:

@@ -7,8 +7,10 @@ DPO, LD reference values under chunking), every option trains jitted, and the co
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,7 +21,8 @@ from rlhf_jax.config import ConfigError, from_dict
 from rlhf_jax.train import reference as pc
 from rlhf_jax.train.state import init_train_state
 from rlhf_jax.train.step import make_train_step
-from tests.recipes.test_dpo import B, attach_ref, model_and_params, stream  # noqa: F401 (fixture)
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: make the sibling module importable
+from test_dpo import B, attach_ref, model_and_params, stream  # noqa: E402, F401 (fixture)
 
 L = pref.PreferenceLossConfig
 
