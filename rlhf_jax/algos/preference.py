@@ -158,6 +158,9 @@ class PreferenceLossConfig:
     simpo_gamma: float = 0.5  # SimPO target margin γ (TRL CPOConfig.simpo_gamma)
     desirable_weight: float = 1.0  # KTO λ_D
     undesirable_weight: float = 1.0  # KTO λ_U
+    # KTO's mismatched KL rows: "dataset" = row i with the completion of row i+1 (precomputable); "batch" = TRL's
+    # rotation by one within the (global) batch, so the KL completions are the batch's own (live reference only)
+    kto_kl_pairs: Literal["dataset", "batch"] = "dataset"
 
     def __post_init__(self):
         require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
@@ -165,6 +168,8 @@ class PreferenceLossConfig:
             # a command-line list (loss.loss_type=[sigmoid,sft]) arrives as text
             object.__setattr__(self, "loss_type", tuple(t.strip() for t in self.loss_type.strip("[]").split(",")))
         self._check_dpo_options()
+        require(self.kto_kl_pairs == "dataset" or self.algorithm == "kto", "loss.kto_kl_pairs",
+                f"applies to algorithm=kto, not {self.algorithm}")
         if self.algorithm == "dpo":
             require(self.loss_type is None or isinstance(self.loss_type, tuple)
                     or self.loss_type in ops.DPO_LOSS_TYPES, "loss.loss_type",

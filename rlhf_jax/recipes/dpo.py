@@ -63,6 +63,8 @@ class DPOConfig:
                 f"must divide batch_size={self.batch_size}, got {self.num_micro_batches}")
         require(not self.precompute_ref_logps or self.loss.needs_reference, "precompute_ref_logps",
                 f"{self.loss.algorithm} is reference-free; set false")
+        require(not self.precompute_ref_logps or self.loss.kto_kl_pairs == "dataset", "precompute_ref_logps",
+                "loss.kto_kl_pairs=batch pairs KL rows by batch, so their reference values cannot be precomputed")
 
     @property
     def task(self) -> str:
@@ -102,8 +104,8 @@ def _ordered(it: BatchIterator) -> BatchIterator:
                          process_count=it.process_count, shuffle=False, drop_last=False, num_epochs=1)
 
 
-def _maybe(it: Optional[BatchIterator]) -> Optional[pc.RefStream]:
-    return None if it is None else pc.RefStream(it)
+def _maybe(it: Optional[BatchIterator], kl_pairs: str = "dataset") -> Optional[pc.RefStream]:
+    return None if it is None else pc.RefStream(it, kl_pairs=kl_pairs)
 
 
 def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
@@ -112,6 +114,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     def identity(batch):
         return batch
 
+    pairs = cfg.loss.kto_kl_pairs
     if not cfg.loss.needs_reference:
         return pc.RefStream(splits.train), _maybe(splits.eval), identity
     ref = _reference(cfg, mesh)
@@ -120,7 +123,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
                                       num_chunks=cfg.num_micro_batches, completion_width=width,
                                       ld_alpha=cfg.loss.ld_alpha)
-        return (pc.RefStream(splits.train), _maybe(splits.eval),
+        return (pc.RefStream(splits.train, kl_pairs=pairs), _maybe(splits.eval, pairs),
                 lambda batch: attach(ref.params, batch))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
                                                              completion_width=width, ld_alpha=cfg.loss.ld_alpha),

@@ -112,3 +112,33 @@ def test_config_keys_validate_and_parse():
                     ({"algorithm": "kto", "use_weighting": True}, "loss.use_weighting")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             L(**kw)
+
+
+def _kl_completion_of(batch, row):
+    """Tokens of KL row `row` under its loss mask."""
+    return [int(t) for t, m in zip(np.asarray(batch.kl_ids_BxS[row]), np.asarray(batch.kl_loss_mask_BxS[row])) if m]
+
+
+def test_kto_batch_kl_pairs_rotate_within_the_global_batch_as_trl():
+    from rlhf_jax.data import BatchIterator, DataConfig
+
+    from test_dpo import S, synthetic_data
+
+    data = synthetic_data("unpaired", n=8)
+    cfg = DataConfig(max_prompt_len=8, max_seq_len=S, buckets=(S,), shuffle=True, shuffle_seed=3)
+    one = pc.RefStream(BatchIterator(data, cfg, batch_size=4, pad_id=0), kl_pairs="batch")
+    b = next(one)
+    order = one.inner.epoch_order(0)[:4]
+    for row in range(4):  # TRL add_kl_completion_ids: (x_1, y_B), (x_2, y_1), ..., (x_B, y_{B-1})
+        assert _kl_completion_of(b, row) == [int(t) for t in data.completion_ids[int(order[row - 1])][0]]
+    # two processes of 2 rows each see the same global pairing as one process of 4
+    halves = [next(pc.RefStream(BatchIterator(data, cfg, batch_size=2, pad_id=0, process_index=p, process_count=2),
+                                kl_pairs="batch")) for p in (0, 1)]
+    assert [_kl_completion_of(h, r) for h in halves for r in range(2)] == [_kl_completion_of(b, r) for r in range(4)]
+    # the default keeps the per-dataset-row pairing (i + 1) mod N
+    d = next(pc.RefStream(BatchIterator(data, cfg, batch_size=4, pad_id=0)))
+    assert _kl_completion_of(d, 0) == [int(t) for t in data.completion_ids[(int(order[0]) + 1) % 8][0]]
+    with pytest.raises(ValueError, match="cannot be precomputed"):
+        pc.RefStream(BatchIterator(data, cfg, batch_size=4, pad_id=0), np.zeros((8, 2)), kl_pairs="batch")
+    with pytest.raises(ConfigError, match="loss.kto_kl_pairs"):
+        L(algorithm="dpo", kto_kl_pairs="batch")
