@@ -161,6 +161,9 @@ class PreferenceLossConfig:
     # KTO's mismatched KL rows: "dataset" = row i with the completion of row i+1 (precomputable); "batch" = TRL's
     # rotation by one within the (global) batch, so the KL completions are the batch's own (live reference only)
     kto_kl_pairs: Literal["dataset", "batch"] = "dataset"
+    # ORPO's SFT term: "row_mean" = per-row token mean of the chosen completion, averaged over pairs; "trl" = TRL
+    # ORPOTrainer's: one token mean over every prompt AND completion token of the batch's chosen sequences
+    orpo_sft: Literal["row_mean", "trl"] = "row_mean"
 
     def __post_init__(self):
         require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
@@ -170,6 +173,8 @@ class PreferenceLossConfig:
         self._check_dpo_options()
         require(self.kto_kl_pairs == "dataset" or self.algorithm == "kto", "loss.kto_kl_pairs",
                 f"applies to algorithm=kto, not {self.algorithm}")
+        require(self.orpo_sft == "row_mean" or self.algorithm == "orpo", "loss.orpo_sft",
+                f"applies to algorithm=orpo, not {self.algorithm}")
         if self.algorithm == "dpo":
             require(self.loss_type is None or isinstance(self.loss_type, tuple)
                     or self.loss_type in ops.DPO_LOSS_TYPES, "loss.loss_type",
@@ -281,10 +286,10 @@ def _option_kwargs(loss: PreferenceLossConfig, terms: Optional[CompletionTerms],
 
 
 def pair_loss_from_logps(logp_2B, n_2B, batch: PairBatch, *, loss: PreferenceLossConfig,
-                         terms: Optional[CompletionTerms] = None):
+                         terms: Optional[CompletionTerms] = None, sft_nll: Optional[jax.Array] = None):
     """`((loss_sum, pairs), PrefAux)` of a DPO-family / SimPO / ORPO loss given the policy's completion
     log-prob sums `logp_2B` and token counts `n_2B` of the rows chosen ++ rejected (`terms`: what the TRL
-    options read, from :func:`completion_terms`)."""
+    options read, from :func:`completion_terms`; `sft_nll`: ORPO's batch NLL with ``orpo_sft: trl``)."""
     b = logp_2B.shape[0] // 2
     lc, lr, nc, nr = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
     valid = (nc > 0) & (nr > 0)
@@ -299,6 +304,11 @@ def pair_loss_from_logps(logp_2B, n_2B, batch: PairBatch, *, loss: PreferenceLos
         if loss.algorithm == "simpo":
             losses, rc, rr = ops.simpo_loss(avg_c, avg_r, beta=loss.beta, gamma=loss.simpo_gamma,
                                             label_smoothing=loss.label_smoothing)
+        elif loss.algorithm == "orpo" and loss.orpo_sft == "trl":
+            if sft_nll is None:
+                raise ValueError("pair_loss_from_logps: loss.orpo_sft=trl needs sft_nll (see orpo_trl_nll)")
+            losses, rc, rr = ops.orpo_loss(avg_c, avg_r, beta=loss.beta)
+            losses = losses + sft_nll
         elif loss.algorithm == "orpo":
             losses, rc, rr = ops.orpo_loss(avg_c, avg_r, beta=loss.beta, chosen_nll_B=-avg_c)
         else:
@@ -331,6 +341,14 @@ def kto_loss_from_logps(logp_2B, n_2B, batch: KTOBatch, *, loss: PreferenceLossC
     return (_sum_where(valid, losses), rows), aux
 
 
+def orpo_trl_nll(logp_2BxT: jax.Array, target_mask_2BxT: jax.Array, n_2B: jax.Array) -> jax.Array:
+    """TRL ``ORPOTrainer``'s NLL: one token mean over every attended (prompt and completion) next token of the
+    chosen sequences of real pairs (``ops.sft_nll``; the first half of the rows is chosen)."""
+    b = logp_2BxT.shape[0] // 2
+    valid = (n_2B[:b] > 0) & (n_2B[b:] > 0)
+    return ops.sft_nll(logp_2BxT[:b], target_mask_2BxT[:b] * valid[:, None].astype(target_mask_2BxT.dtype))
+
+
 def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None):
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
     the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
@@ -339,6 +357,12 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
 
     def loss_fn(params, batch, key):
         del key
+        if loss.algorithm == "orpo" and loss.orpo_sft == "trl":  # every position: the prompt is in TRL's NLL
+            ids, mask, lmask = stacked_rows(batch)
+            logp_BxT, m_BxT, _ = completion_token_logps(model, params, ids, mask, lmask)
+            n_2B = jnp.sum(m_BxT, axis=1).astype(jnp.float32)
+            return pair_loss_from_logps(ops.sequence_logprobs(logp_BxT, m_BxT), n_2B, batch, loss=loss,
+                                        sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
         if loss.dpo_options:
             terms = completion_terms(model, params, *stacked_rows(batch), completion_width=completion_width,
                                      ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting)

@@ -142,3 +142,31 @@ def test_kto_batch_kl_pairs_rotate_within_the_global_batch_as_trl():
         pc.RefStream(BatchIterator(data, cfg, batch_size=4, pad_id=0), np.zeros((8, 2)), kl_pairs="batch")
     with pytest.raises(ConfigError, match="loss.kto_kl_pairs"):
         L(algorithm="dpo", kto_kl_pairs="batch")
+
+
+def test_orpo_trl_sft_matches_trl_orpo_trainer(model_and_params, batch):
+    """``orpo_sft: trl`` against TRL's own ORPOTrainer.concatenated_forward + odds_ratio_loss, run on the
+    logits of our model for the same rows (TRL's NLL covers the prompt tokens too)."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    model, params = model_and_params
+    ids, mask, lmask = (np.asarray(x) for x in pref.stacked_rows(batch))
+    logits = torch.tensor(np.asarray(model.apply({"params": params}, ids, mask)), dtype=torch.float32)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    labels = np.where(lmask > 0, ids, -100)
+    trl_batch = {"chosen_input_ids": t(ids[:B]), "chosen_attention_mask": t(mask[:B]), "chosen_labels": t(labels[:B]),
+                 "rejected_input_ids": t(ids[B:]), "rejected_attention_mask": t(mask[B:]),
+                 "rejected_labels": t(labels[B:])}
+    T = orpo.ORPOTrainer
+    fake = types.SimpleNamespace(is_encoder_decoder=False, padding_value=0, aux_loss_enabled=False, beta=0.2,
+                                 accelerator=types.SimpleNamespace(device="cpu"),
+                                 concatenated_inputs=T.concatenated_inputs, get_batch_logps=T.get_batch_logps)
+    out = T.concatenated_forward(fake, lambda *a, **k: types.SimpleNamespace(logits=logits), trl_batch)
+    losses = T.odds_ratio_loss(fake, out[0], out[1])[0]
+    want = float(out[4] - losses.mean())  # TRL: loss = policy_nll_loss - losses.mean()
+    got, aux = _loss(model, params, batch, L(algorithm="orpo", beta=0.2, orpo_sft="trl"))
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    default, _ = _loss(model, params, batch, L(algorithm="orpo", beta=0.2))
+    assert abs(default - got) > 1e-4  # the default (per-row completion mean) is a different quantity
