@@ -12,6 +12,13 @@ rejected (:func:`completion_logps`: a row's log-prob is the sum of its completio
   z₀ = max(0, mean over the (micro-)batch of log π − log π_ref on mismatched KL rows) (Ethayarajh et al.
   2024; TRL ``KTOTrainer``). Rows and KL rows share one forward pass.
 
+TRL ``DPOConfig`` options (``dpo``): several loss types at once with ``loss_weights`` (e.g. MPO = sigmoid +
+bco_pair + sft), ``rpo_alpha`` (+ α·token-mean NLL of the chosen completions), ``use_weighting`` (WPO),
+``ld_alpha`` (LD-DPO; the reference gets the same weighting): the per-token forward
+(:func:`completion_terms`) then ``ops.dpo_loss`` with ``ops.dpo_options``. The ``sft`` term is a token mean
+over the (micro-)batch's chosen completions, as TRL per device step. ``kto_kl_pairs: batch`` (KTO) and
+``orpo_sft: trl`` (ORPO) follow TRL's KL rows and NLL.
+
 Each loss returns ``((loss_sum, count), PrefAux)``: the mean over real pairs (rows) is exact under
 gradient accumulation and data parallelism (``train.step``). The reference log-probs travel in the batch
 (:class:`PairBatch`, :class:`KTOBatch`), filled by ``rlhf_jax.train.reference``.

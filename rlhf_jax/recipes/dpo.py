@@ -8,7 +8,11 @@ training, cached on disk under a dataset + model fingerprint, after which the re
 rewards, margin, chosen/rejected policy log-probs (and z₀ for KTO), on train and held-out data. The
 policy is exported with `save_pretrained` to ``<output_dir>/model``.
 
-Usage: `rlhf-jax dpo configs/dpo_tiny_cpu.yaml model.path=runs/sft/model loss.loss_type=ipo`.
+TRL's DPO options are ``loss.*`` keys with TRL's names (``loss_type`` list + ``loss_weights``, ``rpo_alpha``,
+``use_weighting``, ``ld_alpha``; ``kto_kl_pairs``, ``orpo_sft``): see ``rlhf_jax.algos.preference``.
+
+Usage: `rlhf-jax dpo configs/dpo_tiny_cpu.yaml model.path=runs/sft/model loss.loss_type=ipo`
+(MPO: `loss.loss_type=[sigmoid,bco_pair,sft] loss.loss_weights=[0.8,0.2,1.0]`; RPO: `loss.rpo_alpha=1.0`).
 """
 
 from __future__ import annotations
