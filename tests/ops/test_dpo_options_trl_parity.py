@@ -53,8 +53,10 @@ def _trl(logp, ref, mask, lssp, *, loss_types, loss_weights, use_weighting, ld_a
         )
 
     identity = lambda x: x  # noqa: E731
+    policy = torch.nn.Module()  # a real (empty) module: accelerate's PEFT/compile checks inspect it
+    policy.is_gradient_checkpointing = False
     fake = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        model=policy,
         ref_model=lambda **kw: outputs(ref),
         args=types.SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
         accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=identity, gather=identity),
