@@ -12,6 +12,13 @@ rejected (:func:`completion_logps`: a row's log-prob is the sum of its completio
   z₀ = max(0, mean over the (micro-)batch of log π − log π_ref on mismatched KL rows) (Ethayarajh et al.
   2024; TRL ``KTOTrainer``). Rows and KL rows share one forward pass.
 
+TRL ``DPOConfig`` options (``dpo``): several loss types at once with ``loss_weights`` (e.g. MPO = sigmoid +
+bco_pair + sft), ``rpo_alpha`` (+ α·token-mean NLL of the chosen completions), ``use_weighting`` (WPO),
+``ld_alpha`` (LD-DPO; the reference gets the same weighting): the per-token forward
+(:func:`completion_terms`) then ``ops.dpo_loss`` with ``ops.dpo_options``. The ``sft`` term is a token mean
+over the (micro-)batch's chosen completions, as TRL per device step. ``kto_kl_pairs: batch`` (KTO) and
+``orpo_sft: trl`` (ORPO) follow TRL's KL rows and NLL.
+
 Each loss returns ``((loss_sum, count), PrefAux)``: the mean over real pairs (rows) is exact under
 gradient accumulation and data parallelism (``train.step``). The reference log-probs travel in the batch
 (:class:`PairBatch`, :class:`KTOBatch`), filled by ``rlhf_jax.train.reference``.
@@ -20,7 +27,7 @@ gradient accumulation and data parallelism (``train.step``). The reference log-p
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,21 +57,16 @@ class KTOBatch(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ log-probs
-def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
-                     completion_width: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    r"""Per-row completion log-prob sums and token counts from one forward pass.
-
-    .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
-
-    with m the loss mask shifted by one (logits at t−1 score token t; see `rlhf_jax.data.batching`).
+def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
+                           completion_width: Optional[int] = None, with_lssp: bool = False):
+    r"""Per-token log-probs ``logp_BxT`` of the scored positions, their mask ``m_BxT`` (the loss mask shifted
+    by one: logits at t−1 score token t; see `rlhf_jax.data.batching`) and, with ``with_lssp``, WPO's
+    :math:`\log\sum_v p_v^2` there (``ops.log_sum_sq_probs``; else None). One forward pass.
 
     ``completion_width`` = W (static) runs the LM head only on W positions per row, from the one that
     predicts the row's first completion token: the prompt's ``[S, V]`` logits are never computed. Exact
     when every row's scored tokens are contiguous and at most W (the encoder guarantees both with
-    ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions.
-
-    Returns:
-      ``(logp_sum_2B, count_2B)`` in float32.
+    ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions (T = S − 1).
     """
     S = ids_2BxS.shape[1]
     m_BxT = loss_mask_2BxS[:, 1:]
@@ -79,8 +81,49 @@ def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
         logits = model.apply({"params": params}, ids_2BxS, mask_2BxS, head_positions_BxW=pos_BxW)
         targets_BxT = jnp.take_along_axis(targets_BxT, pos_BxW, axis=1)
         m_BxT = jnp.take_along_axis(m_BxT, pos_BxW, axis=1) * inside_BxW
-    logp_BxT = ops.token_logprobs(logits, targets_BxT)
-    return ops.sequence_logprobs(logp_BxT, m_BxT), jnp.sum(m_BxT, axis=1).astype(jnp.float32)
+    lssp = ops.log_sum_sq_probs(logits) if with_lssp else None
+    return ops.token_logprobs(logits, targets_BxT), m_BxT, lssp
+
+
+def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
+                     completion_width: Optional[int] = None, ld_alpha: Optional[float] = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    r"""Per-row completion log-prob sums and token counts from one forward pass.
+
+    .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
+
+    (``ld_alpha``: LD-DPO's sums, ``ops.ld_logps``, rows chosen ++ rejected). ``completion_width``: see
+    :func:`completion_token_logps`.
+
+    Returns:
+      ``(logp_sum_2B, count_2B)`` in float32.
+    """
+    logp_BxT, m_BxT, _ = completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS,
+                                                completion_width=completion_width)
+    n = jnp.sum(m_BxT, axis=1).astype(jnp.float32)
+    if ld_alpha is not None:
+        return ops.ld_logps(logp_BxT, m_BxT, ld_alpha=ld_alpha), n
+    return ops.sequence_logprobs(logp_BxT, m_BxT), n
+
+
+class CompletionTerms(NamedTuple):
+    """What the DPO options read besides the sums (:func:`completion_terms`)."""
+
+    logp_2B: jax.Array  # the sums the loss compares (LD-DPO's when ld_alpha is set)
+    n_2B: jax.Array  # completion token counts
+    raw_logp_2B: jax.Array  # plain sums (TRL's sft term ignores ld_alpha)
+    aligned_2B: Optional[jax.Array]  # WPO: sum_t (log p_t - log sum_v p_v^2), stop-gradient; None without it
+
+
+def completion_terms(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *, completion_width: Optional[int] = None,
+                     ld_alpha: Optional[float] = None, use_weighting: bool = False) -> CompletionTerms:
+    """:class:`CompletionTerms` of the rows chosen ++ rejected from one forward pass."""
+    logp_BxT, m_BxT, lssp = completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS,
+                                                   completion_width=completion_width, with_lssp=use_weighting)
+    raw = ops.sequence_logprobs(logp_BxT, m_BxT)
+    logp = raw if ld_alpha is None else ops.ld_logps(logp_BxT, m_BxT, ld_alpha=ld_alpha)
+    aligned = None if lssp is None else ops.sequence_logprobs(jax.lax.stop_gradient(logp_BxT - lssp), m_BxT)
+    return CompletionTerms(logp, jnp.sum(m_BxT, axis=1).astype(jnp.float32), raw, aligned)
 
 
 def stacked_rows(batch: PairBatch | KTOBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,7 +150,13 @@ class PreferenceLossConfig:
     """Which preference loss and its hyperparameters (names as TRL's configs)."""
 
     algorithm: Literal["dpo", "simpo", "orpo", "kto"] = "dpo"
-    loss_type: Optional[str] = None  # dpo: one of ops.DPO_LOSS_TYPES (null = sigmoid); kto: kto | apo_zero_unpaired
+    # dpo: one of ops.DPO_LOSS_TYPES (null = sigmoid) or a list of ops.DPO_COMBINABLE_LOSS_TYPES (TRL: e.g. MPO =
+    # [sigmoid, bco_pair, sft]); kto: kto | apo_zero_unpaired
+    loss_type: Union[str, tuple[str, ...], None] = None
+    loss_weights: Optional[tuple[float, ...]] = None  # dpo: one weight per loss_type entry (null = all 1), as TRL
+    rpo_alpha: Optional[float] = None  # dpo: + rpo_alpha x token-mean NLL of the chosen completions (RPO; TRL 0.x)
+    use_weighting: bool = False  # dpo: WPO per-pair weights (Zhou et al. 2024), as TRL
+    ld_alpha: Optional[float] = None  # dpo: LD-DPO weight in [0, 1] of tokens past the pair's shared length, as TRL
     beta: float = 0.1  # β (DPO/KTO/SimPO temperature; IPO τ; ORPO λ)
     label_smoothing: float = 0.0  # ε: cDPO / robust / exo_pair / aot; SimPO's smoothing
     f_divergence: str = "reverse_kl"  # dpo: reverse_kl | forward_kl | js_divergence | alpha_divergence
@@ -116,11 +165,26 @@ class PreferenceLossConfig:
     simpo_gamma: float = 0.5  # SimPO target margin γ (TRL CPOConfig.simpo_gamma)
     desirable_weight: float = 1.0  # KTO λ_D
     undesirable_weight: float = 1.0  # KTO λ_U
+    # KTO's mismatched KL rows: "dataset" = row i with the completion of row i+1 (precomputable); "batch" = TRL's
+    # rotation by one within the (global) batch, so the KL completions are the batch's own (live reference only)
+    kto_kl_pairs: Literal["dataset", "batch"] = "dataset"
+    # ORPO's SFT term: "row_mean" = per-row token mean of the chosen completion, averaged over pairs; "trl" = TRL
+    # ORPOTrainer's: one token mean over every prompt AND completion token of the batch's chosen sequences
+    orpo_sft: Literal["row_mean", "trl"] = "row_mean"
 
     def __post_init__(self):
         require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
+        if isinstance(self.loss_type, str) and ("," in self.loss_type or self.loss_type.startswith("[")):
+            # a command-line list (loss.loss_type=[sigmoid,sft]) arrives as text
+            object.__setattr__(self, "loss_type", tuple(t.strip() for t in self.loss_type.strip("[]").split(",")))
+        self._check_dpo_options()
+        require(self.kto_kl_pairs == "dataset" or self.algorithm == "kto", "loss.kto_kl_pairs",
+                f"applies to algorithm=kto, not {self.algorithm}")
+        require(self.orpo_sft == "row_mean" or self.algorithm == "orpo", "loss.orpo_sft",
+                f"applies to algorithm=orpo, not {self.algorithm}")
         if self.algorithm == "dpo":
-            require(self.loss_type is None or self.loss_type in ops.DPO_LOSS_TYPES, "loss.loss_type",
+            require(self.loss_type is None or isinstance(self.loss_type, tuple)
+                    or self.loss_type in ops.DPO_LOSS_TYPES, "loss.loss_type",
                     f"dpo loss_type must be one of {ops.DPO_LOSS_TYPES}, got {self.loss_type!r}")
         elif self.algorithm == "kto":
             require(self.loss_type is None or self.loss_type in ops.KTO_LOSS_TYPES, "loss.loss_type",
@@ -129,18 +193,65 @@ class PreferenceLossConfig:
             require(self.loss_type is None, "loss.loss_type", f"{self.algorithm} has no loss_type; set null")
         require(self.f_divergence in ops.F_DIVERGENCES, "loss.f_divergence",
                 f"must be one of {ops.F_DIVERGENCES}, got {self.f_divergence!r}")
+        types = self.dpo_loss_types if self.algorithm == "dpo" else ()
         require(self.f_divergence == "reverse_kl" or (
-            self.algorithm == "dpo" and self.resolved_loss_type in ops.F_DIVERGENCE_LOSS_TYPES), "loss.f_divergence",
+            self.algorithm == "dpo" and set(types) <= {*ops.F_DIVERGENCE_LOSS_TYPES, "sft"}), "loss.f_divergence",
             f"applies to algorithm=dpo with loss_type in {ops.F_DIVERGENCE_LOSS_TYPES} only (as TRL 1.16)")
         require(0 <= self.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        require(self.resolved_loss_type != "exo_pair" or self.label_smoothing > 0, "loss.label_smoothing",
+        require("exo_pair" not in types or self.label_smoothing > 0, "loss.label_smoothing",
                 "exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-        require(self.resolved_loss_type != "robust" or self.label_smoothing < 0.5, "loss.label_smoothing",
+        require("robust" not in types or self.label_smoothing < 0.5, "loss.label_smoothing",
                 "robust needs label_smoothing < 0.5")
+
+    def _check_dpo_options(self):
+        listed = isinstance(self.loss_type, tuple)
+        options = {"loss.loss_type": listed, "loss.loss_weights": self.loss_weights is not None,
+                   "loss.rpo_alpha": self.rpo_alpha is not None, "loss.use_weighting": self.use_weighting,
+                   "loss.ld_alpha": self.ld_alpha is not None}
+        for key, used in options.items():
+            require(not used or self.algorithm == "dpo", key,
+                    f"(a list, or this option) is DPO-only (TRL DPOConfig); algorithm is {self.algorithm}")
+        if listed:
+            require(len(self.loss_type) >= 1, "loss.loss_type", "lists no loss")
+            bad = [t for t in self.loss_type if t not in ops.DPO_COMBINABLE_LOSS_TYPES]
+            require(not bad, "loss.loss_type", f"unknown {bad}; each must be one of {ops.DPO_COMBINABLE_LOSS_TYPES}")
+        if self.loss_weights is not None:
+            n = len(self.loss_type) if listed else 1
+            require(len(self.loss_weights) == n, "loss.loss_weights",
+                    f"needs one weight per loss_type entry ({n}), got {len(self.loss_weights)}")
+        require(self.rpo_alpha is None or self.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
+        require(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "loss.ld_alpha",
+                f"must be in [0, 1], got {self.ld_alpha}")
+        require(not self.use_weighting or not {"aot", "aot_unpaired"} & set(self.dpo_loss_types), "loss.use_weighting",
+                "WPO weights are not defined for aot/aot_unpaired (they sort the batch; TRL raises too)")
+
+    @property
+    def dpo_loss_types(self) -> tuple[str, ...]:
+        """DPO loss types in effect, ``sft`` appended for ``rpo_alpha``."""
+        lt = self.loss_type or "sigmoid"
+        types = (lt,) if isinstance(lt, str) else tuple(lt)
+        return types + (("sft",) if self.rpo_alpha is not None else ())
+
+    @property
+    def dpo_loss_weights(self) -> Optional[tuple[float, ...]]:
+        """Weights matching :attr:`dpo_loss_types` (None: a single unweighted loss)."""
+        if self.loss_weights is None and self.rpo_alpha is None:
+            return None
+        base = self.loss_weights or (1.0,) * (len(self.dpo_loss_types) - (self.rpo_alpha is not None))
+        return tuple(base) + ((self.rpo_alpha,) if self.rpo_alpha is not None else ())
+
+    @property
+    def dpo_options(self) -> bool:
+        """True when any TRL option beyond one loss type is on (the per-token forward path is needed)."""
+        return self.algorithm == "dpo" and (isinstance(self.loss_type, tuple) or self.rpo_alpha is not None
+                                            or self.loss_weights is not None or self.use_weighting
+                                            or self.ld_alpha is not None)
 
     @property
     def resolved_loss_type(self) -> Optional[str]:
         """The loss type in effect (defaults: sigmoid for dpo, kto for kto, None otherwise)."""
+        if isinstance(self.loss_type, tuple):
+            return "+".join(self.loss_type)
         return self.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(self.algorithm)
 
     @property
@@ -166,23 +277,45 @@ def _sum_where(valid_B, x_B) -> jax.Array:
     return jnp.sum(jnp.where(valid_B, x_B, 0.0))
 
 
-def pair_loss_from_logps(logp_2B, n_2B, batch: PairBatch, *, loss: PreferenceLossConfig):
+def _option_kwargs(loss: PreferenceLossConfig, terms: Optional[CompletionTerms], valid, nc, nr) -> dict:
+    """`ops.dpo_loss` keyword arguments of the TRL options (several loss types, sft / rpo_alpha, WPO)."""
+    if not loss.dpo_options:
+        return {"loss_type": loss.resolved_loss_type}
+    if terms is None:
+        raise ValueError(f"pair_loss_from_logps: loss {loss.dpo_loss_types} needs the CompletionTerms (terms=)")
+    b = nc.shape[0]
+    kw = {"loss_type": loss.dpo_loss_types, "loss_weights": loss.dpo_loss_weights}
+    if "sft" in loss.dpo_loss_types:  # token mean over the real chosen completions of this (micro-)batch
+        kw["sft_nll"] = ops.sft_nll_from_sums(jnp.where(valid, terms.raw_logp_2B[:b], 0.0), jnp.where(valid, nc, 0.0))
+    if loss.use_weighting:
+        kw["weights_B"] = ops.wpo_weights(terms.aligned_2B[:b], terms.aligned_2B[b:], nc, nr)
+    return kw
+
+
+def pair_loss_from_logps(logp_2B, n_2B, batch: PairBatch, *, loss: PreferenceLossConfig,
+                         terms: Optional[CompletionTerms] = None, sft_nll: Optional[jax.Array] = None):
     """`((loss_sum, pairs), PrefAux)` of a DPO-family / SimPO / ORPO loss given the policy's completion
-    log-prob sums `logp_2B` and token counts `n_2B` of the rows chosen ++ rejected."""
+    log-prob sums `logp_2B` and token counts `n_2B` of the rows chosen ++ rejected (`terms`: what the TRL
+    options read, from :func:`completion_terms`; `sft_nll`: ORPO's batch NLL with ``orpo_sft: trl``)."""
     b = logp_2B.shape[0] // 2
     lc, lr, nc, nr = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
     valid = (nc > 0) & (nr > 0)
     if loss.algorithm == "dpo":
         losses, rc, rr = ops.dpo_loss(
             lc, lr, batch.ref_chosen_logps_B, batch.ref_rejected_logps_B, beta=loss.beta,
-            loss_type=loss.resolved_loss_type, label_smoothing=loss.label_smoothing, chosen_lengths_B=nc,
+            label_smoothing=loss.label_smoothing, chosen_lengths_B=nc,
             rejected_lengths_B=nr, f_divergence=loss.f_divergence, alpha=loss.f_alpha,
-            discopop_tau=loss.discopop_tau)
+            discopop_tau=loss.discopop_tau, **_option_kwargs(loss, terms, valid, nc, nr))
     else:
         avg_c, avg_r = lc / jnp.maximum(nc, 1.0), lr / jnp.maximum(nr, 1.0)
         if loss.algorithm == "simpo":
             losses, rc, rr = ops.simpo_loss(avg_c, avg_r, beta=loss.beta, gamma=loss.simpo_gamma,
                                             label_smoothing=loss.label_smoothing)
+        elif loss.algorithm == "orpo" and loss.orpo_sft == "trl":
+            if sft_nll is None:
+                raise ValueError("pair_loss_from_logps: loss.orpo_sft=trl needs sft_nll (see orpo_trl_nll)")
+            losses, rc, rr = ops.orpo_loss(avg_c, avg_r, beta=loss.beta)
+            losses = losses + sft_nll
         elif loss.algorithm == "orpo":
             losses, rc, rr = ops.orpo_loss(avg_c, avg_r, beta=loss.beta, chosen_nll_B=-avg_c)
         else:
@@ -215,6 +348,14 @@ def kto_loss_from_logps(logp_2B, n_2B, batch: KTOBatch, *, loss: PreferenceLossC
     return (_sum_where(valid, losses), rows), aux
 
 
+def orpo_trl_nll(logp_2BxT: jax.Array, target_mask_2BxT: jax.Array, n_2B: jax.Array) -> jax.Array:
+    """TRL ``ORPOTrainer``'s NLL: one token mean over every attended (prompt and completion) next token of the
+    chosen sequences of real pairs (``ops.sft_nll``; the first half of the rows is chosen)."""
+    b = logp_2BxT.shape[0] // 2
+    valid = (n_2B[:b] > 0) & (n_2B[b:] > 0)
+    return ops.sft_nll(logp_2BxT[:b], target_mask_2BxT[:b] * valid[:, None].astype(target_mask_2BxT.dtype))
+
+
 def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None):
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
     the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
@@ -223,6 +364,16 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
 
     def loss_fn(params, batch, key):
         del key
+        if loss.algorithm == "orpo" and loss.orpo_sft == "trl":  # every position: the prompt is in TRL's NLL
+            ids, mask, lmask = stacked_rows(batch)
+            logp_BxT, m_BxT, _ = completion_token_logps(model, params, ids, mask, lmask)
+            n_2B = jnp.sum(m_BxT, axis=1).astype(jnp.float32)
+            return pair_loss_from_logps(ops.sequence_logprobs(logp_BxT, m_BxT), n_2B, batch, loss=loss,
+                                        sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
+        if loss.dpo_options:
+            terms = completion_terms(model, params, *stacked_rows(batch), completion_width=completion_width,
+                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting)
+            return pair_loss_from_logps(terms.logp_2B, terms.n_2B, batch, loss=loss, terms=terms)
         logp_2B, n_2B = completion_logps(model, params, *stacked_rows(batch),
                                             completion_width=completion_width)
         return from_logps(logp_2B, n_2B, batch, loss=loss)

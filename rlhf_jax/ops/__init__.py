@@ -6,8 +6,16 @@ float32; float64 inputs (``jax_enable_x64``) stay float64.
 """
 
 from rlhf_jax.ops.advantages import discounted_returns, gae, group_advantages, rloo_advantages
-from rlhf_jax.ops.dpo import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, dpo_loss, f_divergence_scores
-from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_shaped_rewards
+from rlhf_jax.ops.dpo import (
+    DPO_COMBINABLE_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    dpo_loss,
+    f_divergence_scores,
+)
+from rlhf_jax.ops.dpo_options import ld_logps, log_sum_sq_probs, sft_nll, sft_nll_from_sums, wpo_weights
+from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_regularised_nll, kl_shaped_rewards
 from rlhf_jax.ops.kl_control import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
 from rlhf_jax.ops.logprobs import entropy, sequence_logprobs, token_logprobs
 from rlhf_jax.ops.policy_loss import (
@@ -39,6 +47,7 @@ from rlhf_jax.ops.stats import (
 
 __all__ = [
     "AdaptiveKLState",
+    "DPO_COMBINABLE_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSS_TYPES",
@@ -48,6 +57,11 @@ __all__ = [
     "bradley_terry_loss",
     "dpo_loss",
     "f_divergence_scores",
+    "ld_logps",
+    "log_sum_sq_probs",
+    "sft_nll",
+    "sft_nll_from_sums",
+    "wpo_weights",
     "kto_kl_baseline",
     "kto_loss",
     "orpo_log_odds",
@@ -66,6 +80,7 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_in_loss",
+    "kl_regularised_nll",
     "kl_shaped_rewards",
     "last_token",
     "last_token_mask",

@@ -12,7 +12,7 @@ Notation (per row): log-ratios :math:`u_c = \\log\\pi_\\theta(y_c) - \\log\\pi_\
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -174,12 +174,15 @@ _DPO_LOSSES: dict[str, Callable[[_Terms], jax.Array]] = {
     "sigmoid_norm": _sigmoid_norm,
 }
 DPO_LOSS_TYPES = tuple(_DPO_LOSSES)  # the table's keys, in TRL's order
+#: what ``loss_type`` may list: the table plus TRL's ``sft`` (needs ``sft_nll``, see ``ops.dpo_options``)
+DPO_COMBINABLE_LOSS_TYPES = (*DPO_LOSS_TYPES, "sft")
 
 
 def _check_loss_args(loss_type: str, f_divergence: str) -> None:
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"rlhf_jax.ops.dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+    if loss_type not in DPO_COMBINABLE_LOSS_TYPES:
+        raise ValueError(
+            f"rlhf_jax.ops.dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_COMBINABLE_LOSS_TYPES}")
+    if f_divergence != "reverse_kl" and loss_type not in (*F_DIVERGENCE_LOSS_TYPES, "sft"):
         raise ValueError(
             f"rlhf_jax.ops.dpo_loss: f_divergence={f_divergence!r} is only defined for {F_DIVERGENCE_LOSS_TYPES} "
             f"(as in TRL 1.16: the f-DPO log Z term cancels only in the chosen - rejected difference); "
@@ -208,7 +211,7 @@ def dpo_loss(
     ref_rejected_logps_B: jax.Array,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     chosen_lengths_B: jax.Array | None = None,
     rejected_lengths_B: jax.Array | None = None,
@@ -216,6 +219,9 @@ def dpo_loss(
     alpha: float = 0.5,
     discopop_tau: float = 0.05,
     bco_delta: float | jax.Array = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    sft_nll: jax.Array | None = None,
+    weights_B: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""Per-pair losses of the DPO family and the implicit rewards, as TRL ``DPOTrainer``.
 
@@ -242,6 +248,11 @@ def dpo_loss(
     - discopop (Lu et al. 2024, Eq. 5): with w = σ(x/τ): :math:`-\log\sigma(x)(1-w) + e^{-x} w`.
     - sigmoid_norm (TRL 1.x): :math:`-\log\sigma(\beta(s_c/|y_c| - s_r/|y_r|))`.
 
+    Several loss types at once (TRL ``loss_type=[...]``, ``loss_weights``; e.g. MPO: sigmoid + bco_pair +
+    sft): :math:`\ell_i = \sum_k w_k\,\ell^{(k)}_i` (weights default 1), where ``sft`` is the batch scalar
+    ``sft_nll`` (``ops.dpo_options.sft_nll``) broadcast to every pair, as TRL. ``weights_B`` (WPO,
+    ``ops.dpo_options.wpo_weights``) multiplies every term per pair, as TRL ``use_weighting``.
+
     Each loss is a small function in ``_DPO_LOSSES`` (its docstring: equation and source).
     Lengths (completion token counts, clamped at ≥ 1) are required by ``ipo`` and ``sigmoid_norm``.
 
@@ -249,19 +260,30 @@ def dpo_loss(
       policy_chosen_logps_B, policy_rejected_logps_B: policy log-prob sums.
       ref_chosen_logps_B, ref_rejected_logps_B: reference log-prob sums.
       beta: β (IPO's τ).
-      loss_type: one of ``DPO_LOSS_TYPES``.
+      loss_type: one of ``DPO_LOSS_TYPES``, or a sequence of ``DPO_COMBINABLE_LOSS_TYPES``.
       label_smoothing: ε for sigmoid/robust/exo_pair/aot/aot_unpaired.
       chosen_lengths_B, rejected_lengths_B: completion lengths (ipo, sigmoid_norm).
       f_divergence: one of ``F_DIVERGENCES`` (TRL ``f_divergence_type``).
       alpha: α of the alpha divergence (TRL ``f_alpha_divergence_coef``).
       discopop_tau: τ of DiscoPOP (TRL default 0.05).
       bco_delta: δ of bco_pair (see above).
+      loss_weights: one weight per loss type (TRL ``loss_weights``); None = all 1.
+      sft_nll: scalar token-mean NLL of the chosen completions (needed when ``sft`` is listed).
+      weights_B: per-pair WPO weights (stop-gradient); None = no weighting.
 
     Returns:
       ``(losses_B, chosen_rewards_B, rejected_rewards_B)``; the trainer's loss is ``mean(losses_B)``.
     """
     name = "dpo_loss"
-    _check_loss_args(loss_type, f_divergence)
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("rlhf_jax.ops.dpo_loss: loss_type lists no loss")
+    for lt in types:
+        _check_loss_args(lt, f_divergence)
+    if loss_weights is not None and len(loss_weights) != len(types):
+        raise ValueError(f"rlhf_jax.ops.dpo_loss: loss_weights has {len(loss_weights)} entries for loss types {types}")
+    if "sft" in types and sft_nll is None:
+        raise ValueError("rlhf_jax.ops.dpo_loss: loss_type 'sft' needs sft_nll")
     check_rank(name, "policy_chosen_logps_B", policy_chosen_logps_B, 1)
     check_same_shape(
         name,
@@ -280,10 +302,21 @@ def dpo_loss(
     s_r = f_divergence_scores(u_r, f_divergence=f_divergence, alpha=alpha)
     x = beta * (s_c - s_r)
     avg_delta = None
-    if loss_type in _LENGTH_NORMALISED:
-        avg_delta = _avg_delta(loss_type, pc, s_c, s_r, chosen_lengths_B, rejected_lengths_B, dtype)
+    normed = [lt for lt in types if lt in _LENGTH_NORMALISED]
+    if normed:
+        avg_delta = _avg_delta(normed[0], pc, s_c, s_r, chosen_lengths_B, rejected_lengths_B, dtype)
     terms = _Terms(pc, pr, rc, rr, u_c, u_r, x, avg_delta, beta, label_smoothing, discopop_tau, bco_delta, dtype)
-    losses = _DPO_LOSSES[loss_type](terms)
+    if isinstance(loss_type, str) and loss_weights is None and weights_B is None:
+        losses = _DPO_LOSSES[loss_type](terms)  # the single-loss path, unchanged
+    else:
+        if weights_B is not None:
+            check_same_shape(name, policy_chosen_logps_B=pc, weights_B=weights_B)
+        losses = jnp.zeros_like(pc)
+        for k, lt in enumerate(types):
+            term = jnp.broadcast_to(jnp.asarray(sft_nll, dtype), pc.shape) if lt == "sft" else _DPO_LOSSES[lt](terms)
+            if weights_B is not None:
+                term = term * jax.lax.stop_gradient(weights_B.astype(dtype))
+            losses = losses + term * (1.0 if loss_weights is None else loss_weights[k])
 
     chosen_rewards = jax.lax.stop_gradient(beta * u_c)
     rejected_rewards = jax.lax.stop_gradient(beta * u_r)

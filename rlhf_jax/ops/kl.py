@@ -116,3 +116,35 @@ def kl_in_loss(
     dtype = kl.dtype
     log_ratio = jnp.clip(logp_BxT.astype(dtype) - old_logp_BxT.astype(dtype), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.exp(log_ratio) * kl
+
+
+def kl_regularised_nll(
+    logp_BxT: jax.Array,
+    ref_logp_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    kl_coef: float,
+    kind: str = "k3",
+) -> tuple[jax.Array, jax.Array]:
+    r"""SuperHF's fine-tuning loss per token: NLL of the kept sample plus a KL prior to the reference.
+
+    .. math:: \ell_t = -\log\pi_\theta(y_t) + c\,k_t(\pi_\theta, \pi_\text{ref})
+
+    (Mukobi et al. 2023, "SuperHF", Eq. 2: supervised loss on the reward-filtered completions + KL
+    coefficient × KL to the prior; c = ``kl_coef``, the paper's default 0.35.) k_t is
+    :func:`kl_estimate` of ``kind`` on the sampled tokens (k3 by default: ≥ 0, so SuperHF's clamp of the
+    KL at 0 is a no-op; its gradient pulls log π_θ(y_t) back towards log π_ref(y_t)). SuperHF's code
+    uses the full-vocabulary KL(π_ref ‖ π_θ) per token instead; this estimator needs only the reference
+    log-prob of each kept token. Padding (mask 0) is 0 in both outputs whatever the inputs hold there.
+
+    Returns:
+      ``(loss_BxT, kl_BxT)``; aggregate ``loss_BxT`` with :func:`aggregate`.
+    """
+    check_rank("kl_regularised_nll", "logp_BxT", logp_BxT, 2)
+    check_same_shape("kl_regularised_nll", logp_BxT=logp_BxT, ref_logp_BxT=ref_logp_BxT, mask_BxT=mask_BxT)
+    dtype = compute_dtype(logp_BxT, ref_logp_BxT)
+    m = bool_mask(mask_BxT)
+    logp = jnp.where(m, logp_BxT.astype(dtype), 0)
+    ref = jnp.where(m, ref_logp_BxT.astype(dtype), 0)
+    kl = jnp.where(m, kl_estimate(logp, ref, kind=kind), 0)
+    return jnp.where(m, -logp + jnp.asarray(kl_coef, dtype) * kl, 0), kl

@@ -8,7 +8,11 @@ training, cached on disk under a dataset + model fingerprint, after which the re
 rewards, margin, chosen/rejected policy log-probs (and z₀ for KTO), on train and held-out data. The
 policy is exported with `save_pretrained` to ``<output_dir>/model``.
 
-Usage: `rlhf-jax dpo configs/dpo_tiny_cpu.yaml model.path=runs/sft/model loss.loss_type=ipo`.
+TRL's DPO options are ``loss.*`` keys with TRL's names (``loss_type`` list + ``loss_weights``, ``rpo_alpha``,
+``use_weighting``, ``ld_alpha``; ``kto_kl_pairs``, ``orpo_sft``): see ``rlhf_jax.algos.preference``.
+
+Usage: `rlhf-jax dpo configs/dpo_tiny_cpu.yaml model.path=runs/sft/model loss.loss_type=ipo`
+(MPO: `loss.loss_type=[sigmoid,bco_pair,sft] loss.loss_weights=[0.8,0.2,1.0]`; RPO: `loss.rpo_alpha=1.0`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class DPOConfig:
                 f"must divide batch_size={self.batch_size}, got {self.num_micro_batches}")
         require(not self.precompute_ref_logps or self.loss.needs_reference, "precompute_ref_logps",
                 f"{self.loss.algorithm} is reference-free; set false")
+        require(not self.precompute_ref_logps or self.loss.kto_kl_pairs == "dataset", "precompute_ref_logps",
+                "loss.kto_kl_pairs=batch pairs KL rows by batch, so their reference values cannot be precomputed")
 
     @property
     def task(self) -> str:
@@ -102,8 +108,8 @@ def _ordered(it: BatchIterator) -> BatchIterator:
                          process_count=it.process_count, shuffle=False, drop_last=False, num_epochs=1)
 
 
-def _maybe(it: Optional[BatchIterator]) -> Optional[pc.RefStream]:
-    return None if it is None else pc.RefStream(it)
+def _maybe(it: Optional[BatchIterator], kl_pairs: str = "dataset") -> Optional[pc.RefStream]:
+    return None if it is None else pc.RefStream(it, kl_pairs=kl_pairs)
 
 
 def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
@@ -112,17 +118,19 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     def identity(batch):
         return batch
 
+    pairs = cfg.loss.kto_kl_pairs
     if not cfg.loss.needs_reference:
         return pc.RefStream(splits.train), _maybe(splits.eval), identity
     ref = _reference(cfg, mesh)
     width = completion_width(cfg.data)
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
-                                      num_chunks=cfg.num_micro_batches, completion_width=width)
-        return (pc.RefStream(splits.train), _maybe(splits.eval),
+                                      num_chunks=cfg.num_micro_batches, completion_width=width,
+                                      ld_alpha=cfg.loss.ld_alpha)
+        return (pc.RefStream(splits.train, kl_pairs=pairs), _maybe(splits.eval, pairs),
                 lambda batch: attach(ref.params, batch))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
-                                                             completion_width=width),
+                                                             completion_width=width, ld_alpha=cfg.loss.ld_alpha),
                              mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
                              out_shardings=shd.replicated(mesh))
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
@@ -130,7 +138,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     dtype = cfg.ref_dtype or cfg.model.dtype
 
     def values(it: BatchIterator):
-        key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype)
+        key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype, ld_alpha=cfg.loss.ld_alpha)
         return pc.precompute_ref_logps(_ordered(it), scores, ref.params, mesh=mesh, cache_dir=cache, key=key)
 
     train_stream = pc.RefStream(splits.train, values(splits.train))

@@ -100,7 +100,7 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     dpo_step = make_train_step(make_loss_fn(actor.model, cfg.loss, completion_width=width), tx=tx,
                                num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
     attach = pc.make_ref_attacher(actor.model, mesh=mesh, params_shardings=actor.shardings,
-                                  num_chunks=h.num_micro_batches, completion_width=width)
+                                  num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it, state):

@@ -9,7 +9,13 @@ uses the same reward functions / reward model / clip / no-EOS penalty as the onl
 step (``train.step.make_train_step``). Top-k keeps a static ``batch_size·k`` rows; the quantile rule keeps
 all rows and zeroes the loss mask of the rejected ones (static shapes, nothing recompiles).
 
-Usage: ``rlhf-jax raft configs/raft_tiny_cpu.yaml model.path=runs/demo/sft/model``.
+SuperHF (Mukobi et al. 2023): ``raft.kl_coef`` > 0 adds a KL prior to the frozen starting policy to the
+fine-tuning loss (``algos.superhf``, ``ops.kl_regularised_nll``); ``algo.preset: superhf`` sets the paper's
+KL coefficient 0.35 when ``raft.kl_coef`` is null. Logged: ``nll``, ``kl`` (token mean of the estimator on
+the kept tokens) and ``kl_term`` (c·kl).
+
+Usage: ``rlhf-jax raft configs/raft_tiny_cpu.yaml model.path=runs/demo/sft/model``
+(SuperHF: ``rlhf-jax raft configs/superhf_tiny_cpu.yaml model.path=...``).
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import numpy as np
 
 from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
+from rlhf_jax.algos import superhf
 from rlhf_jax.algos.supervised import sft_loss
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, SFTBatch
 from rlhf_jax.online import batches as rows_of
 from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
-from rlhf_jax.online.sampler import Sampler, prompt_splits
+from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
 from rlhf_jax.online.heldout import make_heldout
 from rlhf_jax.online.scoring import make_scorer, sample_rows
 from rlhf_jax.run_config import OptimConfig, RunConfig
@@ -49,12 +56,22 @@ class RAFTHyper:
     sft_steps: int = 1  # optimizer steps on the kept rows per iteration
     num_micro_batches: int = 1
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_coef: Optional[float] = None  # SuperHF's KL prior coefficient c; null = the preset's (raft 0, superhf 0.35)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token KL estimator of the prior (ops.kl_estimate)
 
     def __post_init__(self):
+        require(self.kl_coef is None or self.kl_coef >= 0, "raft.kl_coef", f"must be >= 0, got {self.kl_coef}")
         require(self.num_samples >= 1, "raft.num_samples", f"must be >= 1, got {self.num_samples}")
         require(1 <= self.top_k <= self.num_samples, "raft.top_k", f"must be in [1, num_samples], got {self.top_k}")
         require(self.quantile is None or 0 <= self.quantile < 1, "raft.quantile", f"must be in [0, 1), got {self.quantile}")
         require(self.sft_steps >= 1, "raft.sft_steps", f"must be >= 1, got {self.sft_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFTAlgo:
+    """Which published variant fills the null hyperparameters."""
+
+    preset: Literal["raft", "superhf"] = "raft"  # superhf: raft.kl_coef defaults to 0.35 (Mukobi et al. 2023)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +82,7 @@ class RAFTConfig:
     data: DataConfig  # prompt rows
     reward: RewardConfig = RewardConfig(functions=("rlhf_jax.tasks:gold_score",))
     raft: RAFTHyper = RAFTHyper()
+    algo: RAFTAlgo = RAFTAlgo()
     rollout: RolloutConfig = RolloutConfig(batch_size=8)  # batch_size = PROMPTS per iteration
     optim: OptimConfig = OptimConfig(learning_rate=1e-5)
     run: RunConfig = RunConfig(total_steps=20, log_every=1)
@@ -77,6 +95,13 @@ class RAFTConfig:
         rows = self.rollout.batch_size * (self.raft.num_samples if self.raft.quantile is not None else self.raft.top_k)
         require(rows % self.raft.num_micro_batches == 0, "raft.num_micro_batches",
                 f"must divide the {rows} kept rows per iteration")
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL prior's coefficient in effect (``raft.kl_coef``, else the preset's)."""
+        if self.raft.kl_coef is not None:
+            return self.raft.kl_coef
+        return superhf.SUPERHF_KL_COEF if self.algo.preset == "superhf" else 0.0
 
 
 def select_rows(score_B: np.ndarray, *, group_size: int, top_k: int, quantile: Optional[float],
@@ -113,8 +138,18 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.optim, iters * h.sft_steps)
     state, state_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
-    sft_step = make_train_step(lambda p, b, k: sft_loss(actor.model, p, b, k, mode=h.loss_aggregation), tx=tx,
-                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
+    kl_coef = cfg.kl_coef
+    if kl_coef > 0:  # SuperHF: the kept rows carry the frozen starting policy's log-probs
+        ref_params = frozen_copy(actor.params, actor.shardings, "float32")
+        ref_scorer = superhf.make_ref_scorer(actor.model, mesh=mesh, params_shardings=actor.shardings)
+        with_ref = lambda kept: ref_scorer(ref_params, kept)  # noqa: E731
+        loss = lambda p, b, k: superhf.superhf_loss(actor.model, p, b, k, kl_coef=kl_coef,  # noqa: E731
+                                                    kl_estimator=h.kl_estimator, mode=h.loss_aggregation)
+    else:
+        with_ref = lambda kept: kept  # noqa: E731
+        loss = lambda p, b, k: sft_loss(actor.model, p, b, k, mode=h.loss_aggregation)  # noqa: E731
+    sft_step = make_train_step(loss, tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh,
+                               state_shardings=state_sh)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it, state):
@@ -129,7 +164,7 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
         threshold = None if h.quantile is None else float(np.quantile(every, h.quantile))
         rows, keep = select_rows(score, group_size=h.num_samples, top_k=h.top_k, quantile=h.quantile,
                                  threshold=threshold)
-        kept = shd.shard_batch(kept_batch(rows_of.rollout_sft_batch(shd.local_rows(ro)), rows, keep), mesh)
+        kept = with_ref(shd.shard_batch(kept_batch(rows_of.rollout_sft_batch(shd.local_rows(ro)), rows, keep), mesh))
         with timer("train"):
             for _ in range(h.sft_steps):
                 state, m = sft_step(state, kept, k_sft)
@@ -138,6 +173,8 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
         values = {"score": float(np.mean(every)), "score_std": float(np.std(every)),
                   "kept_score": float(np.mean(sel)), "kept_rows": float(len(sel)), **sc.metrics,
                   **common.base_metrics(m), "finite": float(m.finite), **timer.as_metrics()}
+        if kl_coef > 0:
+            values.update(superhf.superhf_metrics(m.aux, kl_coef))
         return state, values, sample_rows(sc.texts, score, cfg.num_samples) if cfg.sample_every else None
 
     loop = Loop(name="raft", run=cfg.run, output_dir=out, total=iters, step=step, data={"prompts": prompts},

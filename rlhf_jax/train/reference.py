@@ -8,9 +8,12 @@ fingerprint) so the reference model need not stay in memory while training. :cla
 ``BatchIterator``, adds KTO's mismatched "KL" rows and the precomputed values of each row, and keeps the
 iterator's ``state()``/``restore()`` (exact resume).
 
-KTO's KL rows follow TRL ``KTOTrainer`` (``_get_kl_dataset``): row i is scored with prompt i and the
-completion of another row; here that row is fixed per dataset row, (i + 1) mod N, so reference values
-can be precomputed. A KL completion is cut on the right to fit ``data.max_seq_len``.
+KTO's KL rows follow TRL ``KTOTrainer``: row i is scored with prompt i and the completion of another row.
+``kl_pairs="dataset"`` (default) fixes that row per dataset row, (i + 1) mod N, so reference values can be
+precomputed; ``kl_pairs="batch"`` is TRL's rule (``add_kl_completion_ids``: completions rotated by one
+within the batch, (x_1, y_B), (x_2, y_1), ..., (x_B, y_{B-1})) over the GLOBAL batch, so the KL completions
+are the batch's own completions (live reference only). A KL completion is cut on the right to fit
+``data.max_seq_len``.
 """
 
 from __future__ import annotations
@@ -35,17 +38,19 @@ REF_CACHE_VERSION = 1
 
 
 def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1,
-                    completion_width: Optional[int] = None) -> jax.Array:
+                    completion_width: Optional[int] = None, ld_alpha: Optional[float] = None) -> jax.Array:
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
     micro-batches), bounding the logits held at once. ``completion_width``: see `completion_logps`.
+    ``ld_alpha``: LD-DPO's sums (pairs only), as TRL ``_compute_ref_logps``; the strided chunks keep each
+    chosen row with its rejected row (chunk m holds chosen rows m, m+M, ... then the same rejected rows).
     """
     ids, mask, loss = stacked_rows(batch)
     b = ids.shape[0] // 2
 
     def score(chunk):
-        return completion_logps(model, ref_params, *chunk, completion_width=completion_width)[0]
+        return completion_logps(model, ref_params, *chunk, completion_width=completion_width, ld_alpha=ld_alpha)[0]
 
     if num_chunks == 1:
         out_2B = score((ids, mask, loss))
@@ -65,7 +70,8 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
     return batch._replace(ref_logps_B=ref_Bx2[:, 0], ref_kl_logps_B=ref_Bx2[:, 1])
 
 
-def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None):
+def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None,
+                      ld_alpha: Optional[float] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is
@@ -73,21 +79,28 @@ def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, com
     """
     def attach(ref_params, batch):
         return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks,
-                                               completion_width=completion_width))
+                                               completion_width=completion_width, ld_alpha=ld_alpha))
 
     bsh = shd.batch_sharding(mesh)
     return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh)
 
 
 # ------------------------------------------------------------------------------------ KTO's KL rows
+def kl_completion(data: EncodedDataset, i: int, partner: int, max_seq_len: int) -> np.ndarray:
+    """Completion of row ``partner`` cut to fit ``max_seq_len`` after prompt ``i``."""
+    room = max(max_seq_len - len(data.prompt_ids[i]), 0)
+    return np.asarray(data.completion_ids[partner][0][:room], np.int32)
+
+
 def kl_completions(data: EncodedDataset, max_seq_len: int) -> list[np.ndarray]:
     """Completion of row (i + 1) mod N for each row i, cut to fit ``max_seq_len`` after prompt i."""
     n = len(data)
-    out = []
-    for i in range(n):
-        room = max(max_seq_len - len(data.prompt_ids[i]), 0)
-        out.append(np.asarray(data.completion_ids[(i + 1) % n][0][:room], np.int32))
-    return out
+    return [kl_completion(data, i, (i + 1) % n, max_seq_len) for i in range(n)]
+
+
+def batch_kl_partners(global_items: np.ndarray) -> np.ndarray:
+    """TRL's in-batch KL pairing: global row g takes the completion of row g − 1 (row 0 that of the last)."""
+    return np.roll(np.asarray(global_items), 1)
 
 
 def _kl_rows(data: EncodedDataset, kl: list[np.ndarray], items: list[int], *, batch_size: int, width: int,
@@ -122,9 +135,15 @@ class RefStream:
         (filled later by a reference model, or unused by reference-free losses).
     """
 
-    def __init__(self, inner: BatchIterator, ref_Nx2: Optional[np.ndarray] = None):
+    def __init__(self, inner: BatchIterator, ref_Nx2: Optional[np.ndarray] = None, *, kl_pairs: str = "dataset"):
         self.inner = inner
         self.ref_Nx2 = ref_Nx2
+        self.kl_pairs = kl_pairs
+        if kl_pairs not in ("dataset", "batch"):
+            raise ValueError(f"RefStream: kl_pairs must be 'dataset' or 'batch', got {kl_pairs!r}")
+        if kl_pairs == "batch" and ref_Nx2 is not None:
+            raise ValueError("RefStream: kl_pairs='batch' pairs rows by batch, so KL reference values cannot be "
+                             "precomputed per row (set precompute_ref_logps: false)")
         self.kind = inner.data.kind
         if self.kind not in ("preference", "unpaired"):
             raise ValueError(f"{inner.data.stats.source}: preference trainers need preference or unpaired data, "
@@ -151,10 +170,22 @@ class RefStream:
         batch = next(self.inner)
         pos = self.inner.state()
         items = [int(i) for i in self.inner.host_items(pos["epoch"], pos["index"] - 1)]
-        return self.extend(batch, items)
+        kl = None
+        if self.kind == "unpaired" and self.kl_pairs == "batch":
+            kl = self._batch_kl(pos["epoch"], pos["index"] - 1, items)
+        return self.extend(batch, items, kl=kl)
 
-    def extend(self, batch, items: list[int]):
-        """Turn the inner batch of dataset rows `items` into a `PairBatch`/`KTOBatch`."""
+    def _batch_kl(self, epoch: int, index: int, items: list[int]) -> dict[int, np.ndarray]:
+        """KL completions of this host's rows under TRL's rotation over the global batch."""
+        it = self.inner
+        g = it.batch_size * it.process_count
+        order = it.epoch_order(epoch)[index * g: (index + 1) * g]
+        partners = dict(zip((int(i) for i in order), (int(p) for p in batch_kl_partners(order))))
+        return {i: kl_completion(it.data, i, partners[i], it.cfg.max_seq_len) for i in items}
+
+    def extend(self, batch, items: list[int], *, kl: Optional[dict[int, np.ndarray]] = None):
+        """Turn the inner batch of dataset rows `items` into a `PairBatch`/`KTOBatch` (``kl``: each row's KL
+        completion, default the per-dataset-row pairing)."""
         bs = self.inner.batch_size
         ref = np.zeros((bs, 2), np.float32)
         if self.ref_Nx2 is not None:
@@ -162,9 +193,10 @@ class RefStream:
         if self.kind == "preference":
             return PairBatch(batch, ref[:, 0], ref[:, 1])
         d = self.inner.data
-        kl_len = max((len(d.prompt_ids[i]) + len(self.kl[i]) for i in items), default=1)
+        kl = self.kl if kl is None else kl
+        kl_len = max((len(d.prompt_ids[i]) + len(kl[i]) for i in items), default=1)
         width = max(batch.input_ids_BxS.shape[1], pick_bucket(kl_len, self.inner.buckets))
-        kl_ids, kl_mask, kl_loss = _kl_rows(d, self.kl, items, batch_size=bs, width=width, pad_id=self.inner.pad_id)
+        kl_ids, kl_mask, kl_loss = _kl_rows(d, kl, items, batch_size=bs, width=width, pad_id=self.inner.pad_id)
         rows = UnpairedBatch(_pad_width(batch.input_ids_BxS, width, self.inner.pad_id),
                              _pad_width(batch.attention_mask_BxS, width, 0), _pad_width(batch.loss_mask_BxS, width, 0),
                              batch.label_B)
@@ -233,8 +265,10 @@ def precompute_ref_logps(stream_data: BatchIterator, ref_fn, ref_params, *, mesh
     return out
 
 
-def ref_cache_key(data: EncodedDataset, max_seq_len: int, model_path: str, dtype: str) -> str:
-    """Cache file stem for the reference values of `data` under the model at `model_path`."""
+def ref_cache_key(data: EncodedDataset, max_seq_len: int, model_path: str, dtype: str, *,
+                  ld_alpha: Optional[float] = None) -> str:
+    """Cache file stem for the reference values of `data` under the model at `model_path` (and LD-DPO's α)."""
+    ld = "" if ld_alpha is None else f"|ld_alpha={ld_alpha!r}"
     h = hashlib.sha256(f"v{REF_CACHE_VERSION}|{dataset_fingerprint(data, max_seq_len)}|"
-                       f"{model_fingerprint(model_path, dtype=dtype)}".encode())
+                       f"{model_fingerprint(model_path, dtype=dtype)}{ld}".encode())
     return h.hexdigest()[:32]
