@@ -269,6 +269,8 @@ class Transformer(nn.Module):
     the final norm and head on positions [start, stop) only, e.g. the response positions of a rollout: the
     `[B, S, V]` logits of the prompt are never computed. `head_positions_BxW` (int `[B, W]`) does the same for
     a different window per row (e.g. each row's completion): the result is `[B, W, ...]` at those positions.
+    `return_hidden=True` returns `(out, hidden_BxSxD)` in place of `out`: the final-norm hidden states the head
+    read (HF `output_hidden_states[-1]`), e.g. for extra heads on the trunk (ILQL's Q and V).
     With `cache`/`cache_index`/`positions_BxS`:
     the S tokens go to slots [cache_index, cache_index + S), `attention_mask` is `[B, Smax]` over the whole
     cache, and the result is `(logits, new_cache)`.
@@ -280,7 +282,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids_BxS, attention_mask_BxS, *, positions_BxS=None, segment_ids_BxS=None,
                  cache: KVCache | None = None, cache_index=None, head_span: tuple[int, int] | None = None,
-                 head_positions_BxW=None):
+                 head_positions_BxW=None, return_hidden: bool = False):
         c = self.config
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
@@ -348,6 +350,8 @@ class Transformer(nn.Module):
                 w = _param(self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
                 out = project(x, w.astype(c.dtype))
             out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
+        if return_hidden:  # the final-norm hidden states the head read (HF `hidden_states[-1]`)
+            out = (out, x)
         if cache is None:
             return out
         return out, KVCache(*cache_kv)
