@@ -22,6 +22,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "remax": ("rlhf_jax.recipes.grpo", "ReMaxConfig", "critic-free online RL: ReMax (greedy-response baseline)"),
     "raft": ("rlhf_jax.recipes.raft", "RAFTConfig", "RAFT / best-of-n: sample, keep the best, SFT on them, repeat"),
     "online_dpo": ("rlhf_jax.recipes.online_dpo", "OnlineDPOConfig", "online DPO on best-vs-worst pairs of the policy's own samples"),
+    "ilql": ("rlhf_jax.recipes.ilql", "ILQLConfig", "offline RL: ILQL (Q/V heads, CQL, AWAC) on prompt/completion/reward rows"),
     "label": ("rlhf_jax.recipes.label", "LabelConfig", "write prompt/chosen/rejected JSONL ranked by an RM, a function or a judge LM"),
     "critique": ("rlhf_jax.recipes.critique", "CritiqueConfig", "Constitutional AI SL data: critique -> revision rounds under principles, prompt/completion JSONL"),
 }
