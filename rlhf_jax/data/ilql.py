@@ -13,7 +13,7 @@ action t at position P − 1 + t for every row.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -118,10 +118,3 @@ def ilql_iterator(data: EncodedDataset, cfg: DataConfig, *, reward_field: str = 
     rewards = token_rewards(data, reward_field=reward_field, rewards_field=rewards_field, normalize=normalize)
     return ILQLIterator(data, cfg, rewards, **kwargs)
 
-
-def reward_stats(rewards: list[np.ndarray]) -> Optional[dict[str, float]]:
-    """Mean and std of the per-row reward sums (for the run's log)."""
-    if not rewards:
-        return None
-    sums = np.asarray([float(r.sum()) for r in rewards])
-    return {"reward_mean": float(sums.mean()), "reward_std": float(sums.std())}

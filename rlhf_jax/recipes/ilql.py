@@ -5,9 +5,9 @@ completion token, trlx ``make_experience``) or per-token `rewards`. One trunk ca
 their Polyak-averaged targets and a V head (`algos/ilql.py`); each optimizer step minimises trlx's
 ``ILQLConfig.loss`` (`ops/ilql.py`: TD loss for Q, expectile loss for V, CQL, AWAC-weighted LM loss), and
 every `ilql.steps_for_target_q_sync` steps the target heads move towards the Q heads by
-`θ̂ ← α·θ + (1 − α)·θ̂`. Evaluation (`eval.prompts` + `eval.gold_function`) decodes greedily with
-``log_softmax(z) + β·(min Q̂ − V)`` (`gen_kwargs.beta`) in the jitted sampler, and with β = 0 (the trained LM
-alone). The LM is exported as a Hugging Face folder; the heads live in the checkpoints.
+`θ̂ ← α·θ + (1 − α)·θ̂`. Evaluation (`eval.prompts` + `eval.gold_function`) decodes with
+``log_softmax(z) + β·(min Q̂ − V)`` (`gen_kwargs.beta`) in the jitted sampler, greedily and sampled with
+`gen_kwargs.top_k` / `temperature`, and greedily with β = 0 (the trained LM alone). The LM is exported as a Hugging Face folder; the heads live in the checkpoints.
 
 Usage: `rlhf-jax ilql configs/ilql_tiny_cpu.yaml model.path=runs/sft/model data.path=scored.jsonl`.
 """
@@ -156,8 +156,10 @@ def make_step(cfg: ILQLConfig, model, heads, tx, total: int, mesh, state_sh):
 
 
 def make_evaluate(cfg: ILQLConfig, loaded, mesh):
-    """``state -> {"gold_score", "gold_score_beta0"}``: mean gold score of greedy responses to every eval
-    prompt, decoded with ``log_softmax(z) + β·(min Q̂ − V)`` (β = gen_kwargs.beta) and with β = 0."""
+    """``state -> {"gold_score", "gold_score_beta0", "gold_score_sampled"}``: mean gold score of the responses
+    to every eval prompt, decoded greedily with ``log_softmax(z) + β·(min Q̂ − V)`` (β = gen_kwargs.beta), greedily
+    with β = 0 (the LM alone), and sampled as trlx does (top-k of the perturbed scores, softmax(·/τ)) with
+    gen_kwargs.top_k / temperature (key fold_in(run.seed, batch))."""
     e, g = cfg.eval, cfg.gen_kwargs
     if e.prompts is None:
         return None
@@ -169,18 +171,22 @@ def make_evaluate(cfg: ILQLConfig, loaded, mesh):
                             batch_size=common.host_batch_size(e.batch_size, mesh), pad_id=pad_id_of(loaded.tokenizer),
                             process_index=shard, process_count=shards, shuffle=False, drop_last=False, num_epochs=1)
     gold = rewards.load_function(e.gold_function)
-    rollout = RolloutConfig(batch_size=e.batch_size, max_new_tokens=g.max_new_tokens, param_axes=("fsdp", "tensor"))
-    samplers = {name: Sampler(algo.ILQLPolicy(loaded.model.config, two_qs=cfg.ilql.two_qs, beta=beta),
-                              loaded.tokenizer, rollout, mesh)
-                for name, beta in (("gold_score", cfg.gen_kwargs.beta), ("gold_score_beta0", 0.0))}
+    rollout = RolloutConfig(batch_size=e.batch_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                            top_k=g.top_k, param_axes=("fsdp", "tensor"))
+    policy = lambda beta: Sampler(algo.ILQLPolicy(loaded.model.config, two_qs=cfg.ilql.two_qs, beta=beta),  # noqa: E731
+                                  loaded.tokenizer, rollout, mesh)
+    # (metric, sampler, temperature): greedy with beta, greedy with beta = 0, sampled as trlx (top-k, τ)
+    runs = (("gold_score", policy(g.beta), 0.0), ("gold_score_beta0", policy(0.0), 0.0),
+            ("gold_score_sampled", policy(g.beta), g.temperature))
 
     def evaluate(state) -> dict[str, float]:
         out = {}
-        for name, sampler in samplers.items():
+        for name, sampler, temperature in runs:
             scores = []
             for n in range(batches.batches_per_epoch):
                 batch, real = fill_padding(batches.batch(0, n))
-                ro = sampler(state.params, batch, jax.random.key(n), temperature=0.0)
+                ro = sampler(state.params, batch, jax.random.fold_in(jax.random.key(cfg.run.seed), n),
+                             temperature=temperature)
                 prompts, responses = local_texts(loaded.tokenizer, ro)
                 s = np.asarray(rewards.call_reward_fn(gold, prompts, responses, {}, name="eval.gold_function"))
                 scores.append(distributed.allgather_rows(np.where(real, s, np.nan)))
