@@ -8,7 +8,7 @@
    the gold function (`rlhf_jax.tasks.gold_score`) -> prompt/completion/reward JSONL;
 4. `rlhf-jax ilql` from the SFT export on those rows (`configs/ilql_tiny_cpu.yaml`);
 5. prints the gold score of greedy decoding on the held-out prompts: the SFT model, then the ILQL model with
-   β-perturbed scores (gen_kwargs.beta) and with β = 0 (its LM alone).
+   β-perturbed scores (gen_kwargs.beta) and with β = 0 (its LM alone), and sampled as trlx (top-k 20, τ = 1).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def main() -> None:
     sft_gold = greedy_gold(str(sft_dir / "model"), eval_prompts, max_new_tokens=args.max_new_tokens)
     summary = {"offline_rows": len(rows), "offline_reward_mean": reward_mean,
                "sft_greedy_gold": sft_gold, "ilql_greedy_gold_beta": res["eval/gold_score"],
-               "ilql_greedy_gold_beta0": res["eval/gold_score_beta0"], "eval_prompts": len(eval_prompts),
+               "ilql_greedy_gold_beta0": res["eval/gold_score_beta0"],
+               "ilql_sampled_gold": res["eval/gold_score_sampled"], "eval_prompts": len(eval_prompts),
                "ilql_steps": res["steps"], "data_seconds": t_data - t0,
                "ilql_seconds": time.perf_counter() - t_data}
     print(json.dumps(summary, indent=2))
