@@ -153,7 +153,7 @@ def test_online_commands_check_their_heldout_evaluation_keys(command):
 
 
 def test_registry_names_every_cli_command():
-    assert set(ONLINE) | {"sft", "rm", "dpo", "label", "critique"} == set(REGISTRY)
+    assert set(ONLINE) | {"sft", "rm", "dpo", "label", "critique", "ilql"} == set(REGISTRY)
     assert all(np.all([isinstance(x, str) for x in v]) for v in REGISTRY.values())
 
 
