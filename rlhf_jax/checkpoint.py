@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from rlhf_jax import checkpoint_space as space
+
 __all__ = ["Checkpointer", "abstract_like", "resolve_resume"]
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,8 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of the last save issued (async: maybe not committed yet)
+        space.quiet_orbax_disk_full_logs()
 
     # -- queries ---------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -233,7 +237,12 @@ class Checkpointer:
             if math.isfinite(value):
                 ranked = {self.keep_best_metric: value}
         args = ocp.args.Composite(state=ocp.args.StandardSave(_host_local_to_numpy(_encode_keys(state))), meta=ocp.args.JsonSave(meta_json))
-        return self._manager.save(int(step), args=args, metrics=ranked, force=force)
+        self.check_for_errors()  # an earlier async save that failed is reported first, naming its step
+        space.check_space(self.directory, int(step), space.state_bytes(state))
+        with space.translating(self.directory, int(step)):
+            saved = self._manager.save(int(step), args=args, metrics=ranked, force=force)
+        self._pending = int(step)
+        return saved
 
     def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restore `(state, meta)` of `step` (latest when None) onto `target`.
@@ -305,14 +314,23 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint step {step} not in {self.directory} (have {steps})")
         return step
 
+    def check_for_errors(self) -> None:
+        """Raise the error of an async save that has already failed (a full disk: `DiskFullError`)."""
+        with space.translating(self.directory, self._pending):
+            self._manager.check_for_errors()
+
     def wait_until_finished(self) -> None:
-        """Block until pending async saves are written and committed."""
-        self._manager.wait_until_finished()
+        """Block until pending async saves are written and committed (a full disk: `DiskFullError`)."""
+        with space.translating(self.directory, self._pending):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending saves and release resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            with space.translating(self.directory, self._pending):
+                self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

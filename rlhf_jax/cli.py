@@ -101,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
                 print(save_config(cfg, os.path.join(tmp, "c.yaml")).read_text(), end="")
             return 0
         distributed.init_distributed()
+        from rlhf_jax.train.preflight import preflight
+
+        preflight(cfg)  # config-only checks (warmup, batch vs mesh) before any model or data is loaded
         xla.enable_compilation_cache()  # a rerun or resume of this config loads its compiled programs
         module = importlib.import_module(TRAINERS[args.command][0])
         result = module.train(cfg)
@@ -121,10 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]])
     args = _parser().parse_args(argv)
     quiet_datasets()
-    if os.environ.get("RLHF_JAX_TRACEBACK"):
-        return _run(args)
     from rlhf_jax.train.preempt import Preempted
 
+    if os.environ.get("RLHF_JAX_TRACEBACK"):  # errors keep their traceback; a preemption is no error
+        try:
+            return _run(args)
+        except Preempted as e:
+            return e.exit_code
     try:
         return _run(args)
     except Preempted as e:  # SIGTERM/SIGINT: checkpoint committed, message printed by the loop

@@ -84,6 +84,26 @@ def _accepts_kwargs(fn: RewardFn) -> tuple[bool, frozenset[str]]:
     return var_kw, names
 
 
+class RewardFunctionError(ValueError):
+    """A reward function raised or returned something that is not one finite score (or None) per row.
+    The message names the function and the first bad row; the host loop adds the iteration."""
+
+
+def _row(prompts: Sequence[str], i: int) -> str:
+    text = str(prompts[i])
+    return f"row {i} (prompt {text[:60] + '...' if len(text) > 60 else text!r})" if text else f"row {i}"
+
+
+def _first_raising_row(fn: RewardFn, prompts, responses, kwargs) -> int | None:
+    """The first row on which ``fn`` raises when called one row at a time (only after a batch call raised)."""
+    for i in range(len(prompts)):
+        try:
+            fn([prompts[i]], [responses[i]], **{k: [v[i]] for k, v in kwargs.items()})
+        except Exception:  # noqa: BLE001 - only locating the row
+            return i
+    return None
+
+
 def call_reward_fn(
     fn: RewardFn,
     prompts: Sequence[str],
@@ -95,8 +115,10 @@ def call_reward_fn(
     """Call one reward function on a batch; returns float64 ``[B]`` with NaN where it returned ``None``.
 
     Extra ``columns`` are passed as keyword lists; a function without ``**kwargs`` receives only the
-    columns it names. Raises ``ValueError`` naming the function when the output has the wrong length or a
-    value that is neither a number nor ``None``.
+    columns it names. Raises :class:`RewardFunctionError` (a ``ValueError``) naming the function and the
+    first bad row when the function raises, returns something that is not a list (a bare float), a list of
+    the wrong length, or a value that is not a finite number or ``None`` (NaN, ±inf, a string such as
+    ``'0.5'``: strings are never coerced).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{name}: {len(prompts)} prompts but {len(responses)} responses")
@@ -106,21 +128,37 @@ def call_reward_fn(
             raise ValueError(f"{name}: column {key!r} has {len(col)} rows, expected {len(prompts)}")
     var_kw, names = _accepts_kwargs(fn)
     kwargs = columns if var_kw else {k: v for k, v in columns.items() if k in names}
-    out = fn(list(prompts), list(responses), **kwargs)
-    out = list(out) if not isinstance(out, np.ndarray) else out.tolist()
+    prompts, responses = list(prompts), list(responses)
+    try:
+        out = fn(prompts, responses, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported as one line naming the function and the row
+        bad = _first_raising_row(fn, prompts, responses, kwargs)
+        where = f"on {_row(prompts, bad)}" if bad is not None else f"on a batch of {len(prompts)} rows"
+        raise RewardFunctionError(f"{name} raised {type(e).__name__}: {e} {where}") from e
+    if isinstance(out, np.ndarray) and out.ndim == 1:
+        out = out.tolist()
+    if isinstance(out, (str, bytes, Mapping)) or not (hasattr(out, "__len__") and hasattr(out, "__iter__")) \
+            or getattr(out, "ndim", 1) != 1:
+        raise RewardFunctionError(f"{name}: returned {type(out).__name__} {str(out)[:40]!r}; expected a list of one "
+                                  f"score (float or None) per row, {len(prompts)} here")
     if len(out) != len(prompts):
-        raise ValueError(f"{name}: returned {len(out)} scores for a batch of {len(prompts)}")
+        raise RewardFunctionError(f"{name}: returned {len(out)} scores for a batch of {len(prompts)}")
     values = np.empty(len(out), np.float64)
     for i, v in enumerate(out):
         if v is None:
             values[i] = np.nan
             continue
         try:
+            if isinstance(v, (str, bytes, np.str_)):  # '0.5' is a bug in the function, not a score
+                raise TypeError
             values[i] = float(v)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{name}: row {i}: score {v!r} is not a number or None") from e
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"{name}: {_row(prompts, i)}: score {v!r} ({type(v).__name__}) is not a "
+                                      "number or None") from None
         if math.isnan(values[i]):
-            raise ValueError(f"{name}: row {i}: score is NaN (return None for 'no score')")
+            raise RewardFunctionError(f"{name}: {_row(prompts, i)}: score is NaN (return None for 'no score')")
+        if math.isinf(values[i]):
+            raise RewardFunctionError(f"{name}: {_row(prompts, i)}: score is {values[i]} (scores must be finite)")
     return values
 
 

@@ -6,6 +6,7 @@ Loaded, checked and dumped by the generic machinery in `rlhf_jax.config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal, Optional
 
@@ -32,7 +33,8 @@ class OptimConfig:
     no_decay_patterns: tuple[str, ...] = ("embed", "wte", "wpe", "norm", "bias")
 
     def __post_init__(self):
-        require(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
+        require(math.isfinite(self.learning_rate) and self.learning_rate >= 0, "learning_rate",
+                f"must be a finite number >= 0, got {self.learning_rate}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")

@@ -51,9 +51,10 @@ def logged_steps(out: pathlib.Path) -> list[int]:
     return steps
 
 
-def start_and_signal(cmd: list[str], out: pathlib.Path, signum: int, *, after_step: int = 2, times: int = 1):
+def start_and_signal(cmd: list[str], out: pathlib.Path, signum: int, *, after_step: int = 2, times: int = 1,
+                     env: dict | None = None):
     """Start `cmd`, wait until it has logged `after_step`, send `signum` (`times` times); return the result."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not any(s >= after_step for s in logged_steps(out)):
         assert proc.poll() is None, proc.communicate()
@@ -86,6 +87,15 @@ def test_signal_checkpoints_exits_and_the_same_command_resumes(assets, tmp_path,
     assert f"resumed from {out / 'checkpoints'}/{step}" in done.stdout
     assert logged_steps(out) == list(range(1, step + 3))
     assert (out / "model" / "config.json").exists()
+
+
+def test_a_preemption_exits_143_even_with_tracebacks_on(assets, tmp_path):
+    """RLHF_JAX_TRACEBACK=1 shows errors' tracebacks; a preemption is no error: still 143, no traceback."""
+    out = tmp_path / "run"
+    rc, stdout, stderr = start_and_signal(sft_cmd(assets, out), out, signal.SIGTERM,
+                                          env=dict(ENV, RLHF_JAX_TRACEBACK="1"))
+    assert rc == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert "[rlhf_jax] SIGTERM at step " in stdout
 
 
 _SLOW_STEP = r"""

@@ -144,11 +144,16 @@ class RewardScorer:
         """Score a rollout; ``index_B`` are the dataset rows of THIS host's rows of it."""
         prompts, responses = local_texts(self.tokenizer, rollout)
         columns = self.extra_columns(index_B)
-        fn_local, parts = self.fns(prompts, responses, columns)
+        error, gold = None, None
+        try:
+            fn_local, parts = self.fns(prompts, responses, columns)
+            if self.gold is not None:
+                gold = rewards.call_reward_fn(self.gold, prompts, responses, columns, name="gold function")
+        except rewards.RewardFunctionError as e:
+            error = e
+        _raise_on_every_host(error)
         metrics = {f"reward/{n}": float(np.nanmean(distributed.allgather_rows(v))) for n, v in parts.items()}
-        gold = None
         if self.gold is not None:
-            gold = rewards.call_reward_fn(self.gold, prompts, responses, columns, name="gold function")
             every = distributed.allgather_rows(np.asarray(gold, np.float64))
             metrics.update(gold_score=float(np.mean(every)), gold_score_std=float(np.std(every)))
         fn_B = shd.shard_batch(np.asarray(fn_local, np.float32), self.mesh)
@@ -159,6 +164,17 @@ class RewardScorer:
         score_B = self._final(rm_B, fn_B, rollout.response_ids_BxT, rollout.response_mask_BxT)
         texts = {"prompts": prompts, "responses": responses, "gold": gold}
         return Scores(score_B, rm_B, shd.local_rows(score_B), metrics, texts)
+
+
+def _raise_on_every_host(error: Optional[Exception]) -> None:
+    """Raise a reward-function error on every process (the first host's), so that none waits in a collective."""
+    if jax.process_count() > 1:
+        errors = distributed.allgather_objects(None if error is None else f"process {jax.process_index()}: {error}")
+        first = next((e for e in errors if e), None)
+        if first is not None:
+            raise rewards.RewardFunctionError(first) from error
+    elif error is not None:
+        raise error
 
 
 def sample_rows(texts: dict, score_B: np.ndarray, n: int) -> list[dict[str, Any]]:

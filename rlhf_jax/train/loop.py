@@ -33,6 +33,7 @@ import jax
 
 from rlhf_jax.runtime import distributed
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
+from rlhf_jax.rewards import RewardFunctionError
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import DeferredMetrics, MetricsLogger, Progress
 from rlhf_jax.train.preempt import Preempted, StopSignals, signal_name
@@ -190,8 +191,11 @@ def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, lo
     """Steps ``start..last-1`` with their logging, evaluation and checkpoints; stops cleanly on a signal."""
     run = loop.run
     for index in range(start, last):
-        state, metrics, samples = loop.step(index, state)
         done = index + 1
+        try:
+            state, metrics, samples = loop.step(index, state)
+        except RewardFunctionError as e:  # name the iteration (the step logged in metrics.jsonl)
+            raise RewardFunctionError(f"{loop.name} iteration {done}: {e}") from e
         report(deferred.push(done, metrics))  # step N-1's metrics, while step N runs
         every = lambda n: bool(n) and done % n == 0  # noqa: E731
         if samples and (every(loop.sample_every) or (loop.sample_every and index == start)):
@@ -208,6 +212,8 @@ def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, lo
         if want_save:
             meta = {"step": done, "data": {name: it.state() for name, it in loop.data.items()}}
             ckpt.save(done, state, meta=meta, metrics=dict(latest))
+        else:
+            ckpt.check_for_errors()  # a background save that failed (full disk) is reported now, naming its step
         signum = signals.poll()
         if signum:
             report(deferred.flush())  # a non-finite step raises here, before anything is saved
