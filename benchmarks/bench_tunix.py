@@ -120,7 +120,6 @@ def state_sync(model_fn):
 
 def info(kind: str, model) -> dict:
     import jax
-    import tunix  # noqa: F401
     from importlib.metadata import version
 
     from flax import nnx
