@@ -4,16 +4,18 @@ Workload (as /work/shared/peers/README.md): 8 pairs, prompt 64 + completion 64 t
 rejected each exactly 128 tokens), loss sigmoid, β = 0.1, AdamW lr 1e-5, grad-norm clip 1.0, frozen
 reference model in memory. Models: Llama-style `tiny` (hidden 256 × 4) and `small` (~100M, hidden
 768 × 12), written once with our `save_pretrained` (`benchmarks/_common.build_llama`) so both sides load
-the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (torch 2.13, trl 1.16,
-2 threads) — this same file with `--trl-worker`, after our side has finished (never concurrently).
+the same weights. Each peer is ONE long-lived subprocess of its own venv (TRL: .venv-trl, torch 2.13, trl 1.16,
+2 threads, this file with `--trl-worker`; Tunix: .venv-tunix, `benchmarks/bench_tunix.py dpo`) that loads
+and warms up before anything is timed (not counted); then `--rounds` interleaved rounds of `--iters` steps
+(peer, ours, peer, ours, ...; the idle side waits on a pipe). Reported: the speed-up of every round, median
+and min–max, the XLA and torch 2048³ matmul rates before and after, load average, GLIBC_TUNABLES.
 
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
 (`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
-Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`), and this CPU's
-f32 matmul rate (2048³ jnp.dot) right before and right after the timed steps (this machine's speed drifts
-by tens of percent over minutes); the step's achieved rate is reported against the mean of the two:
+Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`, after the rounds);
+the step's achieved rate is reported against the mean of the XLA matmul rates before and after the rounds:
 
     model FLOPs per step = 6·N·tokens (policy fwd + bwd) + 2·N·tokens (reference fwd)
                            + 4 × (QKᵀ and AV products: 4·L·S²·H·d_head per sequence, causal counted in full)
@@ -22,7 +24,7 @@ with N the matmul parameters (embedding lookup excluded), tokens = 16 × 128: th
 every position through the LM head. Also reported: the rate of the FLOPs our step executes, with the head
 on the 16 × 64 completion positions only (8·H·16·64 instead of 8·H·16·128, H the head's V·D).
 
-Usage: python benchmarks/dpo.py [--model tiny|small|both] [--iters 5] [--warmup 2]
+Usage: python benchmarks/dpo.py [--model tiny|small|both] [--rounds 3] [--iters 3] [--warmup 2] [--peers trl,tunix]
 """
 
 from __future__ import annotations

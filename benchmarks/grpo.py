@@ -7,14 +7,19 @@ completion tokens that are digits), group-normalised advantages, KL to a frozen 
 Models: Llama-style `tiny` (hidden 256 × 4 layers, 7M) and `small` (~100M), random weights written once
 with our `save_pretrained` plus the fixture BPE tokenizer (8,192 tokens), loaded by both sides.
 
-TRL runs in its own virtualenv (`--trl-python`, default /work/main/.venv-trl/bin/python) as a subprocess
-of this file (`--trl-worker`), BEFORE our side, so the two never compete for the cores. Each side reports
-the median seconds per iteration after `--warmup` iterations and its time split:
+Each peer runs in its own virtualenv as ONE long-lived subprocess (TRL: `--trl-python`, default
+.venv-trl/bin/python, this file with `--trl-worker`; Tunix: .venv-tunix, `benchmarks/bench_tunix.py grpo`),
+loads and warms up before anything is timed (not counted), then `--rounds` interleaved rounds of `--iters`
+iterations run (peer, ours, peer, ours, ...; the idle side waits on a pipe, never competing for the cores).
+Reported: medians, the speed-up of every round with its median and min–max, the XLA and torch 2048³ matmul
+rates before and after, load average, GLIBC_TUNABLES, and each side's time split:
   * ours: generate (sampling + decode + reward) / score (actor + reference log-probs, advantages) / train;
   * TRL: generation (`_generate_single_turn`) / the rest of `_generate_and_score_completions` (reward,
     reference log-probs, advantages) / train (the remainder of the Trainer step).
 
-Usage: python benchmarks/grpo.py [--model tiny|small|both] [--iters 3] [--warmup 1]
+  * Tunix: the total only (one step = the time between the learner's pulls of a batch).
+
+Usage: python benchmarks/grpo.py [--model tiny|small|both] [--rounds 3] [--iters 2] [--warmup 1] [--peers trl,tunix]
 """
 
 from __future__ import annotations

@@ -7,13 +7,16 @@ with β = 0.05, γ = 1, λ = 0.95, 1 PPO epoch × 1 minibatch (one AdamW step fo
 critic per iteration), float32. Models: Llama-style `tiny` (hidden 256 × 4 layers) and `small` (~100M),
 written once with our `save_pretrained` plus the fixture BPE tokenizer, so both sides load identical weights.
 
-Each side runs `warmup + iters` iterations; the first `warmup` (compilation on our side) are dropped and
-the median of the rest is reported, with the split generate / score (teacher-forced forwards of
-actor/reference/critic/reward + rewards) / train. TRL runs first as a subprocess of the TRL venv
-(`.venv-trl/bin/python`, `PYTHONPATH=.trl112`); its split comes from timing TRL's own
-`batch_generation`, `get_reward` and no-grad `forward` calls.
+Interleaved rounds (`benchmarks/_rounds.py`): each peer is ONE long-lived subprocess of its own venv (TRL:
+`.venv-trl/bin/python` with `PYTHONPATH=.trl112`; Tunix: `.venv-tunix`, `benchmarks/bench_tunix.py ppo`) that
+loads and runs `--warmup` iterations before anything is timed (not counted), then waits; our trainer runs
+in this process. After our `--warmup` iterations, `--rounds` rounds follow: each peer runs `--iters`
+iterations, then we do, while the others wait on a pipe. Reported: medians, the speed-up of every round with
+its median and min–max, the split generate / score (teacher-forced forwards of actor/reference/critic/reward +
+rewards) / train (TRL's from timing its own `batch_generation`, `get_reward` and no-grad `forward` calls;
+Tunix only the total), the XLA and torch 2048³ matmul rates before and after, load average, GLIBC_TUNABLES.
 
-Usage: python benchmarks/ppo.py [--model tiny|small|both] [--iters 3] [--warmup 1]
+Usage: python benchmarks/ppo.py [--model tiny|small|both] [--rounds 3] [--iters 2] [--warmup 1] [--peers trl,tunix]
 """
 
 from __future__ import annotations
