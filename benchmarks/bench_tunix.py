@@ -9,7 +9,8 @@ Models: Tunix's own `Llama3` (`tunix.models.llama3`) loaded with its safetensors
 rlhf_jax and TRL load (written by `benchmarks/_common.build_llama`); the config comes from that folder's
 `config.json` (rope θ 10,000, untied head, f32). Critic and reward model (PPO): the same backbone with its LM
 head replaced by a D×1 head (Tunix's `compute_score` takes the model's `[B, T, 1]` output), like TRL's
-`AutoModelForSequenceClassification` (score head without bias).
+`AutoModelForSequenceClassification` (score head without bias); its `__call__` accepts and drops the
+`segment_ids=` that Tunix 0.1.7's `compute_score` passes but its own `Llama3` does not take.
 
 Workloads (as TRL's): GRPO 8 prompts × 4 generations, 64 + 64 tokens, β = 0.04, token-mean loss, AdamW 1e-5 with
 global-norm clip 1.0; DPO 8 pairs of 64 + 64 tokens, sigmoid, β = 0.1; PPO 32 prompts × 64 new tokens, γ = 1,
@@ -64,6 +65,24 @@ def mesh():
     return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(auto, auto))
 
 
+_SCORE_CLASS = []
+
+
+def score_class():
+    """Tunix 0.1.7's `rl.common.compute_score` (critic values, reward-model scores) calls the model with
+    `segment_ids=`, which its own `Llama3.__call__` does not accept; this subclass drops it (the causal
+    `attention_mask` it also passes already masks the padding)."""
+    if not _SCORE_CLASS:
+        from tunix.models.llama3 import model as llama
+
+        class ScoreLlama3(llama.Llama3):
+            def __call__(self, input_tokens, positions, cache, attention_mask, segment_ids=None):
+                return super().__call__(input_tokens, positions, cache, attention_mask)
+
+        _SCORE_CLASS.append(ScoreLlama3)
+    return _SCORE_CLASS[0]
+
+
 def load(model_dir: str, m, *, scalar_head: bool = False):
     """Tunix Llama3 from the folder's safetensors; ``scalar_head``: LM head replaced by a D×1 head."""
     import jax.numpy as jnp
@@ -79,6 +98,7 @@ def load(model_dir: str, m, *, scalar_head: bool = False):
         if scalar_head:
             model.lm_head = llama.Einsum(einsum_str="BTD,DV->BTV", shape=(cfg.embed_dim, 1), rngs=nnx.Rngs(0),
                                          sharding=cfg.shd_config.emb_dv)
+            model.__class__ = score_class()
     return model
 
 
@@ -208,7 +228,7 @@ def run_ppo(args) -> None:
     cluster, actor = rl_cluster(args.model, args, critic=True, reward_model=True, max_steps=total)
     learner = ppo_learner.PPOLearner(
         rl_cluster=cluster,
-        algo_config=ppo_learner.PPOConfig(num_iterations=1, gamma=1.0, gae_lambda=0.95, beta=args.beta,
+        ppo_config=ppo_learner.PPOConfig(num_iterations=1, gamma=1.0, gae_lambda=0.95, beta=args.beta,
                                           epsilon=0.2, clip_range_value=0.2, kl_method="kl"))
     batches = gated(lambda i: {"prompts": np.array([prompts[(i * n + j) % len(prompts)] for j in range(n)])},
                     warmup=args.warmup, iters=args.iters, rounds=args.rounds, info=lambda: info("PPOLearner", actor),
