@@ -4,16 +4,18 @@ Workload (as /work/shared/peers/README.md): 8 pairs, prompt 64 + completion 64 t
 rejected each exactly 128 tokens), loss sigmoid, β = 0.1, AdamW lr 1e-5, grad-norm clip 1.0, frozen
 reference model in memory. Models: Llama-style `tiny` (hidden 256 × 4) and `small` (~100M, hidden
 768 × 12), written once with our `save_pretrained` (`benchmarks/_common.build_llama`) so both sides load
-the same weights. TRL runs as a subprocess of /work/main/.venv-trl's python (torch 2.13, trl 1.16,
-2 threads) — this same file with `--trl-worker`, after our side has finished (never concurrently).
+the same weights. Each peer is ONE long-lived subprocess of its own venv (TRL: .venv-trl, torch 2.13, trl 1.16,
+2 threads, this file with `--trl-worker`; Tunix: .venv-tunix, `benchmarks/bench_tunix.py dpo`) that loads
+and warms up before anything is timed (not counted); then `--rounds` interleaved rounds of `--iters` steps
+(peer, ours, peer, ours, ...; the idle side waits on a pipe). Reported: the speed-up of every round, median
+and min–max, the XLA and torch 2048³ matmul rates before and after, load average, GLIBC_TUNABLES.
 
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
 (`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
-Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`), and this CPU's
-f32 matmul rate (2048³ jnp.dot) right before and right after the timed steps (this machine's speed drifts
-by tens of percent over minutes); the step's achieved rate is reported against the mean of the two:
+Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`, after the rounds);
+the step's achieved rate is reported against the mean of the XLA matmul rates before and after the rounds:
 
     model FLOPs per step = 6·N·tokens (policy fwd + bwd) + 2·N·tokens (reference fwd)
                            + 4 × (QKᵀ and AV products: 4·L·S²·H·d_head per sequence, causal counted in full)
@@ -22,29 +24,27 @@ with N the matmul parameters (embedding lookup excluded), tokens = 16 × 128: th
 every position through the LM head. Also reported: the rate of the FLOPs our step executes, with the head
 on the 16 × 64 completion positions only (8·H·16·64 instead of 8·H·16·128, H the head's V·D).
 
-Usage: python benchmarks/dpo.py [--model tiny|small|both] [--iters 5] [--warmup 2]
+Usage: python benchmarks/dpo.py [--model tiny|small|both] [--rounds 3] [--iters 3] [--warmup 2] [--peers trl,tunix]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 B, P, C = 8, 64, 64
 BETA, LR = 0.1, 1e-5
 TRL_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-trl" / "bin" / "python"
+TUNIX_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-tunix" / "bin" / "python"
 
 
 # ------------------------------------------------------------------------------------- TRL worker
-def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
-    """Time `iters` DPOTrainer steps after `warmup` (runs in the TRL venv; imports no jax)."""
+def trl_worker(model_dir: str, iters: int, warmup: int, rounds: int) -> None:
+    """DPOTrainer steps as a long-lived round worker (`benchmarks/_rounds.py`; runs in the TRL venv, no jax)."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_DISABLED="true",
                       ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     import numpy as np
@@ -54,8 +54,11 @@ def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
     import transformers
     from datasets import Dataset
     from tokenizers import Tokenizer, models as tmodels
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import _rounds as R
 
     transformers.logging.set_verbosity_error()
     transformers.set_seed(0)
@@ -64,7 +67,7 @@ def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.WordLevel({f"t{i}": i for i in range(vocab)},
                                                                                  unk_token="t3")),
                                   pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
-    steps = warmup + iters
+    steps = warmup + rounds * iters
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(4, vocab, size=n).tolist()  # noqa: E731
     rows = {"prompt_ids": [ids(P) for _ in range(B * steps)],
@@ -73,16 +76,12 @@ def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
     text = Dataset.from_dict({"prompt": ["t5"] * B * steps, "chosen": [" t6"] * B * steps,
                               "rejected": [" t7"] * B * steps})
 
-    class Timer(TrainerCallback):
-        times: list = []
+    import trl
 
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-
-    timer = Timer()
+    timer = R.trainer_round_callback(
+        warmup=warmup, iters=iters, rounds=rounds,
+        info=lambda: {"framework": f"trl {trl.__version__} DPOTrainer, torch {torch.__version__}",
+                      "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()})
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), max_steps=steps, learning_rate=LR,
                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10_000,
                     save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
@@ -96,18 +95,6 @@ def trl_worker(model_dir: str, iters: int, warmup: int) -> dict:
     assert tuple(batch["input_ids"].shape) == (2 * B, P + C), batch["input_ids"].shape
     assert int(batch["completion_mask"].sum()) == 2 * B * C
     trainer.train()
-    times = timer.times[warmup:]
-    return {"s_per_step": statistics.median(times), "times_s": times, "trl": __import__("trl").__version__,
-            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
-
-
-def run_trl(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
-    out = subprocess.run([str(TRL_PYTHON), __file__, "--trl-worker", str(model_dir), "--iters", str(iters),
-                          "--warmup", str(warmup)], capture_output=True, text=True, check=False)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("TRL_JSON ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"TRL worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("TRL_JSON "):])
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -127,7 +114,9 @@ def model_flops(cfg, params) -> tuple[float, float]:
     return model, model - 8 * head * 2 * B * (s - C)  # (model FLOPs, executed: the head on completions only)
 
 
-def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
+def run_ours(model_dir: pathlib.Path, iters: int, warmup: int, rounds: int, before_round) -> dict:
+    """Our step, `warmup` untimed, then `rounds` × `iters` timed steps with `before_round(r)` (the peers' round)
+    before each round's; then the step with precomputed reference log-probs (once, after the rounds)."""
     import jax
     import numpy as np
 
@@ -191,57 +180,97 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         live()
-    rate_before = Cm.matmul_gflops()  # this CPU's matmul rate right before and after the timed steps
-    t_live = Cm.time_call(live, warmup=0, iters=iters)
-    rate_after = Cm.matmul_gflops()
+    t_rounds = []
+    for r in range(rounds):
+        before_round(r)
+        t_rounds.append(list(Cm.time_call(live, warmup=0, iters=iters).times_s))
     t_pre = Cm.time_call(precomputed, warmup=1, iters=iters)
     assert step.jitted._cache_size() == 1
-    return {"s_per_step": t_live.median_s, "times_s": list(t_live.times_s), "precomputed_s_per_step": t_pre.median_s,
+    return {"rounds": t_rounds, "precomputed_s_per_step": t_pre.median_s,
             "flops_per_step": model_flops(cfg, params)[0], "executed_flops_per_step": model_flops(cfg, params)[1],
-            "params": Cm.param_count(params), "matmul_gflops_before_after": (rate_before, rate_after)}
+            "params": Cm.param_count(params)}
+
+
+def peer_argv(name: str, model_dir: pathlib.Path, args) -> list[str]:
+    common = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--rounds", str(args.rounds)]
+    if name == "trl":
+        return [str(TRL_PYTHON), __file__, "--trl-worker", str(model_dir), *common]
+    return [str(TUNIX_PYTHON), str(pathlib.Path(__file__).resolve().parent / "bench_tunix.py"), "dpo",
+            "--model", str(model_dir), *common]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="both", choices=["tiny", "small", "both"])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3, help="steps per round (each side)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds: peer, ours, peer, ours, ...")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--peers", default="trl", help="comma-separated: trl, tunix")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
-        print("TRL_JSON " + json.dumps(trl_worker(args.trl_worker, args.iters, args.warmup)), flush=True)
+        trl_worker(args.trl_worker, args.iters, args.warmup, args.rounds)
         return
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    root_dir = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root_dir))
     from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
-    reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the TRL worker inherits it)
+    reexec_with_host_tunables(sys.argv)  # same allocator tunable for both sides (the workers inherit it)
     from benchmarks import _common as Cm
+    from benchmarks import _rounds as R
 
     root = pathlib.Path(os.environ.get("RLHF_JAX_BENCH_MODELS", pathlib.Path(tempfile.gettempdir()) / "rlhf_jax_bench"))
     sizes = ["tiny", "small"] if args.model == "both" else [args.model]
     record = {"machine": Cm.machine_info(), "workload": f"{B} pairs, {P}+{C} tokens"}
-    rows = []
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root_dir)}
     for size in sizes:
         model_dir = Cm.build_llama(root / f"llama-{size}", size)
-        ours = run_ours(model_dir, args.iters, args.warmup)
-        trl = run_trl(model_dir, args.iters, args.warmup)
-        before, after = ours["matmul_gflops_before_after"]
-        gflops = (before + after) / 2  # the matmul rate of the same minutes as the timed steps
-        achieved = ours["flops_per_step"] / ours["s_per_step"] / 1e9
-        executed = ours["executed_flops_per_step"] / ours["s_per_step"] / 1e9
-        print(f"[{size}] ours {ours['s_per_step']:.3f} s/step (precomputed {ours['precomputed_s_per_step']:.3f}), "
-              f"TRL {trl['s_per_step']:.3f} s/step", flush=True)
-        record[size] = {"ours": ours, "trl": trl, "speedup": trl["s_per_step"] / ours["s_per_step"],
-                        "matmul_f32_gflops": gflops, "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops,
-                        "executed_gflops": executed, "executed_fraction_of_matmul": executed / gflops}
-        rows += [(f"{size} ({ours['params'] / 1e6:.1f}M): ours s/step", f"{ours['s_per_step']:.3f}"),
-                 (f"{size}: ours, precomputed ref, s/step", f"{ours['precomputed_s_per_step']:.3f}"),
-                 (f"{size}: TRL DPOTrainer s/step", f"{trl['s_per_step']:.3f}"),
-                 (f"{size}: speedup (TRL / ours)", f"{record[size]['speedup']:.2f}x"),
-                 (f"{size}: f32 matmul 2048^3 before / after the steps (GFLOP/s)", f"{before:.1f} / {after:.1f}"),
-                 (f"{size}: achieved GFLOP/s (fraction of matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})"),
-                 (f"{size}: executed GFLOP/s (fraction of matmul)", f"{executed:.1f} ({executed / gflops:.0%})")]
-    Cm.print_table(rows, title="DPO step: rlhf_jax vs TRL (same CPU, same run)")
+        peers, state, peer_rounds = [], {}, {}
+        try:
+            for name in [n for n in args.peers.split(",") if n]:  # one at a time; start-up/warm-up not counted
+                peers.append(R.Peer(name, peer_argv(name, model_dir, args), env=env, cwd=str(root_dir)))
+                peers[-1].wait_ready()
+                peer_rounds[name] = []
+
+            def before_round(r: int) -> None:
+                if r == 0:
+                    state["before"] = R.machine_state()
+                for p in peers:
+                    peer_rounds[p.name].append([row["iteration_s"] for row in p.round()["rows"]])
+
+            ours = run_ours(model_dir, args.iters, args.warmup, args.rounds, before_round)
+            state["after"] = R.machine_state()
+        finally:
+            for p in peers:
+                p.close()
+        med = statistics.median
+        o_round = [med(t) for t in ours["rounds"]]
+        o_all = med([t for ts in ours["rounds"] for t in ts])
+        gflops = (state["before"]["xla_matmul_gflops"] + state["after"]["xla_matmul_gflops"]) / 2
+        achieved = ours["flops_per_step"] / o_all / 1e9
+        executed = ours["executed_flops_per_step"] / o_all / 1e9
+        rec = {"ours": {**ours, "s_per_step": o_all}, "peers": {}, "state": state, "matmul_f32_gflops": gflops,
+               "achieved_gflops": achieved, "fraction_of_matmul": achieved / gflops, "executed_gflops": executed,
+               "executed_fraction_of_matmul": executed / gflops}
+        rows = [(f"{size} ({ours['params'] / 1e6:.1f}M): rounds", f"{args.rounds} x {args.iters} steps per side after "
+                 f"{args.warmup} warm-up (peer start-up and warm-up not counted)"),
+                (f"{size}: ours s/step (median; per round)", f"{o_all:.3f}  {[round(x, 3) for x in o_round]}"),
+                (f"{size}: ours, precomputed ref, s/step", f"{ours['precomputed_s_per_step']:.3f}")]
+        for p in peers:
+            p_round = [med(t) for t in peer_rounds[p.name]]
+            ratio = R.ratio_stats(p_round, o_round)
+            p_all = med([t for ts in peer_rounds[p.name] for t in ts])
+            rec["peers"][p.name] = {**p.ready, "rounds": peer_rounds[p.name], "s_per_step": p_all, "speedup": ratio,
+                                    "startup_s": p.startup_s}
+            rows += [(f"{size}: {p.name} s/step (median; per round)", f"{p_all:.3f}  {[round(x, 3) for x in p_round]}"),
+                     (f"{size}: speed-up ({p.name} / ours)", R.fmt_ratio(ratio)),
+                     (f"  {p.name}: {p.ready.get('framework', '')}", f"start-up + warm-up {p.startup_s:.1f} s")]
+        rows += [(f"{size}: achieved GFLOP/s (fraction of mean XLA matmul)", f"{achieved:.1f} ({achieved / gflops:.0%})"),
+                 (f"{size}: executed GFLOP/s (fraction of mean XLA matmul)", f"{executed:.1f} ({executed / gflops:.0%})"),
+                 *R.state_rows(state["before"], state["after"])]
+        record[size] = rec
+        Cm.print_table(rows, title=f"DPO step, {size}: rlhf_jax vs peers (same CPU, same run)")
     Cm.emit_json(record)
 
 

@@ -7,13 +7,16 @@ with β = 0.05, γ = 1, λ = 0.95, 1 PPO epoch × 1 minibatch (one AdamW step fo
 critic per iteration), float32. Models: Llama-style `tiny` (hidden 256 × 4 layers) and `small` (~100M),
 written once with our `save_pretrained` plus the fixture BPE tokenizer, so both sides load identical weights.
 
-Each side runs `warmup + iters` iterations; the first `warmup` (compilation on our side) are dropped and
-the median of the rest is reported, with the split generate / score (teacher-forced forwards of
-actor/reference/critic/reward + rewards) / train. TRL runs first as a subprocess of the TRL venv
-(`.venv-trl/bin/python`, `PYTHONPATH=.trl112`); its split comes from timing TRL's own
-`batch_generation`, `get_reward` and no-grad `forward` calls.
+Interleaved rounds (`benchmarks/_rounds.py`): each peer is ONE long-lived subprocess of its own venv (TRL:
+`.venv-trl/bin/python` with `PYTHONPATH=.trl112`; Tunix: `.venv-tunix`, `benchmarks/bench_tunix.py ppo`) that
+loads and runs `--warmup` iterations before anything is timed (not counted), then waits; our trainer runs
+in this process. After our `--warmup` iterations, `--rounds` rounds follow: each peer runs `--iters`
+iterations, then we do, while the others wait on a pipe. Reported: medians, the speed-up of every round with
+its median and min–max, the split generate / score (teacher-forced forwards of actor/reference/critic/reward +
+rewards) / train (TRL's from timing its own `batch_generation`, `get_reward` and no-grad `forward` calls;
+Tunix only the total), the XLA and torch 2048³ matmul rates before and after, load average, GLIBC_TUNABLES.
 
-Usage: python benchmarks/ppo.py [--model tiny|small|both] [--iters 3] [--warmup 1]
+Usage: python benchmarks/ppo.py [--model tiny|small|both] [--rounds 3] [--iters 2] [--warmup 1] [--peers trl,tunix]
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,20 +37,22 @@ B, P, T = 32, 64, 64
 
 
 # ----------------------------------------------------------------------------------------- TRL side
-def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, micro_batches: int) -> dict:
-    """Runs inside the TRL venv (imports torch + trl only here)."""
-    import numpy as np
+def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, rounds: int,
+                 micro_batches: int) -> None:
+    """Runs inside the TRL venv (imports torch + trl only here); a long-lived round worker (`_rounds`)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     import transformers
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
+    from benchmarks import _rounds as R
+
     transformers.logging.set_verbosity_error()
-    split = {"generate": 0.0, "score": 0.0}
+    split = {"generate_s": 0.0, "score_s": 0.0}
 
     def timed(name, fn, only_no_grad=False):
         def wrapper(*a, **k):
@@ -61,30 +65,14 @@ def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, 
                 split[name] += time.perf_counter() - t0
         return wrapper
 
-    trl_ppo.batch_generation = timed("generate", trl_ppo.batch_generation)
-    trl_ppo.get_reward = timed("score", trl_ppo.get_reward, only_no_grad=True)
-    trl_ppo.forward = timed("score", trl_ppo.forward, only_no_grad=True)
-
-    class IterTimer(TrainerCallback):
-        def __init__(self):
-            self.rows, self.t = [], None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-            split.update(generate=0.0, score=0.0)
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            total = now - self.t
-            self.rows.append({"iteration_s": total, "generate_s": split["generate"], "score_s": split["score"],
-                              "train_s": total - split["generate"] - split["score"]})
-            self.t = now
-            split.update(generate=0.0, score=0.0)
+    trl_ppo.batch_generation = timed("generate_s", trl_ppo.batch_generation)
+    trl_ppo.get_reward = timed("score_s", trl_ppo.get_reward, only_no_grad=True)
+    trl_ppo.forward = timed("score_s", trl_ppo.forward, only_no_grad=True)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     prompts = [json.loads(line)["input_ids"] for line in open(prompts_path)]
-    total = warmup + iters
+    total = warmup + rounds * iters
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)
@@ -100,14 +88,14 @@ def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, 
         per_device_train_batch_size=B // micro_batches, total_episodes=B * total, num_ppo_epochs=1, num_mini_batches=1,
         local_rollout_forward_batch_size=B, response_length=T, stop_token=None, temperature=1.0, kl_coef=0.05,
         kl_estimator="k1", gamma=1.0, lam=0.95, num_sample_generations=0, missing_eos_penalty=None)
-    timer = IterTimer()
+    import trl
+
+    info = lambda: {"framework": f"trl {trl.__version__} PPOTrainer, torch {torch.__version__}",  # noqa: E731
+                    "params": int(sum(p.numel() for p in policy.parameters())), "threads": torch.get_num_threads()}
+    timer = R.trainer_round_callback(warmup=warmup, iters=iters, rounds=rounds, info=info, split=split)
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(B)), callbacks=[timer])
     trainer.train()
-    import trl
-
-    return {"framework": f"trl {trl.__version__} PPOTrainer, torch {torch.__version__}", "rows": timer.rows[warmup:],
-            "warmup_rows": timer.rows[:warmup], "params": int(sum(p.numel() for p in policy.parameters()))}
 
 
 # ---------------------------------------------------------------------------------------- our side
@@ -140,9 +128,10 @@ def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.P
 
 
 def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int,
-             micro_batches: int) -> dict:
+             rounds: int, micro_batches: int, before_round) -> dict:
     import shutil
 
+    from benchmarks import _rounds as R
     from rlhf_jax.config import load_config
     from rlhf_jax.recipes import ppo
 
@@ -155,12 +144,17 @@ def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, 
         "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", f"ppo.num_micro_batches={micro_batches}",
         "kl.coef=0.05", "kl.kind=k1",
         "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
-        f"run.total_steps={warmup + iters}", "run.resume=never", "run.tensorboard=false", "run.progress=off",
+        f"run.total_steps={warmup + rounds * iters}", "run.resume=never", "run.tensorboard=false", "run.progress=off",
         "run.save_every=0", "run.keep_last_n=1"])
-    hist = ppo.train(cfg)["history"]
+    undo = R.gated_run_loop(ppo, warmup=warmup, iters=iters, rounds=rounds, before_round=before_round)
+    try:
+        hist = ppo.train(cfg)["history"]
+    finally:
+        undo()
     rows = [{"iteration_s": h["time/iteration"], "generate_s": h["time/generate"], "score_s": h["time/score"],
              "train_s": h["time/train"]} for h in hist]
-    return {"framework": "rlhf_jax (jax " + __import__("jax").__version__ + ")", "rows": rows[warmup:],
+    return {"framework": "rlhf_jax (jax " + __import__("jax").__version__ + ")",
+            "rounds": [rows[warmup + r * iters: warmup + (r + 1) * iters] for r in range(rounds)],
             "warmup_rows": rows[:warmup]}
 
 
@@ -186,16 +180,34 @@ def iteration_flops(model_dir: pathlib.Path) -> dict[str, float]:
             "train": 3 * (body_fwd + head_fwd) + 3 * body_fwd}
 
 
-def summary(res: dict) -> dict:
-    med = lambda k: statistics.median(r[k] for r in res["rows"])  # noqa: E731
-    return {k: med(k) for k in ("iteration_s", "generate_s", "score_s", "train_s")}
+def summary(rows: list[dict]) -> dict:
+    """Medians of the rows' seconds; a row without a split (Tunix) has NaN parts, train = the rest."""
+    full = [{"generate_s": float("nan"), "score_s": float("nan"), **r} for r in rows]
+    full = [{**r, "train_s": r.get("train_s", r["iteration_s"] - r["generate_s"] - r["score_s"])} for r in full]
+    return {k: statistics.median(r[k] for r in full) for k in ("iteration_s", "generate_s", "score_s", "train_s")}
+
+
+def peer_argv(name: str, model_dir: pathlib.Path, prompts: pathlib.Path, args) -> tuple[list[str], dict]:
+    """Command line and environment of one peer worker (kept alive across rounds)."""
+    common = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--rounds", str(args.rounds)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_DISABLED": "true", "JAX_PLATFORMS": "cpu"}
+    if name == "trl":
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".trl112"), str(ROOT)])
+        return [str(ROOT / ".venv-trl" / "bin" / "python"), __file__, "--peer", str(model_dir), str(prompts),
+                "--micro-batches", str(args.micro_batches), *common], env
+    env["PYTHONPATH"] = str(ROOT)
+    return [str(ROOT / ".venv-tunix" / "bin" / "python"), str(ROOT / "benchmarks" / "bench_tunix.py"), "ppo",
+            "--model", str(model_dir), "--prompts", str(prompts), *common], env
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", choices=["tiny", "small", "both"])
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2, help="iterations per round (each side)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds: peer, ours, peer, ours, ...")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--peers", default="trl", help="comma-separated: trl, tunix")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="gradient accumulation inside the one optimizer step, the same on both sides")
     ap.add_argument("--work", default=None, help="folder for models and outputs (default: a temp dir)")
@@ -206,47 +218,69 @@ def main() -> None:
 
         reexec_with_host_tunables(sys.argv)
     if args.peer:  # inside the TRL venv
-        peer = run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters, micro_batches=args.micro_batches)
-        print("PEER_JSON " + json.dumps(peer), flush=True)
+        run_trl_peer(*args.peer, warmup=args.warmup, iters=args.iters, rounds=args.rounds,
+                     micro_batches=args.micro_batches)
         return
     from benchmarks import _common as C
+    from benchmarks import _rounds as R
 
     root = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench-ppo-"))
-    gflops = C.matmul_gflops()
-    trl_python = ROOT / ".venv-trl" / "bin" / "python"
+    names = [n for n in args.peers.split(",") if n]
     records = []
     for size in (["tiny", "small"] if args.model == "both" else [args.model]):
         model_dir, prompts = build_models(root, size)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / ".trl112"), "CUDA_VISIBLE_DEVICES": "",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true"}
-        proc = subprocess.run([str(trl_python), __file__, "--peer", str(model_dir), str(prompts),
-                               "--iters", str(args.iters), "--warmup", str(args.warmup),
-                               "--micro-batches", str(args.micro_batches)],
-                              env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_JSON ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"TRL peer failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        trl = json.loads(line[-1][len("PEER_JSON "):])
-        ours = run_ours(model_dir, prompts, root / f"ours-{size}", warmup=args.warmup, iters=args.iters,
-                        micro_batches=args.micro_batches)
-        t, o = summary(trl), summary(ours)
-        rows = [("model", f"llama {size} ({trl['params'] / 1e6:.1f}M params)"),
+        peers = []
+        try:
+            for name in names:  # one at a time: a peer's start-up and warm-up never overlap anything timed
+                argv, env = peer_argv(name, model_dir, prompts, args)
+                peers.append(R.Peer(name, argv, env=env, cwd=str(ROOT)))
+                peers[-1].wait_ready()
+            peer_rounds = {p.name: [] for p in peers}
+            state = {}
+
+            def before_round(r: int) -> None:
+                if r == 0:
+                    state["before"] = R.machine_state()
+                for p in peers:
+                    peer_rounds[p.name].append(p.round()["rows"])
+
+            ours = run_ours(model_dir, prompts, root / f"ours-{size}", warmup=args.warmup, iters=args.iters,
+                            rounds=args.rounds, micro_batches=args.micro_batches, before_round=before_round)
+            state["after"] = R.machine_state()
+        finally:
+            for p in peers:
+                p.close()
+        o_rounds = [summary(rows) for rows in ours["rounds"]]
+        o_all = summary([row for rows in ours["rounds"] for row in rows])
+        rows = [("model", f"llama {size}"),
                 ("workload", f"{B} rollouts x {T} new tokens, prompt {P}, 1 epoch x 1 minibatch "
                               f"({args.micro_batches} micro-batch{'es' if args.micro_batches > 1 else ''}), f32"),
-                ("TRL s/iteration", f"{t['iteration_s']:.3f}"), ("rlhf_jax s/iteration", f"{o['iteration_s']:.3f}"),
-                ("speed-up (TRL / ours)", f"{t['iteration_s'] / o['iteration_s']:.2f}x")]
-        for k in ("generate_s", "score_s", "train_s"):
-            rows.append((f"  {k[:-2]}: TRL / ours (s)", f"{t[k]:.3f} / {o[k]:.3f}"))
+                ("rounds", f"{args.rounds} x {args.iters} iterations per side after {args.warmup} warm-up "
+                           "(peer start-up and warm-up not counted)"),
+                ("rlhf_jax s/iteration (median; per round)",
+                 f"{o_all['iteration_s']:.3f}  {[round(x['iteration_s'], 3) for x in o_rounds]}"),
+                ("  generate / score / train (s)", " / ".join(f"{o_all[k]:.3f}" for k in ("generate_s", "score_s", "train_s")))]
+        rec = {"size": size, "ours": {**ours, "median": o_all}, "peers": {}, "rounds": args.rounds, "iters": args.iters}
+        for p in peers:
+            pr = [summary(rws) for rws in peer_rounds[p.name]]
+            p_all = summary([row for rws in peer_rounds[p.name] for row in rws])
+            ratio = R.ratio_stats([x["iteration_s"] for x in pr], [x["iteration_s"] for x in o_rounds])
+            rows += [(f"{p.name} s/iteration (median; per round)",
+                      f"{p_all['iteration_s']:.3f}  {[round(x['iteration_s'], 3) for x in pr]}"),
+                     ("  generate / score / train (s)",
+                      " / ".join(f"{p_all[k]:.3f}" for k in ("generate_s", "score_s", "train_s"))),
+                     (f"speed-up ({p.name} / ours)", R.fmt_ratio(ratio)),
+                     (f"  {p.name}: {p.ready.get('framework', '')}", f"start-up + warm-up {p.startup_s:.1f} s")]
+            rec["peers"][p.name] = {**p.ready, "rounds": peer_rounds[p.name], "median": p_all, "speedup": ratio,
+                                    "startup_s": p.startup_s}
+        gflops = (state["before"]["xla_matmul_gflops"] + state["after"]["xla_matmul_gflops"]) / 2
         flops = iteration_flops(model_dir)
         floor = {k: v / (gflops * 1e9) for k, v in flops.items()}
-        rows += [("f32 matmul 2048^3 (GFLOP/s)", f"{gflops:.1f}"),
-                 ("compute floor at that rate (s)", f"{sum(floor.values()):.3f}  (generate / score / train "
-                                                    + " / ".join(f"{floor[k]:.2f}" for k in flops) + ")"),
-                 ("2x TRL would need (s)", f"{t['iteration_s'] / 2:.3f}")]
+        rows += [("compute floor at the mean XLA rate (s)", f"{sum(floor.values()):.3f}  (generate / score / train "
+                                                            + " / ".join(f"{floor[k]:.2f}" for k in flops) + ")"),
+                 *R.state_rows(state["before"], state["after"])]
         C.print_table(rows, title=f"PPO iteration, llama-{size}")
-        records.append({"size": size, "trl": {**trl, "median": t}, "ours": {**ours, "median": o},
-                        "speedup": t["iteration_s"] / o["iteration_s"], "matmul_f32_gflops": gflops,
-                        "iteration_flops": flops, "compute_floor_s": floor})
+        records.append({**rec, "state": state, "iteration_flops": flops, "compute_floor_s": floor})
     C.emit_json({"bench": "ppo", "B": B, "P": P, "T": T, "results": records, "machine": C.machine_info()})
 
 

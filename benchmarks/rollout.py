@@ -5,12 +5,20 @@ Setup: Llama-style models (tiny: hidden 256 × 4 layers; small: ~100M, hidden 76
 16 prompts × 64 tokens (left-padded, random lengths 32..64), 128 new tokens sampled at temperature 1
 with EOS suppressed (`min_new_tokens` = `max_new_tokens`) so both sides produce exactly 128 tokens.
 
-Also reports how close one decode step is to this CPU's limits:
-  * matmul floor: the step's matrix products alone (projections, MLP, attention over the cache, LM head)
-    at batch 16, timed as a jitted loop of plain `jnp` dots;
-  * bandwidth floor: bytes read per step (all weights + the whole KV cache) ÷ measured bandwidth.
+Both models are loaded and warmed once in this process; then `--rounds` interleaved rounds (torch, ours,
+torch, ours, ...) of `--iters` generate calls each. Printed: tokens/s (medians over all calls), the speed-up
+per round with its median and min–max, the XLA and torch f32 2048³ matmul rates before and after the rounds,
+the load average and GLIBC_TUNABLES.
 
-Usage: python benchmarks/rollout.py [--model tiny|small|both] [--iters 3] [--warmup 1] [--quick]
+Also reports how close one decode step is to this CPU's limits, at the benchmark's batch and at each of
+`--floor-batches` (default 64 and 256, the RL batch sizes; our sampler only):
+  * decode step: (time of T new tokens − time of 1 new token) / (T − 1), same prefill;
+  * matmul floor: the step's matrix products alone (projections, MLP, attention over the cache, LM head)
+    timed as a jitted loop of plain `jnp` dots;
+  * bandwidth floor: bytes read per step (all weights + the whole KV cache) ÷ measured read bandwidth.
+
+Usage: python benchmarks/rollout.py [--model tiny|small|both] [--rounds 3] [--iters 2] [--warmup 1]
+       [--floor-batches 64,256] [--quick]
 """
 
 from __future__ import annotations
@@ -78,29 +86,35 @@ def matmul_floor_s(config, *, batch: int, cache_len: int, steps: int = 32) -> fl
     return t / steps
 
 
-def bench_ours(model_dir, ids, mask, *, new_tokens: int, warmup: int, iters: int, eos: int, pad: int):
+def setup_ours(model_dir, ids, mask, *, new_tokens: int, eos: int, pad: int):
+    """Load our model and compile; returns (run(T) closure, model, params, compile seconds, peak RSS MB)."""
     from rlhf_jax import models, rollout
 
     C.reset_peak_rss()
     model, params = models.load_pretrained(model_dir)
-    run = lambda T, k=0: jax.block_until_ready(rollout.generate(  # noqa: E731
+    run = lambda T=new_tokens, k=0: jax.block_until_ready(rollout.generate(  # noqa: E731
         model, params, ids, mask, key=jax.random.key(k), max_new_tokens=T, min_new_tokens=T, temperature=1.0,
         eos_token_id=eos, pad_token_id=pad))
     t0 = time.perf_counter()
-    out = run(new_tokens)
+    out = run()
     first_s = time.perf_counter() - t0
     assert int(out.lengths_B.min()) == new_tokens, "our sampler stopped early despite min_new_tokens"
-    timing = C.time_call(lambda: run(new_tokens), warmup=warmup, iters=iters)
-    rss = C.peak_rss_mb()
-    # Decode-step time: difference between T and 1 new tokens (same prefill), per extra step.
+    t0 = time.perf_counter()
+    run()
+    return run, model, params, first_s - (time.perf_counter() - t0), C.peak_rss_mb()
+
+
+def decode_step_s(run, *, new_tokens: int, iters: int) -> tuple[float, float]:
+    """(decode-step seconds, prefill + 1 token seconds): the difference between T and 1 new tokens (same
+    prefill), per extra step; medians of ``iters`` calls each."""
+    t_full = C.time_call(lambda: run(new_tokens), warmup=0, iters=iters).median_s
     run(1)
-    t1 = C.time_call(lambda: run(1), warmup=0, iters=max(iters, 3)).median_s
-    step_s = (timing.median_s - t1) / max(new_tokens - 1, 1)
-    return dict(model=model, params=params, timing=timing, compile_s=first_s - timing.median_s, peak_rss_mb=rss,
-                step_s=step_s, prefill_s=t1)
+    t1 = C.time_call(lambda: run(1), warmup=0, iters=iters).median_s
+    return (t_full - t1) / max(new_tokens - 1, 1), t1
 
 
-def bench_torch(model_dir, ids, mask, *, new_tokens: int, warmup: int, iters: int, eos: int, pad: int, threads: int):
+def setup_torch(model_dir, ids, mask, *, new_tokens: int, eos: int, pad: int, threads: int):
+    """Load the HF model; returns (run closure, reference logits, peak RSS MB)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -117,79 +131,114 @@ def bench_torch(model_dir, ids, mask, *, new_tokens: int, warmup: int, iters: in
 
     out = run()
     assert out.shape[1] - ids.shape[1] == new_tokens, f"torch produced {out.shape[1] - ids.shape[1]} tokens"
-    timing = C.time_call(run, warmup=max(warmup - 1, 0), iters=iters)
     with torch.inference_mode():
         ref_logits = m(input_ids=tids, attention_mask=tmask).logits.numpy()
-    return dict(timing=timing, peak_rss_mb=C.peak_rss_mb(), logits=ref_logits)
+    return run, ref_logits, C.peak_rss_mb()
+
+
+def floors(config, params, *, batch: int, seq: int, read_gbs: float) -> dict:
+    """The decode step's matmul floor (timed) and bandwidth floor (all weights + the whole KV cache ÷ read bandwidth)."""
+    kv_bytes = 2 * config.num_layers * batch * seq * config.num_kv_heads * config.head_dim * 4
+    step_bytes = C.param_bytes(params) + kv_bytes
+    return {"matmul_floor_s": matmul_floor_s(config, batch=batch, cache_len=seq), "bytes_per_step": step_bytes,
+            "bandwidth_floor_s": step_bytes / (read_gbs * 1e9)}
 
 
 def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
-    from rlhf_jax import models
+    import statistics
+
+    from benchmarks import _rounds as R
 
     model_dir = C.build_llama(workdir / f"llama-{size}", size)
     cfg = C.llama_hf_config(size)
     eos, pad = cfg["eos_token_id"], cfg["pad_token_id"]
     B, P, T = args.batch, args.prompt_len, args.new_tokens
     ids, mask = make_prompts(batch=B, prompt_len=P, vocab=cfg["vocab_size"], pad_id=pad)
-    ours = bench_ours(model_dir, ids, mask, new_tokens=T, warmup=args.warmup, iters=args.iters, eos=eos, pad=pad)
-    theirs = bench_torch(model_dir, ids, mask, new_tokens=T, warmup=args.warmup, iters=args.iters, eos=eos, pad=pad,
-                         threads=args.threads)
+    ours_run, model, params, compile_s, ours_rss = setup_ours(model_dir, ids, mask, new_tokens=T, eos=eos, pad=pad)
+    torch_run, ref_logits, torch_rss = setup_torch(model_dir, ids, mask, new_tokens=T, eos=eos, pad=pad,
+                                                   threads=args.threads)
+    for _ in range(max(args.warmup - 1, 0)):  # both compiled / warmed once above
+        ours_run()
+        torch_run()
+    before = R.machine_state()
+    t_ours, t_torch = [], []
+    for _ in range(args.rounds):  # interleaved: torch, ours, torch, ours, ...
+        t_torch.append(list(C.time_call(torch_run, warmup=0, iters=args.iters).times_s))
+        t_ours.append(list(C.time_call(ours_run, warmup=0, iters=args.iters).times_s))
+    after = R.machine_state()
     # Same weights on both sides: teacher-forced logits agree on real positions.
-    our_logits = np.asarray(ours["model"].apply({"params": ours["params"]}, jnp.asarray(ids), jnp.asarray(mask)))
-    logit_diff = float(np.abs(our_logits - theirs["logits"])[mask.astype(bool)].max())
+    our_logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    logit_diff = float(np.abs(our_logits - ref_logits)[mask.astype(bool)].max())
 
-    config = ours["model"].config
-    n_params = C.param_count(ours["params"])
-    S = P + T
-    kv_bytes = 2 * config.num_layers * B * S * config.num_kv_heads * config.head_dim * 4
-    step_bytes = C.param_bytes(ours["params"]) + kv_bytes
+    config = model.config
+    med = statistics.median
+    ours_s, torch_s = med([t for ts in t_ours for t in ts]), med([t for ts in t_torch for t in ts])
+    ratio = R.ratio_stats([med(ts) for ts in t_torch], [med(ts) for ts in t_ours])
     bw = C.memory_bandwidth_gbs()
-    mm_s = matmul_floor_s(config, batch=B, cache_len=S)
-    ours_tps = B * T / ours["timing"].median_s
-    torch_tps = B * T / theirs["timing"].median_s
-    rec = dict(
-        model=size, params=n_params, batch=B, prompt_len=P, new_tokens=T, iters=args.iters, warmup=args.warmup,
-        ours_tokens_per_s=ours_tps, torch_tokens_per_s=torch_tps, speedup=ours_tps / torch_tps,
-        ours_median_s=ours["timing"].median_s, torch_median_s=theirs["timing"].median_s,
-        ours_cpu_s=ours["timing"].median_cpu_s, torch_cpu_s=theirs["timing"].median_cpu_s,
-        speedup_cpu_time=theirs["timing"].median_cpu_s / ours["timing"].median_cpu_s,
-        ours_compile_s=ours["compile_s"], ours_prefill_plus_1_s=ours["prefill_s"],
-        ours_peak_rss_mb=ours["peak_rss_mb"], torch_peak_rss_mb=theirs["peak_rss_mb"],
-        decode_step_ms=ours["step_s"] * 1e3, matmul_floor_ms=mm_s * 1e3,
-        step_over_matmul=ours["step_s"] / mm_s, bytes_per_step_mb=step_bytes / 2**20,
+    step_s, prefill_s = decode_step_s(ours_run, new_tokens=T, iters=max(args.iters, 3))
+    fl = floors(config, params, batch=B, seq=P + T, read_gbs=bw["read_gbs"])
+    at_limit = []
+    for b in args.floor_batches:  # decode at the RL batch sizes: our step against its floors (no torch run)
+        fids, fmask = make_prompts(batch=b, prompt_len=P, vocab=cfg["vocab_size"], pad_id=pad, seed=b)
+        run_b, _, _, _, _ = setup_ours(model_dir, fids, fmask, new_tokens=T, eos=eos, pad=pad)
+        s_b, _ = decode_step_s(run_b, new_tokens=T, iters=args.iters)
+        f_b = floors(config, params, batch=b, seq=P + T, read_gbs=bw["read_gbs"])
+        at_limit.append({"batch": b, "decode_step_ms": s_b * 1e3, "matmul_floor_ms": f_b["matmul_floor_s"] * 1e3,
+                         "bandwidth_floor_ms": f_b["bandwidth_floor_s"] * 1e3,
+                         "bytes_per_step_mb": f_b["bytes_per_step"] / 2**20,
+                         "step_over_matmul": s_b / f_b["matmul_floor_s"],
+                         "step_over_bandwidth": s_b / f_b["bandwidth_floor_s"],
+                         "tokens_per_s": b / s_b})
+    return dict(
+        model=size, params=C.param_count(params), batch=B, prompt_len=P, new_tokens=T, iters=args.iters,
+        rounds=args.rounds, warmup=args.warmup,
+        ours_tokens_per_s=B * T / ours_s, torch_tokens_per_s=B * T / torch_s, speedup=ratio["median"],
+        speedup_rounds=ratio, ours_round_s=t_ours, torch_round_s=t_torch,
+        ours_median_s=ours_s, torch_median_s=torch_s, ours_compile_s=compile_s, ours_prefill_plus_1_s=prefill_s,
+        ours_peak_rss_mb=ours_rss, torch_peak_rss_mb=torch_rss,
+        decode_step_ms=step_s * 1e3, matmul_floor_ms=fl["matmul_floor_s"] * 1e3,
+        step_over_matmul=step_s / fl["matmul_floor_s"], bytes_per_step_mb=fl["bytes_per_step"] / 2**20,
         copy_bandwidth_gbs=bw["copy_gbs"], read_bandwidth_gbs=bw["read_gbs"],
-        bandwidth_floor_ms=step_bytes / (bw["read_gbs"] * 1e9) * 1e3,
-        step_over_bandwidth=ours["step_s"] / (step_bytes / (bw["read_gbs"] * 1e9)),
-        max_abs_logit_diff_vs_torch=logit_diff, loadavg_1m_end=os.getloadavg()[0],
+        bandwidth_floor_ms=fl["bandwidth_floor_s"] * 1e3, step_over_bandwidth=step_s / fl["bandwidth_floor_s"],
+        decode_at_limit=at_limit, max_abs_logit_diff_vs_torch=logit_diff, state={"before": before, "after": after},
     )
-    del models
-    return rec
 
 
-def print_record(r: dict, machine: dict) -> None:
-    C.print_table([
+def print_record(r: dict) -> None:
+    from benchmarks import _rounds as R
+
+    rows = [
         ("params", f"{r['params'] / 1e6:.1f} M"),
         ("batch × prompt → new", f"{r['batch']} × {r['prompt_len']} → {r['new_tokens']}"),
+        ("rounds", f"{r['rounds']} x {r['iters']} generate calls per side, interleaved (torch, ours, ...)"),
         ("ours tokens/s", f"{r['ours_tokens_per_s']:.0f}  (median {r['ours_median_s']:.3f} s)"),
         ("torch tokens/s", f"{r['torch_tokens_per_s']:.0f}  (median {r['torch_median_s']:.3f} s)"),
-        ("speedup (ours / torch)", f"{r['speedup']:.2f}×  (by process CPU time: {r['speedup_cpu_time']:.2f}×)"),
+        ("speedup (ours / torch)", R.fmt_ratio(r["speedup_rounds"])),
         ("ours compile", f"{r['ours_compile_s']:.2f} s"),
-        ("peak RSS ours / torch", f"{r['ours_peak_rss_mb']:.0f} / {r['torch_peak_rss_mb']:.0f} MB"),
-        ("decode step", f"{r['decode_step_ms']:.2f} ms"),
-        ("matmul floor", f"{r['matmul_floor_ms']:.2f} ms  (step / floor = {r['step_over_matmul']:.2f})"),
-        ("bytes read / step", f"{r['bytes_per_step_mb']:.1f} MB"),
+        ("peak RSS ours / torch (load + first calls)", f"{r['ours_peak_rss_mb']:.0f} / {r['torch_peak_rss_mb']:.0f} MB"),
         ("bandwidth copy / read", f"{r['copy_bandwidth_gbs']:.1f} / {r['read_bandwidth_gbs']:.1f} GB/s"),
-        ("bandwidth floor", f"{r['bandwidth_floor_ms']:.2f} ms  (step / floor = {r['step_over_bandwidth']:.2f})"),
-        ("max |logit diff| vs torch", f"{r['max_abs_logit_diff_vs_torch']:.2e}"),
-    ], title=f"rollout: {r['model']} Llama, load avg {machine.get('loadavg_1m', float('nan')):.1f} at start, "
-       f"{r['loadavg_1m_end']:.1f} at end, {machine['cpu_count']} cores")
+    ]
+    for b in [{"batch": r["batch"], "decode_step_ms": r["decode_step_ms"], "matmul_floor_ms": r["matmul_floor_ms"],
+               "bandwidth_floor_ms": r["bandwidth_floor_ms"], "bytes_per_step_mb": r["bytes_per_step_mb"],
+               "step_over_matmul": r["step_over_matmul"], "step_over_bandwidth": r["step_over_bandwidth"]},
+              *r["decode_at_limit"]]:
+        rows.append((f"decode step, batch {b['batch']}",
+                     f"{b['decode_step_ms']:.2f} ms; matmul floor {b['matmul_floor_ms']:.2f} ms "
+                     f"(step / floor {b['step_over_matmul']:.2f}); bandwidth floor {b['bandwidth_floor_ms']:.2f} ms "
+                     f"for {b['bytes_per_step_mb']:.0f} MB (step / floor {b['step_over_bandwidth']:.2f})"))
+    rows += [("max |logit diff| vs torch", f"{r['max_abs_logit_diff_vs_torch']:.2e}"),
+             *R.state_rows(r["state"]["before"], r["state"]["after"])]
+    C.print_table(rows, title=f"rollout: {r['model']} Llama, {os.cpu_count()} cores")
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["tiny", "small", "both"], default="both")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2, help="generate calls per round (each side)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds: torch, ours, torch, ours, ...")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--floor-batches", default="64,256",
+                    help="extra batch sizes at which our decode step is compared with its floors ('' = none)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -197,15 +246,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None, help="where to write the models (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="tiny model, batch 4, 16-token prompts, 8 new tokens")
     args = ap.parse_args(argv)
+    args.floor_batches = [int(b) for b in args.floor_batches.split(",") if b]
     if args.quick:
         args.model, args.batch, args.prompt_len, args.new_tokens, args.iters, args.warmup = "tiny", 4, 16, 8, 1, 0
+        args.rounds, args.floor_batches = 3, [8]
     sizes = ["tiny", "small"] if args.model == "both" else [args.model]
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="rlhf_jax_bench_"))
     machine = C.machine_info()
     records = []
     for size in sizes:  # print each size's table as soon as it is measured
         records.append(bench_size(size, args, workdir))
-        print_record(records[-1], machine)
+        print_record(records[-1])
     record = {"benchmark": "rollout", "machine": machine, "results": records}
     C.emit_json(record)
     return record
