@@ -29,7 +29,8 @@ TRAINERS = REGISTRY  # the recipes' registry (`rlhf_jax.recipes.REGISTRY`), read
 EXIT_USER_ERROR = 2
 
 #: commands driven by flags instead of a YAML config: name -> module with HELP, add_arguments(parser), main(args)
-TOOLS = {"eval": "rlhf_jax.recipes.evaluate", "generate": "rlhf_jax.recipes.generate", "chat": "rlhf_jax.recipes.chat"}
+TOOLS = {"eval": "rlhf_jax.recipes.evaluate", "generate": "rlhf_jax.recipes.generate", "chat": "rlhf_jax.recipes.chat",
+         "plan": "rlhf_jax.plan.cli"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -147,6 +147,16 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     return train_stream, eval_stream, identity
 
 
+def build_steps(cfg: DPOConfig, model, mesh, *, tx, state_sh, params_shardings, total: int):
+    """The jitted ``(train_step, eval_step)`` of a preference run (also lowered, with abstract arguments, by
+    ``rlhf-jax plan``); batches are ``PairBatch``/``KTOBatch`` with the reference values attached."""
+    loss_fn = make_loss_fn(model, cfg.loss, completion_width=completion_width(cfg.data))
+    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings)
+    return step, eval_step
+
+
 def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Run the preference trainer; returns the last metrics plus `output_dir`/`export_dir` paths."""
     out = common.start_run(cfg, cfg.run)
@@ -162,9 +172,8 @@ def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     total = common.total_steps_of(cfg.run, splits.train.batches_per_epoch)
     tx = make_optimizer(cfg.optim, total)
     state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
-    loss_fn = make_loss_fn(loaded.model, cfg.loss, completion_width=completion_width(cfg.data))
-    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    step, eval_step = build_steps(cfg, loaded.model, mesh, tx=tx, state_sh=state_sh,
+                                  params_shardings=loaded.shardings, total=total)
     kto = cfg.loss.algorithm == "kto"
 
     def describe(m: StepMetrics) -> dict[str, float]:
@@ -172,8 +181,6 @@ def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     evaluate = None
     if eval_stream is not None:
-        eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=loaded.shardings)
-
         def evaluate(state) -> dict[str, float]:
             (loss_sum, _), aux = common.sum_over(lambda p, b: eval_step(p, attach(b)), state.params, eval_stream, mesh)
             return preference_metrics(loss_sum, aux, kto=kto)

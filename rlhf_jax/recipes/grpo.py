@@ -258,6 +258,42 @@ def _subset(rows: tuple, idx: np.ndarray) -> tuple:
                                                       for i, r in enumerate(rows[1:], start=1))
 
 
+def build_programs(cfg: CriticFreeConfig, actor_model, mesh, *, actor_sh, ref_shardings, tx, eos_ids,
+                   host_batch_size: int):
+    """The jitted programs of one iteration after sampling: ``(evaluate, make_exp, update)`` (also lowered, with
+    abstract arguments, by ``rlhf-jax plan``). ``host_batch_size``: this host's prompts per iteration."""
+    h, T = cfg.algo, cfg.rollout.max_new_tokens
+    r = h.resolve(T)
+    algo = build_algorithm(h, r, max_new_tokens=T)
+    temp = logprob_temperature(cfg.rollout.temperature)
+    models = Models(actor=actor_model)
+    share = h.share_prompt and prompt_sharing_allowed(
+        batch_size=host_batch_size * h.group_size, group_size=h.group_size, num_minibatches=h.num_minibatches,
+        num_micro_batches=h.num_micro_batches, batch_divisor=shd.local_batch_divisor(mesh))
+    repeats = h.group_size if share else 1
+    settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
+                              num_micro_batches=h.num_micro_batches, temperature=temp, prompt_repeats=repeats)
+    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
+                                                 prompt_repeats=repeats), mesh,
+                               in_shardings=(actor_sh.params, ref_shardings, None, bsh), out_shardings=bsh)
+
+    def experience_fn(ro, ev, score_B, rm_score_B, baseline_B, kl_coef):
+        if r.overlong_buffer:
+            score_B = score_B + h.overlong_coef * critic_free.overlong_penalty(ro.lengths_B, max_length=T,
+                                                                               cache_length=r.overlong_buffer)
+        ev = ev._replace(values_BxT=jnp.where(ro.response_mask_BxT > 0, baseline_B[:, None], 0.0))
+        exp, rewards_BxT = make_experience(algo, ro, ev, score_B, kl_coef)
+        return exp, rollout_metrics(exp, rewards_BxT, rm_score_B, eos_ids=eos_ids, with_critic=False)
+
+    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, bsh, rep),
+                               out_shardings=(bsh, rep))
+    update = shd.jit_sharded(make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
+                             in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
+                             donate_argnums=(0,), compiler_options=xla.gradient_compiler_options())
+    return evaluate, make_exp, update
+
+
 def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Run the critic-free trainer; returns the metric history, final state and export path."""
     out = common.start_run(cfg, cfg.run)
@@ -278,33 +314,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.actor_optim, iters * h.epochs * h.num_minibatches)
     actor_state, actor_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
-    algo = build_algorithm(h, r, max_new_tokens=T)
-    temp = logprob_temperature(cfg.rollout.temperature)
-    models = Models(actor=actor.model)
-    share = h.share_prompt and prompt_sharing_allowed(
-        batch_size=prompts.batch_size * h.group_size, group_size=h.group_size, num_minibatches=h.num_minibatches,
-        num_micro_batches=h.num_micro_batches, batch_divisor=shd.local_batch_divisor(mesh))
-    repeats = h.group_size if share else 1
-    settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
-                              num_micro_batches=h.num_micro_batches, temperature=temp, prompt_repeats=repeats)
-    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
-    evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
-                                                 prompt_repeats=repeats), mesh,
-                               in_shardings=(actor_sh.params, actor.shardings, None, bsh), out_shardings=bsh)
-
-    def experience_fn(ro, ev, score_B, rm_score_B, baseline_B, kl_coef):
-        if r.overlong_buffer:
-            score_B = score_B + h.overlong_coef * critic_free.overlong_penalty(ro.lengths_B, max_length=T,
-                                                                               cache_length=r.overlong_buffer)
-        ev = ev._replace(values_BxT=jnp.where(ro.response_mask_BxT > 0, baseline_B[:, None], 0.0))
-        exp, rewards_BxT = make_experience(algo, ro, ev, score_B, kl_coef)
-        return exp, rollout_metrics(exp, rewards_BxT, rm_score_B, eos_ids=sampler.eos_ids, with_critic=False)
-
-    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, bsh, rep),
-                               out_shardings=(bsh, rep))
-    update = shd.jit_sharded(make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
-                             in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
-                             donate_argnums=(0,), compiler_options=xla.gradient_compiler_options())
+    evaluate, make_exp, update = build_programs(cfg, actor.model, mesh, actor_sh=actor_sh, ref_shardings=actor.shardings,
+                                                tx=tx, eos_ids=sampler.eos_ids, host_batch_size=prompts.batch_size)
     base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)
 
     def step(it, state):

@@ -152,6 +152,37 @@ def _ptx_data(cfg: PPOConfig, tokenizer, mesh):
                       process_count=jax.process_count()).train
 
 
+def build_programs(cfg: PPOConfig, models: Models, mesh, *, actor_sh, critic_sh, ref_shardings, actor_tx, critic_tx,
+                   eos_ids, with_ptx: bool):
+    """The jitted programs of one PPO iteration after sampling: ``(evaluate, make_exp, update)`` (also lowered,
+    with abstract arguments, by ``rlhf-jax plan``)."""
+    h, temp = cfg.ppo, logprob_temperature(cfg.rollout.temperature)
+    algo = ppo_algorithm(h.loss_hparams(cfg.kl, max_new_tokens=cfg.rollout.max_new_tokens), gamma=h.gamma,
+                         lam=h.lam, whiten_advantages=h.whiten_advantages)
+    fused = h.fuse_critic_pass and fused_values_allowed(epochs=h.epochs, num_minibatches=h.num_minibatches)
+    settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
+                              num_micro_batches=h.num_micro_batches, temperature=temp,
+                              ptx_coef=cfg.ptx.coef if with_ptx else 0.0, fused_values=fused)
+
+    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
+                                                 with_values=not fused), mesh,
+                               in_shardings=(actor_sh.params, ref_shardings, critic_sh.params, bsh),
+                               out_shardings=bsh)
+
+    def experience_fn(rollout, ev, score_B, rm_score_B, kl_coef):
+        exp, rewards_BxT = make_experience(algo, rollout, ev, score_B, kl_coef)
+        return exp, rollout_metrics(exp, rewards_BxT, rm_score_B, eos_ids=eos_ids)
+
+    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
+    update = shd.jit_sharded(
+        make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx, settings=settings), mesh,
+        in_shardings=(actor_sh, critic_sh, bsh, bsh if with_ptx else None, rep, rep),
+        out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),
+        compiler_options=xla.gradient_compiler_options())
+    return evaluate, make_exp, update
+
+
 def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initial: bool = False) -> dict:
     """Run PPO; returns the metric history, the final state, the models, the export path and the last held-out
     evaluation (``eval``); ``evaluate_initial``: also the held-out evaluation of the initial actor
@@ -174,35 +205,16 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
                            prompt_field=cfg.data.prompt_field, seed=cfg.run.seed)
 
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
-    h, temp = cfg.ppo, logprob_temperature(cfg.rollout.temperature)
+    h = cfg.ppo
     steps = iters * h.epochs * h.num_minibatches
     actor_tx, critic_tx = make_optimizer(cfg.actor_optim, steps), make_optimizer(cfg.critic_optim, steps)
     actor_state, actor_sh = create_train_state(actor.params, actor_tx, mesh=mesh, params_shardings=actor.shardings)
     critic_state, critic_sh = create_train_state(critic.params, critic_tx, mesh=mesh,
                                                  params_shardings=critic.shardings)
-    algo = ppo_algorithm(h.loss_hparams(cfg.kl, max_new_tokens=cfg.rollout.max_new_tokens), gamma=h.gamma,
-                         lam=h.lam, whiten_advantages=h.whiten_advantages)
-    fused = h.fuse_critic_pass and fused_values_allowed(epochs=h.epochs, num_minibatches=h.num_minibatches)
-    settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
-                              num_micro_batches=h.num_micro_batches, temperature=temp,
-                              ptx_coef=cfg.ptx.coef if ptx_iter is not None else 0.0, fused_values=fused)
-
-    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
-    evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
-                                                 with_values=not fused), mesh,
-                               in_shardings=(actor_sh.params, actor.shardings, critic_sh.params, bsh),
-                               out_shardings=bsh)
-
-    def experience_fn(rollout, ev, score_B, rm_score_B, kl_coef):
-        exp, rewards_BxT = make_experience(algo, rollout, ev, score_B, kl_coef)
-        return exp, rollout_metrics(exp, rewards_BxT, rm_score_B, eos_ids=sampler.eos_ids)
-
-    make_exp = shd.jit_sharded(experience_fn, mesh, in_shardings=(bsh, bsh, bsh, bsh, rep), out_shardings=(bsh, rep))
-    update = shd.jit_sharded(
-        make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx, settings=settings), mesh,
-        in_shardings=(actor_sh, critic_sh, bsh, bsh if ptx_iter is not None else None, rep, rep),
-        out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),
-        compiler_options=xla.gradient_compiler_options())
+    evaluate, make_exp, update = build_programs(cfg, models, mesh, actor_sh=actor_sh, critic_sh=critic_sh,
+                                                ref_shardings=actor.shardings, actor_tx=actor_tx,
+                                                critic_tx=critic_tx, eos_ids=sampler.eos_ids,
+                                                with_ptx=ptx_iter is not None)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it: int, state: dict):

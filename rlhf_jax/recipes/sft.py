@@ -53,8 +53,16 @@ class SFTConfig:
                 f"must divide batch_size={self.batch_size}, got {self.num_micro_batches}")
 
 
+def build_steps(cfg: SFTConfig, model, mesh, *, tx, state_sh, params_shardings, total: int):
+    """The jitted ``(train_step, eval_step)`` of an SFT run (also lowered, with abstract arguments, by ``rlhf-jax plan``)."""
+    def loss_fn(params, batch, key):
+        return sft_loss(model, params, batch, key, mode=cfg.loss_aggregation)
 
-
+    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    eval_step = make_eval_step(lambda p, b: sft_loss(model, p, b, None, mode="token-mean")[0],
+                               mesh=mesh, params_shardings=params_shardings)
+    return step, eval_step
 
 
 def train(cfg: SFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
@@ -72,20 +80,14 @@ def train(cfg: SFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
     tx = make_optimizer(cfg.optim, total)
     state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
 
-    def loss_fn(params, batch, key):
-        return sft_loss(loaded.model, params, batch, key, mode=cfg.loss_aggregation)
-
-    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    step, eval_step = build_steps(cfg, loaded.model, mesh, tx=tx, state_sh=state_sh,
+                                  params_shardings=loaded.shardings, total=total)
 
     def describe(m: StepMetrics) -> dict[str, float]:
         return {**common.base_metrics(m), "sequences": float(m.aux.sequences)}
 
     evaluate = None
     if splits.eval is not None:
-        eval_step = make_eval_step(lambda p, b: sft_loss(loaded.model, p, b, None, mode="token-mean")[0],
-                                   mesh=mesh, params_shardings=loaded.shardings)
-
         def evaluate(state) -> dict[str, float]:
             loss_sum, count = common.sum_over(eval_step, state.params, splits.eval, mesh)
             loss = float(loss_sum) / max(float(count), 1.0)

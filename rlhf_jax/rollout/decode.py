@@ -237,7 +237,7 @@ def _check_prompts(prompt_ids_BxP, prompt_mask_BxP) -> None:
             f"generate: prompt_ids_BxP {prompt_ids_BxP.shape} and prompt_mask_BxP {prompt_mask_BxP.shape} "
             "must both be [B, P]"
         )
-    if isinstance(prompt_mask_BxP, jax.core.Tracer):
+    if isinstance(prompt_mask_BxP, (jax.core.Tracer, jax.ShapeDtypeStruct)):  # traced, or abstract (`lower_generate`)
         return
     if not isinstance(prompt_mask_BxP, jax.Array):  # host data: checking is free
         _check_mask_rows(np.asarray(prompt_mask_BxP))

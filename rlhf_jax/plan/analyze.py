@@ -1,0 +1,103 @@
+"""Compile one planned program and read its per-chip memory, FLOPs and collectives.
+
+    peak(program) = arguments + outputs − aliased (donated) + temporaries      (``memory_analysis``, per chip)
+    peak(run, program) = peak(program) + resident buffers the program does not take as arguments
+
+The resident buffers (train states, frozen models) live on the chips for the whole run; a program that does
+not read them (the sampler does not read the optimizer state) still shares the HBM with them. Collectives are
+read from the compiled HLO text: each all-gather / reduce-scatter / all-reduce / all-to-all /
+collective-permute instruction once (an async ``-start``/``-done`` pair once), with the bytes of its result;
+an instruction inside a loop body (the decode loop, the micro-batch scan) is counted once, not per trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+                "s4": 1, "u4": 1}
+_INSTR = re.compile(r"=\s*(?P<type>\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(?P<op>" + "|".join(COLLECTIVES)
+                    + r")(?P<start>-start)?\(")
+_ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+
+
+def shape_bytes(type_text: str) -> int:
+    """Bytes of an HLO result type (``bf16[1024,512]{1,0}`` or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """``{op: {"count": n, "bytes": b}}`` of the collective instructions in a compiled HLO module's text."""
+    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _INSTR.search(line)
+        if not m:
+            continue
+        nbytes = shape_bytes(m.group("type"))
+        if m.group("start") and m.group("type").startswith("("):  # async start returns (operand, result, ...)
+            parts = _ARRAY.findall(m.group("type"))
+            nbytes = shape_bytes("{}[{}]".format(*parts[-1])) if parts else nbytes
+        out[m.group("op")]["count"] += 1
+        out[m.group("op")]["bytes"] += nbytes
+    return {op: v for op, v in out.items() if v["count"]}
+
+
+def per_chip_bytes(tree: Any) -> int:
+    """Largest bytes one device holds of an abstract (``ShapeDtypeStruct`` with sharding) or concrete pytree."""
+    per: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        nbytes = math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+        devices = sharding.device_set if sharding is not None else {None}
+        for d in devices:
+            per[d] = per.get(d, 0) + nbytes
+    return max(per.values(), default=0)
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """What one compiled program needs per chip."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    program_peak: int  # arguments + outputs − aliased + temporaries
+    other_resident: int  # resident buffers not among the arguments
+    peak: int  # program_peak + other_resident
+    flops: float
+    collectives: dict
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def analyse(name: str, compiled: Any, *, other_resident: int, note: str = "") -> ProgramReport:
+    """A :class:`ProgramReport` of a ``jax.stages.Compiled``."""
+    mem = compiled.memory_analysis()
+    args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+    program_peak = args + outs - alias + temp
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", 0.0))
+    return ProgramReport(name=name, arguments=args, outputs=outs, aliased=alias, temporaries=temp,
+                         code=int(mem.generated_code_size_in_bytes), program_peak=program_peak,
+                         other_resident=other_resident, peak=program_peak + other_resident, flops=flops,
+                         collectives=collectives(compiled.as_text()), note=note)
