@@ -1,5 +1,5 @@
-"""The programs of the offline commands (``sft``, ``dpo`` family), built by the recipes' own builders
-(``recipes.sft.build_steps``, ``recipes.dpo.build_steps``) on abstract params and batches of the widest
+"""The programs of the offline commands (``sft``, ``rm``, ``dpo`` family), built by the recipes' own builders
+(``recipes.sft.build_steps``, ``recipes.rm.build_steps``, ``recipes.dpo.build_steps``) on abstract params and batches of the widest
 shape the data can take (``data.max_seq_len``)."""
 
 from __future__ import annotations
@@ -87,3 +87,22 @@ def plan_dpo(cfg, mesh) -> RunPrograms:
                                 (state.params, preference_batch(cfg, cfg.eval_batch_size or cfg.batch_size, bsh)),
                                 uses=("policy params",), live=live))
     return RunPrograms(cfg.loss.algorithm, mesh, resident, programs)
+
+
+def plan_rm(cfg, mesh) -> RunPrograms:
+    from rlhf_jax.recipes import rm
+
+    model = abstract_model(cfg.model, mesh=mesh, head="scalar")
+    tx = make_optimizer(cfg.optim, total_steps(cfg.run))
+    state, state_sh = abstract_state(model.params, model.shardings, tx, mesh)
+    step, eval_step = rm.build_steps(cfg, model.model, mesh, tx=tx, state_sh=state_sh,
+                                     params_shardings=model.shardings, total=total_steps(cfg.run))
+    bsh, S = shd.batch_sharding(mesh), cfg.data.max_seq_len
+    batch = lambda n: PreferenceBatch(*(spec((n, S), jnp.int32, bsh) for _ in PreferenceBatch._fields))  # noqa: E731
+    programs = [Planned("train_step", step, (state, batch(cfg.batch_size), key_spec(mesh)),
+                        uses=("reward model params", "reward model optimizer state"))]
+    if _has_eval(cfg.data):
+        programs.append(Planned("eval_step", eval_step, (state.params, batch(cfg.eval_batch_size or cfg.batch_size)),
+                                uses=("reward model params",)))
+    return RunPrograms("rm", mesh, split_state("reward model", state), programs)
+

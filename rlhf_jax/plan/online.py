@@ -65,13 +65,13 @@ def sampler_programs(actor: AbstractModel, rollout_cfg, mesh, *, rows: int, prom
     return programs, ro
 
 
-def reward_model(cfg, mesh) -> AbstractModel | None:
+def reward_model(cfg, mesh, frozen_dtype: str = "float32") -> AbstractModel | None:
     """The frozen reward model as ``online.scoring.make_scorer`` loads it (inference layout, ``frozen_dtype``)."""
     if cfg.reward.model_path is None:
         return None
     rm = abstract_model(cfg.model, mesh=mesh, head="scalar", path=cfg.reward.model_path,
                         rules=shd.INFERENCE_RULES)
-    return dataclasses.replace(rm, params=frozen(rm.params, cfg.frozen_dtype))
+    return dataclasses.replace(rm, params=frozen(rm.params, frozen_dtype))
 
 
 def rm_program(rm: AbstractModel, ro: Rollout, mesh) -> Planned:
@@ -91,7 +91,7 @@ def plan_ppo(cfg, mesh) -> RunPrograms:
     ref = frozen(actor.params, cfg.frozen_dtype)
     critic = abstract_model(cfg.model, mesh=mesh, head="scalar",
                             path=cfg.critic_path or cfg.reward.model_path or cfg.model.path)
-    rm = reward_model(cfg, mesh)
+    rm = reward_model(cfg, mesh, cfg.frozen_dtype)
     h = cfg.ppo
     steps = total_steps(cfg.run) * h.epochs * h.num_minibatches
     actor_tx, critic_tx = make_optimizer(cfg.actor_optim, steps), make_optimizer(cfg.critic_optim, steps)
@@ -136,7 +136,7 @@ def plan_critic_free(cfg, mesh) -> RunPrograms:
 
     actor = abstract_model(cfg.model, mesh=mesh, head="lm")
     ref = frozen(actor.params, cfg.frozen_dtype)
-    rm = reward_model(cfg, mesh)
+    rm = reward_model(cfg, mesh, cfg.frozen_dtype)
     h = cfg.algo
     tx = make_optimizer(cfg.actor_optim, total_steps(cfg.run) * h.epochs * h.num_minibatches)
     state, state_sh = abstract_state(actor.params, actor.shardings, tx, mesh)

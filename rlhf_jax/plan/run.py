@@ -16,7 +16,11 @@ from rlhf_jax.plan.topology import GIB, Topology, topology_devices
 #: command -> builder(cfg, mesh) -> RunPrograms
 BUILDERS = {
     "sft": "rlhf_jax.plan.offline:plan_sft",
+    "rm": "rlhf_jax.plan.offline:plan_rm",
     "dpo": "rlhf_jax.plan.offline:plan_dpo",
+    "raft": "rlhf_jax.plan.sampling:plan_raft",
+    "online_dpo": "rlhf_jax.plan.sampling:plan_online_dpo",
+    "label": "rlhf_jax.plan.sampling:plan_label",
     "ppo": "rlhf_jax.plan.online:plan_ppo",
     "grpo": "rlhf_jax.plan.online:plan_critic_free",
     "rloo": "rlhf_jax.plan.online:plan_critic_free",

@@ -79,6 +79,18 @@ class OnlineDPOConfig:
                 "must divide rollout.batch_size")
 
 
+def build_programs(cfg: OnlineDPOConfig, model, mesh, *, tx, state_sh, ref_shardings):
+    """The jitted ``(dpo_step, attach)`` on each iteration's pairs (also lowered, with abstract arguments, by
+    ``rlhf-jax plan``)."""
+    h = cfg.online
+    width = cfg.rollout.max_new_tokens  # a pair's completions are sampled responses: the head scores those only
+    dpo_step = make_train_step(make_loss_fn(model, cfg.loss, completion_width=width), tx=tx,
+                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
+    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=ref_shardings,
+                                  num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha)
+    return dpo_step, attach
+
+
 def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Run online DPO; returns the metric history, final state and export path."""
     out = common.start_run(cfg, cfg.run)
@@ -96,11 +108,8 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.optim, iters * h.updates_per_iteration)
     state, state_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
-    width = cfg.rollout.max_new_tokens  # a pair's completions are sampled responses: the head scores those only
-    dpo_step = make_train_step(make_loss_fn(actor.model, cfg.loss, completion_width=width), tx=tx,
-                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
-    attach = pc.make_ref_attacher(actor.model, mesh=mesh, params_shardings=actor.shardings,
-                                  num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha)
+    dpo_step, attach = build_programs(cfg, actor.model, mesh, tx=tx, state_sh=state_sh,
+                                      ref_shardings=actor.shardings)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it, state):

@@ -75,6 +75,18 @@ class RMConfig:
 
 
 
+def build_steps(cfg: RMConfig, model, mesh, *, tx, state_sh, params_shardings, total: int):
+    """The jitted ``(train_step, eval_step)`` of a reward-model run (also lowered, with abstract arguments, by
+    ``rlhf-jax plan``)."""
+    def loss_fn(params, batch, key):
+        return rm_loss(model, params, batch, key, margin=cfg.margin)
+
+    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings)
+    return step, eval_step
+
+
 def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Train the reward model; returns the last metrics, data stats, reward mean/std and paths."""
     out = common.start_run(cfg, cfg.run)
@@ -91,11 +103,8 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
     tx = make_optimizer(cfg.optim, total)
     state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
 
-    def loss_fn(params, batch, key):
-        return rm_loss(loaded.model, params, batch, key, margin=cfg.margin)
-
-    step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+    step, eval_step = build_steps(cfg, loaded.model, mesh, tx=tx, state_sh=state_sh,
+                                  params_shardings=loaded.shardings, total=total)
 
     def describe(m: StepMetrics) -> dict[str, float]:
         base = common.base_metrics(m)
@@ -103,8 +112,6 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     evaluate = None
     if splits.eval is not None:
-        eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=loaded.shardings)
-
         def evaluate(state) -> dict[str, float]:
             (loss_sum, _), aux = common.sum_over(eval_step, state.params, splits.eval, mesh)
             return pair_metrics(loss_sum, aux)

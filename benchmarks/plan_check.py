@@ -1,0 +1,133 @@
+"""Check `rlhf-jax plan` against reality: the plan's per-device peak on cpu-8 vs the peak measured in a real run
+of the same config on 8 simulated CPU devices.
+
+    python benchmarks/plan_check.py [--commands ppo grpo dpo] [--size tiny|small] [--steps 3]
+
+Measured peak per device of a real run (XLA:CPU keeps device buffers in host memory, one process for 8 devices):
+
+    resident  = the largest per-device bytes of `jax.live_arrays()` just before an iteration (train states,
+                frozen models: real buffers, counted from their shards)
+    transient = (VmHWM during the iteration - VmRSS just before it) / 8, with the high-water mark reset
+                (`/proc/self/clear_refs` = 5) before each iteration after the first (the first compiles)
+    real peak = max over iterations of resident + transient
+
+Host-side work inside an iteration (decoding responses, Python reward functions, numpy batches) is in the
+transient too; with the tiny model it is not negligible against the device buffers (see the printed numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIZES = {"tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2), "small": dict(hidden=256, layers=4, heads=8, kv_heads=4)}
+CONFIGS = {"ppo": "configs/ppo_tiny_cpu.yaml", "grpo": "configs/grpo_tiny_cpu.yaml", "dpo": "configs/dpo_tiny_cpu.yaml"}
+
+
+def overrides(command: str, model: pathlib.Path, data: dict, out: pathlib.Path, steps: int) -> list[str]:
+    run = [f"run.output_dir={out}", f"run.total_steps={steps}", "run.save_every=0", "run.tensorboard=false",
+           "run.resume=never", "run.overwrite=true", "run.log_every=1"]
+    if command == "dpo":
+        return [f"model.path={model}", f"data.path={data['pref_train']}", "data.eval_path=null", *run]
+    extra = [f"reward.model_path={model}", "reward.normalize=false"] if command == "ppo" else []
+    return [f"model.path={model}", f"data.path={data['prompts_train']}", "sample_every=0", *extra, *run]
+
+
+def _status(key: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def measure(command: str, config: str, ovr: list[str]) -> dict:
+    """In a process with 8 CPU devices: run the recipe, measure each iteration after the first."""
+    import gc
+    import importlib
+
+    import jax
+
+    from rlhf_jax.plan.analyze import per_chip_bytes
+    from rlhf_jax.recipes import REGISTRY, load_trainer_config
+
+    cfg = load_trainer_config(command, config, ovr)
+    module = importlib.import_module(REGISTRY[command][0])
+    original = module.run_loop
+    samples = []
+
+    def run_loop(loop, state):
+        inner, calls = loop.step, []
+
+        def step(index, st):
+            calls.append(index)
+            if len(calls) == 1:  # the first iteration compiles every program: not measured
+                return inner(index, st)
+            gc.collect()
+            resident = per_chip_bytes(jax.live_arrays())
+            pathlib.Path("/proc/self/clear_refs").write_text("5")
+            rss0 = _status("VmRSS")
+            out = inner(index, st)
+            jax.block_until_ready(out[0])
+            transient = (_status("VmHWM") - rss0) / len(jax.devices())
+            samples.append({"resident": resident, "transient": transient, "peak": resident + transient})
+            return out
+
+        loop.step = step
+        return original(loop, state)
+
+    module.run_loop = run_loop
+    module.train(cfg)
+    return {"iterations": samples, "peak": max(s["peak"] for s in samples[1:] or samples)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--commands", nargs="+", default=["ppo", "grpo", "dpo"], choices=sorted(CONFIGS))
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(measure(a.worker[0], a.worker[1], a.rest)), flush=True)
+        return 0
+    from rlhf_jax import fixtures, tasks
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="plan_check_"))
+    tok = fixtures.build_tokenizer(work / "tokenizer")
+    model = fixtures.build_tiny_model(work / "model", "llama", tokenizer=tok, max_positions=256, **SIZES[a.size])
+    data = tasks.write_task_data(work / "data", n_sft=64, n_pref=128, n_eval=16, n_prompts=64, seed=0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", RLHF_JAX_HOST_TUNABLES="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = []
+    for command in a.commands:
+        ovr = overrides(command, model, data, work / f"run_{command}", a.steps)
+        config = str(ROOT / CONFIGS[command])
+        out = work / f"plan_{command}.json"
+        subprocess.run([sys.executable, "-m", "rlhf_jax.plan.worker", command, config, "cpu-8", "1", "-", str(out),
+                        "0", *ovr], env=env, check=True, capture_output=True, text=True)
+        planned = json.loads(out.read_text())
+        proc = subprocess.run([sys.executable, __file__, "--worker", command, config, "--", *ovr], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        real = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        rows.append((command, planned["peak"], real["peak"], real["iterations"][-1]))
+    mib = 1024 ** 2
+    print(f"plan vs real per-device peak on 8 simulated CPU devices ({a.size} model, {a.steps} iterations)")
+    print(f"{'command':<8}{'plan MiB':>10}{'real MiB':>10}{'plan/real':>10}   real = resident + transient (last iteration)")
+    for command, plan_b, real_b, last in rows:
+        print(f"{command:<8}{plan_b / mib:>10.1f}{real_b / mib:>10.1f}{plan_b / real_b:>10.2f}   "
+              f"{last['resident'] / mib:.1f} + {last['transient'] / mib:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
