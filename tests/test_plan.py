@@ -133,3 +133,16 @@ def test_plan_tiny_ppo_on_v5e_2x2(tiny_model, tmp_path):
     assert [p["name"] for p in rep["programs"]] == ["generate", "reward_model", "evaluate_rollout", "make_experience",
                                                     "update"]
     assert rep["fits"] and rep["contributors"]["actor params"] == _param_bytes()
+
+
+def test_knob_candidates_are_the_configs_own_settings(tiny_model):
+    from rlhf_jax.plan.knobs import candidates
+    from rlhf_jax.recipes import load_trainer_config
+
+    ppo = load_trainer_config("ppo", str(ROOT / "configs/ppo_tiny_cpu.yaml"),
+                              [f"model.path={tiny_model}", f"reward.model_path={tiny_model}"])
+    assert candidates("ppo", ppo) == ["model.remat=full", "model.dtype=bfloat16", "frozen_dtype=bfloat16",
+                                      "ppo.num_micro_batches=2", "rollout.batch_size=16", "mesh.fsdp=-1"]
+    sft = load_trainer_config("sft", str(ROOT / "configs/sft_tiny_cpu.yaml"),
+                              [f"model.path={tiny_model}", "model.remat=full", "mesh.data=1", "mesh.fsdp=-1"])
+    assert candidates("sft", sft) == ["model.dtype=bfloat16", "num_micro_batches=2"]
