@@ -6,11 +6,12 @@ from libtpu, or N simulated CPU devices.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rlhf_jax import sharding as shd
 from rlhf_jax.plan.abstract import RunPrograms
-from rlhf_jax.plan.analyze import COLLECTIVES, analyse, per_chip_bytes
+from rlhf_jax.plan.analyze import COLLECTIVES, ProgramReport, analyse, per_chip_bytes
 from rlhf_jax.plan.topology import GIB, Topology, topology_devices
 
 #: command -> builder(cfg, mesh) -> RunPrograms
@@ -57,6 +58,26 @@ def lower(p, mesh) -> Any:
     return p.fn()
 
 
+_NEEDED = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+
+
+def refused_report(p, lowered, error: Exception, *, other_resident: int, num_devices: int) -> ProgramReport | None:
+    """The row of a program the TPU compiler refused for lack of HBM (RESOURCE_EXHAUSTED): its arguments from
+    the abstract inputs, its temporaries as the compiler's message states them; None for any other error."""
+    text = str(error)
+    m = _NEEDED.search(text)
+    if "RESOURCE_EXHAUSTED" not in text or m is None:
+        return None
+    temps = int(float(m.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2)])
+    args = per_chip_bytes(p.args) if p.args else 0
+    cost = lowered.cost_analysis() or {}
+    flops = float(cost.get("flops", 0.0)) / num_devices  # the unpartitioned program's count, split evenly
+    return ProgramReport(name=p.name, arguments=args, outputs=0, aliased=0, temporaries=temps, code=0,
+                         program_peak=args + temps, other_resident=other_resident,
+                         peak=args + temps + other_resident, flops=flops, collectives={},
+                         note=f"{p.name}: refused by the compiler: {text.splitlines()[0][:200]}")
+
+
 def plan(command: str, cfg: Any, topo: Topology) -> dict:
     """Compile every program of ``cfg`` for ``topo``; returns the report (also what ``--json`` writes)."""
     mesh = make_mesh(cfg.mesh, topo)
@@ -66,7 +87,15 @@ def plan(command: str, cfg: Any, topo: Topology) -> dict:
     for p in run.programs:
         live = run.resident.keys() if p.live is None else p.live
         other = sum(resident[k] for k in live if k not in p.uses)
-        compiled = lower(p, mesh).compile()
+        lowered = lower(p, mesh)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - libtpu refuses a program that cannot fit the chip's HBM
+            refused = refused_report(p, lowered, e, other_resident=other, num_devices=topo.num_devices)
+            if refused is None:
+                raise
+            rows.append(refused.as_dict())
+            continue
         rows.append(analyse(p.name, compiled, other_resident=other, note=p.note).as_dict())
     peak = max(r["peak"] for r in rows)
     worst = max(rows, key=lambda r: r["peak"])
@@ -119,6 +148,7 @@ def format_report(rep: dict) -> str:
     lines.append("peak/chip = arguments + outputs - donated + temporaries + resident buffers the program does not "
                  "read (train states, frozen models); collectives: count x bytes in the program text (a loop body "
                  "once)")
+    lines += [f"  {r['note']}" for r in rep["programs"] if r.get("note")]
     lines.append(f"run peak {_b(rep['peak'])} per device of {_b(hbm)}: {'fits' if rep['fits'] else 'DOES NOT FIT'}")
     lines.append("largest contributors (per device):")
     for k, v in list(rep["contributors"].items())[:8]:
