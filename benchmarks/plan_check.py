@@ -110,8 +110,11 @@ def main() -> int:
         ovr = overrides(command, model, data, work / f"run_{command}", a.steps)
         config = str(ROOT / CONFIGS[command])
         out = work / f"plan_{command}.json"
-        subprocess.run([sys.executable, "-m", "rlhf_jax.plan.worker", command, config, "cpu-8", "1", "-", str(out),
-                        "0", *ovr], env=env, check=True, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "rlhf_jax.plan.worker", command, config, "cpu-8", "1", "-",
+                               str(out), "0", *ovr], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
         planned = json.loads(out.read_text())
         proc = subprocess.run([sys.executable, __file__, "--worker", command, config, "--", *ovr], env=env,
                               capture_output=True, text=True)
@@ -120,13 +123,19 @@ def main() -> int:
             return 1
         real = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
         rows.append((command, planned["peak"], real["peak"], real["iterations"][-1]))
+        _print(rows[-1:], a, header=len(rows) == 1)
+    return 0
+
+
+def _print(rows, a, *, header: bool) -> None:
     mib = 1024 ** 2
-    print(f"plan vs real per-device peak on 8 simulated CPU devices ({a.size} model, {a.steps} iterations)")
-    print(f"{'command':<8}{'plan MiB':>10}{'real MiB':>10}{'plan/real':>10}   real = resident + transient (last iteration)")
+    if header:
+        print(f"plan vs real per-device peak on 8 simulated CPU devices ({a.size} model, {a.steps} iterations)")
+        print(f"{'command':<8}{'plan MiB':>10}{'real MiB':>10}{'plan/real':>10}   real = resident + transient "
+              "(last iteration)")
     for command, plan_b, real_b, last in rows:
         print(f"{command:<8}{plan_b / mib:>10.1f}{real_b / mib:>10.1f}{plan_b / real_b:>10.2f}   "
-              f"{last['resident'] / mib:.1f} + {last['transient'] / mib:.1f}")
-    return 0
+              f"{last['resident'] / mib:.1f} + {last['transient'] / mib:.1f}", flush=True)
 
 
 if __name__ == "__main__":
