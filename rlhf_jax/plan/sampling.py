@@ -94,6 +94,9 @@ def plan_label(cfg, mesh) -> RunPrograms:
         fn = jax.jit(lambda p, i, m: label.verdict_logprob(judge.model.apply({"params": p}, i, m), m, 0))
         ids = spec((B, cfg.judge.max_len), jnp.int32, shd.batch_sharding(mesh))  # the widest judge input
         programs.append(Planned("judge", fn, (judge.params, ids, ids), uses=uses))
+    elif cfg.ranker == "pairwise_judge":
+        raise ValueError("rlhf-jax plan: label ranker=pairwise_judge is not planned yet (its judge programs are "
+                         "built inside online.judge.PairwiseJudge); plan ranker=judge for a same-size estimate")
     elif cfg.ranker == "reward_model":
         rm = reward_model(cfg, mesh)  # make_scorer's default frozen_dtype
         resident["reward model"] = rm.params
