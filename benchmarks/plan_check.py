@@ -90,7 +90,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--commands", nargs="+", default=["ppo", "grpo", "dpo"], choices=sorted(CONFIGS))
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)  # > the tiny configs' warmup_steps
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()

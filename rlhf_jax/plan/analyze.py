@@ -53,13 +53,19 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return {op: v for op, v in out.items() if v["count"]}
 
 
+def _itemsize(dtype) -> int:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # a PRNG key: its uint32 words
+        return 4 * math.prod(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+    return jax.numpy.dtype(dtype).itemsize
+
+
 def per_chip_bytes(tree: Any) -> int:
     """Largest bytes one device holds of an abstract (``ShapeDtypeStruct`` with sharding) or concrete pytree."""
     per: dict[Any, int] = {}
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        nbytes = math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+        nbytes = math.prod(shape) * _itemsize(leaf.dtype)
         devices = sharding.device_set if sharding is not None else {None}
         for d in devices:
             per[d] = per.get(d, 0) + nbytes
