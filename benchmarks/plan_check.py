@@ -8,7 +8,9 @@ Measured peak per device of a real run (XLA:CPU keeps device buffers in host mem
     resident  = the largest per-device bytes of `jax.live_arrays()` just before an iteration (train states,
                 frozen models: real buffers, counted from their shards)
     transient = (VmHWM during the iteration - VmRSS just before it) / 8, with the high-water mark reset
-                (`/proc/self/clear_refs` = 5) before each iteration after the first (the first compiles)
+                (`/proc/self/clear_refs` = 5) before each iteration after the first (the first compiles);
+                malloc is told to mmap every block >= 64 KiB and unmap it on free (GLIBC_TUNABLES), else a
+                buffer freed in one iteration is reused from the retained heap in the next and never seen
     real peak = max over iterations of resident + transient
 
 Host-side work inside an iteration (decoding responses, Python reward functions, numpy batches) is in the
@@ -103,7 +105,10 @@ def main() -> int:
     tok = fixtures.build_tokenizer(work / "tokenizer")
     model = fixtures.build_tiny_model(work / "model", "llama", tokenizer=tok, max_positions=256, **SIZES[a.size])
     data = tasks.write_task_data(work / "data", n_sft=64, n_pref=128, n_eval=16, n_prompts=64, seed=0)
+    # Buffers >= 64 KiB are mmap'd and unmapped on free (no dynamic threshold, no retained heap), so VmRSS
+    # follows the live buffers: a buffer freed in the first iteration is not reused unseen in the next.
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", RLHF_JAX_HOST_TUNABLES="0",
+               GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536",
                XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows = []
     for command in a.commands:
