@@ -45,6 +45,7 @@ def infer_command(config: str) -> str:
 def child_env(topo, environ=os.environ) -> dict:
     """The compile process's environment (see the module docstring)."""
     env = dict(environ, JAX_PLATFORMS="cpu")
+    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU is opened, so skip libtpu's lockfile
     root = str(pathlib.Path(__file__).resolve().parents[2])
     extra = [root] + ([environ["RLHF_JAX_LIBTPU_DIR"]] if environ.get("RLHF_JAX_LIBTPU_DIR") else [])
     env["PYTHONPATH"] = os.pathsep.join(extra + ([environ["PYTHONPATH"]] if environ.get("PYTHONPATH") else []))
