@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from rlhf_jax import models as model_lib
 from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience
+from rlhf_jax.models import lora
 from rlhf_jax.online.scoring import has_eos
 from rlhf_jax.rollout.types import Rollout
 
@@ -163,7 +164,9 @@ def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, ro
         logp = jnp.where(rollout.response_mask_BxT > 0, rollout.logp_BxT, 0.0).astype(jnp.float32)
     else:
         logp, _ = policy_forward(models.actor, actor_params, ids, mask, rollout.response_ids_BxT, **fwd)
-    ref_logp, _ = policy_forward(models.actor, ref_params, ids, mask, rollout.response_ids_BxT, **fwd)
+    # LoRA: the reference is the actor's own base with the adapters off (no second copy; PEFT disable_adapter)
+    ref_logp, _ = policy_forward(models.actor, lora.adapters_off(ref_params), ids, mask, rollout.response_ids_BxT,
+                                 **fwd)
     values = (critic_values(models.critic, critic_params, ids, mask, prompt_length=P)
               if models.critic is not None and with_values else jnp.zeros_like(logp))
     return RolloutEval(logp, ref_logp, values)

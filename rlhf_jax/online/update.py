@@ -31,6 +31,7 @@ import optax
 from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience, Forward
 from rlhf_jax.data.batches import SFTBatch
+from rlhf_jax.models import lora
 from rlhf_jax.online.experience import (Models, UpdateSettings, critic_values, fused_values_allowed, policy_forward,
                                         value_metrics)
 from rlhf_jax.train.state import TrainState
@@ -96,11 +97,11 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     def finish(actor, critic, loss, mets, g_actor, g_critic):
         """Skip-if-not-finite, grad norms, both optimizer steps."""
         finite = jnp.isfinite(loss) & all_finite(g_actor, g_critic)
-        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, actor.params)
+        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, lora.trainable(actor.params))
         mets = dict(mets, loss=loss, actor_grad_norm=optax.tree.norm(g_actor), finite=finite.astype(jnp.float32))
         actor = apply_if_finite(actor_tx, actor, g_actor, finite)
         if critic is not None:
-            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, critic.params)
+            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, lora.trainable(critic.params))
             mets["critic_grad_norm"] = optax.tree.norm(g_critic)
             critic = apply_if_finite(critic_tx, critic, g_critic, finite)
         return actor, critic, mets
@@ -113,7 +114,7 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
         return with_ptx(loss, mets, actor_p, ptx_mb, den)
 
-    joint_grad = jax.value_and_grad(joint_loss, has_aux=True)
+    joint_grad = lora.value_and_grad(joint_loss, has_aux=True)  # LoRA: over the adapters (+ value head) only
 
     def minibatch_step(carry, xs):
         actor, critic, kl_coef = carry
@@ -142,8 +143,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         loss, mets = algo.loss(Forward(logp, ent, mb.old_values_BxT), mb, den, kl_coef)  # V = V_old: constant
         return with_ptx(loss, mets, actor_p, ptx_mb, den)
 
-    critic_grad = jax.value_and_grad(critic_phase_loss, has_aux=True)
-    actor_grad = jax.value_and_grad(actor_phase_loss, has_aux=True)
+    critic_grad = lora.value_and_grad(critic_phase_loss, has_aux=True)
+    actor_grad = lora.value_and_grad(actor_phase_loss, has_aux=True)
 
     def fused_step(actor, critic, exp: Experience, ptx_mb, kl_coef):
         m = s.num_micro_batches

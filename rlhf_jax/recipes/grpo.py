@@ -267,7 +267,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     r = h.resolve(T)
     if r.dynamic_sampling and jax.process_count() > 1:  # hosts could draw different numbers of batches
         raise ValueError("algo.dynamic_sampling: supported on a single host only (set algo.dynamic_sampling=false)")
-    ref_params = frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
+    # with LoRA the reference is the actor's base, adapters off: no copy (`state.params` below)
+    ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
     splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     prompts = splits.train
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
@@ -325,7 +326,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                 baseline = np.repeat(b, h.group_size)
                 host_mets["remax_baseline"] = float(np.mean(distributed.allgather_rows(b)))
         with timer("score"):
-            ev = evaluate(state.params, ref_params, None, g.rollout)
+            ev = evaluate(state.params, state.params if ref_params is None else ref_params, None, g.rollout)
             zeros = shd.shard_batch(np.zeros_like(g.local_score_B), mesh)
             exp, roll_mets = make_exp(g.rollout, ev, g.score_B, zeros, shd.shard_batch(baseline, mesh), kl_coef)
             jax.block_until_ready(exp)

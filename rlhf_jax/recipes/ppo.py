@@ -159,7 +159,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     out = common.start_run(cfg, cfg.run)
     mesh = common.make_mesh(cfg.mesh)
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
-    ref_params = frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
+    # with LoRA the reference is the actor's base, adapters off: no copy (`state['actor'].params` below)
+    ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
     critic_path = cfg.critic_path or cfg.reward.model_path or cfg.model.path
     critic = common.load_model(dataclasses.replace(cfg.model, path=critic_path, tokenizer_path=None), mesh=mesh,
                                head="scalar")
@@ -213,7 +214,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
             host_batch = next(prompts)
             ro = sampler(state["actor"].params, host_batch, k_gen)
         with timer("score"):
-            ev = evaluate(state["actor"].params, ref_params, state["critic"].params, ro)
+            ref = state["actor"].params if ref_params is None else ref_params
+            ev = evaluate(state["actor"].params, ref, state["critic"].params, ro)
             sc = scorer(ro, host_batch.index_B)
             exp, roll_mets = make_exp(ro, ev, sc.score_B, sc.rm_score_B, state["kl"].kl_coef)
             jax.block_until_ready(exp)

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
+from rlhf_jax.models.lora import trainable
 
 
 @flax.struct.dataclass
@@ -26,8 +27,9 @@ class TrainState:
     Attributes:
       step: int32 [], optimizer steps taken (skipped ones included, so data order and schedules
         stay aligned with the step counter).
-      params: trainable parameters.
-      opt_state: `tx.init(params)`.
+      params: the model's parameters. For a LoRA tree (`rlhf_jax.models.lora`) only its trainable part
+        (adapters, a scalar head) is optimized and checkpointed; the frozen base rides along, shared.
+      opt_state: `tx.init(trainable(params))`.
       num_skipped: int32 [], updates skipped by the non-finite guard (policy "skip").
     """
 
@@ -39,7 +41,7 @@ class TrainState:
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     """A fresh state at step 0 (pure; jit it with out_shardings to create it sharded)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable(params)),
                       num_skipped=jnp.zeros((), jnp.int32))
 
 
@@ -48,7 +50,8 @@ def train_state_shardings(tx: optax.GradientTransformation, params_shardings: An
     """A `TrainState` of NamedShardings: params as given, Adam moments like their params, scalars replicated."""
     rep = shd.replicated(mesh)
     return TrainState(step=rep, params=params_shardings,
-                      opt_state=shd.opt_state_shardings(tx, params_shardings, abstract_params, mesh),
+                      opt_state=shd.opt_state_shardings(tx, trainable(params_shardings), trainable(abstract_params),
+                                                        mesh),
                       num_skipped=rep)
 
 
@@ -72,7 +75,7 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, *, mesh: O
         raise ValueError("create_train_state: params_shardings is required when a mesh is given")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shardings = train_state_shardings(tx, params_shardings, abstract, mesh)
-    opt_state = shd.create_sharded(tx.init, params, out_shardings=shardings.opt_state)
+    opt_state = shd.create_sharded(tx.init, trainable(params), out_shardings=shardings.opt_state)
     zero = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     state = TrainState(step=zero, params=params, opt_state=opt_state,
                        num_skipped=jax.device_put(jnp.zeros((), jnp.int32), shardings.num_skipped))
