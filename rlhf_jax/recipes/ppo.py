@@ -72,11 +72,16 @@ class PPOHyper:
     # micro-batches), take the critic's rollout values from the update's own critic forward (exact: the
     # critic has not moved yet) instead of a separate pass; false = always a separate pass
     fuse_critic_pass: bool = True
+    # EMA of the actor (DeepSpeed-Chat --enable_ema, 0.992 there): kept in the actor's train state, updated after
+    # every optimizer step, exported to <output_dir>/model_ema; null = off
+    ema_decay: Optional[float] = None
 
     def __post_init__(self):
         for k in ("epochs", "num_minibatches", "num_micro_batches"):
             require(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", f"must be > 1 or null, got {self.dual_clip}")
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
+                f"must be in (0, 1) or null, got {self.ema_decay}")
 
     def loss_hparams(self, kl: "KLConfig", *, max_new_tokens: int) -> PolicyLossHparams:
         """The loss's hyperparameter record (the "constant" aggregation divides by the generation budget)."""
@@ -178,7 +183,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     h, temp = cfg.ppo, logprob_temperature(cfg.rollout.temperature)
     steps = iters * h.epochs * h.num_minibatches
     actor_tx, critic_tx = make_optimizer(cfg.actor_optim, steps), make_optimizer(cfg.critic_optim, steps)
-    actor_state, actor_sh = create_train_state(actor.params, actor_tx, mesh=mesh, params_shardings=actor.shardings)
+    actor_state, actor_sh = create_train_state(actor.params, actor_tx, mesh=mesh, params_shardings=actor.shardings,
+                                               ema_decay=h.ema_decay)
     critic_state, critic_sh = create_train_state(critic.params, critic_tx, mesh=mesh,
                                                  params_shardings=critic.shardings)
     algo = ppo_algorithm(h.loss_hparams(cfg.kl, max_new_tokens=cfg.rollout.max_new_tokens), gamma=h.gamma,
@@ -238,7 +244,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     loop = Loop(name="ppo", run=cfg.run, output_dir=out, total=iters, step=step, data=data,
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
                 evaluate=None if heldout is None else (lambda s: heldout(s["actor"].params)),
-                export=lambda s: common.export_model(actor, s["actor"].params, out / "model"))
+                export=lambda s: common.export_policy(actor, s["actor"], out))
     state = {"actor": actor_state, "critic": critic_state, "kl": ops.adaptive_kl_init(cfg.kl.coef)}
     initial = heldout(actor_state.params) if evaluate_initial and heldout is not None else None
     res = run_loop(loop, state)

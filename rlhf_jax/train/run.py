@@ -296,6 +296,16 @@ def export_model(loaded: LoadedModel, params: Any, directory: pathlib.Path | str
     return directory
 
 
+def export_policy(loaded: LoadedModel, state: Any, out: pathlib.Path | str) -> pathlib.Path:
+    """`export_model` of a train state's params to `out/model`, and of its EMA (if kept) to `out/model_ema`."""
+    from rlhf_jax.models import lora
+
+    out = pathlib.Path(out)
+    if state.ema is not None:
+        export_model(loaded, lora.join(state.ema, lora.split_trainable(state.params)[1]), out / "model_ema")
+    return export_model(loaded, state.params, out / "model")
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def sum_over(eval_step: Callable, params: Any, batches: Any, mesh: jax.sharding.Mesh) -> Any:
     """Run `eval_step(params, batch) -> sums` over one pass of `batches` (rewound first); host numpy sums."""

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import ops
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import lora
 from rlhf_jax.runtime import xla
@@ -121,12 +122,16 @@ def apply_if_finite(tx: optax.GradientTransformation, state: TrainState, grads: 
     chosen inside ``jit``) and counted in ``num_skipped`` when not."""
     params, frozen = lora.split_trainable(state.params)  # LoRA: grads and updates cover the adapters only
     updates, new_opt_state = tx.update(grads, state.opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    return TrainState(
+    new_params = _tree_where(finite, optax.apply_updates(params, updates), params)
+    ema = state.ema
+    if ema is not None:  # EMA of the actor (DeepSpeed-Chat --enable_ema), after each applied step
+        ema = _tree_where(finite, ops.ema_update(ema, new_params, decay=state.ema_decay), ema)
+    return state.replace(
         step=state.step + 1,
-        params=lora.join(_tree_where(finite, new_params, params), frozen),
+        params=lora.join(new_params, frozen),
         opt_state=_tree_where(finite, new_opt_state, state.opt_state),
         num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        ema=ema,
     )
 
 
