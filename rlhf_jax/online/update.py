@@ -32,8 +32,8 @@ from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience, Forward
 from rlhf_jax.data.batches import SFTBatch
 from rlhf_jax.models import lora
-from rlhf_jax.online.experience import (Models, UpdateSettings, critic_values, fused_values_allowed, policy_forward,
-                                        value_metrics)
+from rlhf_jax.online.experience import (Models, UpdateSettings, critic_params_of, critic_values, fused_values_allowed,
+                                        policy_forward, value_metrics)
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import all_finite, apply_if_finite, join_micro_batches, scan_sum, split_micro_batches
 
@@ -78,8 +78,9 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
                               prompt_length=mb.prompt_ids_BxP.shape[1], temperature=s.temperature,
                               with_entropy=True, prompt_repeats=s.prompt_repeats)
 
-    def values_of(critic_p, mb: Experience):
-        return critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=mb.prompt_ids_BxP.shape[1])
+    def values_of(critic_p, mb: Experience, actor_p):
+        return critic_values(models.critic, critic_params_of(models, critic_p, actor_p), mb.ids_BxS, mb.mask_BxS,
+                             prompt_length=mb.prompt_ids_BxP.shape[1])
 
     def with_ptx(loss, mets, actor_p, ptx_mb, den):
         if ptx_mb is None:
@@ -110,7 +111,7 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     def joint_loss(params, xs, den, kl_coef):
         (actor_p, critic_p), (mb, ptx_mb) = params, xs
         logp, ent = actor_forward(actor_p, mb)
-        values = values_of(critic_p, mb) if algo.use_critic else None
+        values = values_of(critic_p, mb, actor_p) if algo.use_critic else None
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
         return with_ptx(loss, mets, actor_p, ptx_mb, den)
 
@@ -129,8 +130,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         return (actor, critic, kl_coef), mets
 
     # ------------------------------------------------- fused values: the critic phase, then the actor phase
-    def critic_phase_loss(critic_p, mb: Experience, den, kl_coef):
-        values = values_of(critic_p, mb)
+    def critic_phase_loss(critic_p, mb: Experience, den, kl_coef, actor_p):
+        values = values_of(critic_p, mb, actor_p)
         mb = mb._replace(old_values_BxT=sg(values))
         _, returns, _ = algo.advantages(mb, kl_coef)  # per-row returns: GAE runs along each row
         fwd = Forward(mb.old_logp_BxT, jnp.zeros_like(values), values)  # policy terms constant here
@@ -155,7 +156,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             return g, values
 
         g_critic, values_MxbxT = scan_sum(critic_micro, critic.params,
-                                          split_micro_batches(exp, m, group_size=s.prompt_repeats), den, kl_coef)
+                                          split_micro_batches(exp, m, group_size=s.prompt_repeats), den, kl_coef,
+                                          actor.params)
         exp = exp._replace(old_values_BxT=join_micro_batches(values_MxbxT, group_size=s.prompt_repeats))
         adv, ret, _ = algo.advantages(exp, kl_coef)
         exp = exp._replace(advantages_BxT=adv, returns_BxT=ret)

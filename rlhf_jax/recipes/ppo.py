@@ -32,6 +32,7 @@ from rlhf_jax.algos.base import PolicyLossHparams
 from rlhf_jax.algos.ppo import ppo_algorithm
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, build_data
+from rlhf_jax.models import lora
 from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, fused_values_allowed,
                                         make_experience, rollout_metrics)
@@ -75,6 +76,9 @@ class PPOHyper:
     # EMA of the actor (DeepSpeed-Chat --enable_ema, 0.992 there): kept in the actor's train state, updated after
     # every optimizer step, exported to <output_dir>/model_ema; null = off
     ema_decay: Optional[float] = None
+    # with model.lora: the critic is its own adapters + value head on the ACTOR's frozen base (one base in memory;
+    # critic_path must be null); false = the critic loads its own base (critic_path / reward.model_path / model.path)
+    critic_shares_base: bool = False
 
     def __post_init__(self):
         for k in ("epochs", "num_minibatches", "num_micro_batches"):
@@ -167,9 +171,16 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     # with LoRA the reference is the actor's base, adapters off: no copy (`state['actor'].params` below)
     ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
     critic_path = cfg.critic_path or cfg.reward.model_path or cfg.model.path
+    if cfg.ppo.critic_shares_base:  # the critic keeps its adapters and value head; its trunk is the actor's base
+        require(cfg.model.lora is not None and cfg.critic_path is None, "ppo.critic_shares_base",
+                "needs model.lora and critic_path: null (the critic's trunk is the actor's base)")
+        critic_path = cfg.model.path
     critic = common.load_model(dataclasses.replace(cfg.model, path=critic_path, tokenizer_path=None), mesh=mesh,
                                head="scalar")
-    models = Models(actor=actor.model, critic=critic.model)
+    if cfg.ppo.critic_shares_base:
+        critic = dataclasses.replace(critic, params=lora.trainable(critic.params),
+                                     shardings=lora.trainable(critic.shardings))
+    models = Models(actor=actor.model, critic=critic.model, critic_shares_base=cfg.ppo.critic_shares_base)
     splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     prompts = splits.train
     ptx_iter = _ptx_data(cfg, actor.tokenizer, mesh)

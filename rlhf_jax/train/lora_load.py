@@ -155,7 +155,6 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
                          f"{pcfg.get('rank_pattern')} differ from model.lora (rank={spec.rank}, alpha={spec.alpha})")
     tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
                for k, v in load_file(str(w_path)).items()}
-    r = spec.rank
     scanned = config.scan_layers
     values: dict[tuple, list] = {}
     used = set()
@@ -201,26 +200,20 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- export
-def export_lora(loaded, params, directory: pathlib.Path | str, *, extra_config: Optional[dict] = None):
-    """The LoRA model's export: merged HF model (default) or PEFT adapter folder (`export_format=peft`)."""
+def export_lora(loaded, params, directory: pathlib.Path | str) -> str:
+    """The LoRA model's export: merged HF model (default) or PEFT adapter folder (`export_format=peft`);
+    returns what it wrote, in words."""
     from rlhf_jax import models
-    from rlhf_jax.train.run import update_hf_config
 
     directory = pathlib.Path(directory)
     cfg = loaded.load_config.lora if loaded.load_config is not None else lora.LoRAConfig()
     if cfg.export_format == "peft":
         save_peft(directory, loaded.model, params, base_path=loaded.load_config.path, tokenizer=loaded.tokenizer)
-        if distributed.is_main_process():
-            print(f"[rlhf_jax] exported PEFT adapter folder to {directory}", flush=True)
-        return directory
+        return "PEFT adapter folder"
     base_model = type(loaded.model)(loaded.model.config.replace(lora=None), head=loaded.model.head)
     spec = loaded.model.config.lora
     out_dtype = loaded.model.config.param_dtype
     merged = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out_dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                                             else x, lora.merged(p, spec)))(params)
     models.save_pretrained(directory, base_model, merged, tokenizer=loaded.tokenizer)
-    if distributed.is_main_process():
-        if extra_config:
-            update_hf_config(directory, extra_config)
-        print(f"[rlhf_jax] exported Hugging Face model (LoRA merged) to {directory}", flush=True)
-    return directory
+    return "Hugging Face model (LoRA merged)"

@@ -286,13 +286,14 @@ def export_model(loaded: LoadedModel, params: Any, directory: pathlib.Path | str
     if loaded.model.config.lora is not None:
         from rlhf_jax.train.lora_load import export_lora
 
-        return export_lora(loaded, params, directory, extra_config=extra_config)
-    # Every process: gathers tensor by tensor (collectives); process 0 writes.
-    models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
+        what = export_lora(loaded, params, directory)
+    else:  # every process: gathers tensor by tensor (collectives); process 0 writes
+        models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
+        what = "Hugging Face model"
     if distributed.is_main_process():
-        if extra_config:
+        if extra_config and (directory / "config.json").exists():
             update_hf_config(directory, extra_config)
-        print(f"[rlhf_jax] exported Hugging Face model to {directory}", flush=True)
+        print(f"[rlhf_jax] exported {what} to {directory}", flush=True)
     return directory
 
 

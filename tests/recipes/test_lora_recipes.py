@@ -122,6 +122,22 @@ def test_ppo_lora_actor_and_critic_own_adapters_reference_is_the_base(tiny_llama
 
 
 @pytest.mark.slow
+def test_ppo_lora_critic_on_the_actors_base(tiny_llama, task_data, tmp_path):
+    """ppo.critic_shares_base: the critic's state holds its adapters and value head only; one base in memory."""
+    cfg = load_config(ppo.PPOConfig, None, _online(
+        tiny_llama, task_data, tmp_path, "rollout.batch_size=8", "ppo.critic_shares_base=true",
+        "actor_optim.learning_rate=1e-3", "critic_optim.learning_rate=1e-3", "ppo.fuse_critic_pass=false"))
+    res = ppo.train(cfg)
+    critic = res["state"]["critic"].params
+    assert "embed" not in critic and "score" in critic
+    assert not lora.split_trainable(critic)[1]  # nothing frozen of its own
+    _moved(critic)
+    assert float(np.abs(np.asarray(critic["score"])).max()) > 0
+    _frozen_equal(res["state"]["actor"].params, models.load_pretrained(tiny_llama)[1])
+    assert all(np.isfinite(h["value_loss"]) for h in res["history"])
+
+
+@pytest.mark.slow
 def test_grpo_lora_exports_a_peft_folder(tiny_llama, task_data, tmp_path):
     cfg = load_config(grpo.GRPOConfig, None, _online(tiny_llama, task_data, tmp_path, "rollout.batch_size=4",
                                                      "model.lora.export_format=peft"))
