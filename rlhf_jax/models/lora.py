@@ -1,6 +1,6 @@
 """LoRA: a low-rank branch next to a frozen projection (Hu et al. 2021, "LoRA", eq. 3; PEFT `lora.Linear`).
 
-    y = x W  +  (alpha / rank) · (x A) B          A: [in, r] (PEFT `lora_A.weight` = Aᵀ), B: [r, out] (zeros at start)
+    y = x W  +  (alpha / rank) · (x A) B        A: [in, r] (PEFT `lora_A.weight` = Aᵀ), B: [r, out] (zeros at start)
 
 The adapters are ordinary params of the same Flax module, named ``<proj>_lora_a`` / ``<proj>_lora_b`` next to
 the weight ``<proj>`` they adapt, with that weight's logical axes on their ``in`` / ``out`` side (the rank
@@ -39,7 +39,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    adapter_path: Optional[str] = None  # start from a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    adapter_path: Optional[str] = None  # start from a PEFT folder (adapter_config.json, adapter_model.safetensors)
     export_format: str = "merged"  # "merged": W + (alpha/r) A B as a plain HF model; "peft": a PEFT adapter folder
     seed: int = 0  # initialisation of A
 
@@ -54,7 +54,8 @@ class LoRAConfig:
             raise ValueError(f"model.lora.export_format={self.export_format!r}; expected 'merged' or 'peft'")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"model.lora.targets: unknown {bad or 'empty list'}; expected names among {sorted(TARGETS)}")
+            raise ValueError(f"model.lora.targets: unknown {bad or 'empty list'}; expected names among "
+                             f"{sorted(TARGETS)}")
 
     def spec(self) -> "LoRASpec":
         return LoRASpec(rank=self.rank, alpha=float(self.alpha),

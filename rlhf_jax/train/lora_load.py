@@ -150,7 +150,8 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
         raise ValueError(f"model.lora.adapter_path={folder}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     pcfg = json.loads(cfg_path.read_text())
     spec, config = model.config.lora, model.config
-    if int(pcfg.get("r", -1)) != spec.rank or float(pcfg.get("lora_alpha", -1)) != spec.alpha or pcfg.get("rank_pattern"):
+    if (int(pcfg.get("r", -1)) != spec.rank or float(pcfg.get("lora_alpha", -1)) != spec.alpha
+            or pcfg.get("rank_pattern")):
         raise ValueError(f"{cfg_path}: r={pcfg.get('r')}, lora_alpha={pcfg.get('lora_alpha')}, rank_pattern="
                          f"{pcfg.get('rank_pattern')} differ from model.lora (rank={spec.rank}, alpha={spec.alpha})")
     tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v

@@ -14,7 +14,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: the si
 from test_commands import _commands, _run, _values, assets  # noqa: E402,F401  (assets: the shared fixture)
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[all]"]
-EXTRA = {"sft": ["model.lora.export_format=peft"], "ppo": ["ppo.ema_decay=0.9", "model.base_dtype=bfloat16", "ppo.critic_shares_base=true"],
+EXTRA = {"sft": ["model.lora.export_format=peft"],
+         "ppo": ["ppo.ema_decay=0.9", "model.base_dtype=bfloat16", "ppo.critic_shares_base=true"],
          "grpo": ["algo.ema_decay=0.9"]}
 
 

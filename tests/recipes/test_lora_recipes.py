@@ -126,7 +126,8 @@ def test_ppo_lora_critic_on_the_actors_base(tiny_llama, task_data, tmp_path):
     """ppo.critic_shares_base: the critic's state holds its adapters and value head only; one base in memory."""
     cfg = load_config(ppo.PPOConfig, None, _online(
         tiny_llama, task_data, tmp_path, "rollout.batch_size=8", "ppo.critic_shares_base=true",
-        "actor_optim.learning_rate=1e-3", "critic_optim.learning_rate=1e-3", "ppo.epochs=1", "ppo.num_minibatches=1"))  # fused critic pass
+        "actor_optim.learning_rate=1e-3", "critic_optim.learning_rate=1e-3",
+        "ppo.epochs=1", "ppo.num_minibatches=1"))  # one optimizer step: the fused critic pass
     res = ppo.train(cfg)
     critic = res["state"]["critic"].params
     assert "embed" not in critic and "score" in critic
