@@ -182,10 +182,12 @@ def test_dpo_raft_online_dpo_run_with_lora(tiny_llama, task_data, tmp_path):
         "data.max_completion_len=24", "data.max_seq_len=40", "data.buckets=[40]", "batch_size=8",
         "run.total_steps=2", f"run.output_dir={tmp_path / 'dpo'}", "optim.learning_rate=1e-3", *RUN, *LORA]))
     assert np.isfinite(d["train/loss"]) and (tmp_path / "dpo" / "model" / "config.json").exists()
+    # a reward that varies across a random model's samples (the gold score is 0 for all of them: no pair)
+    dense = "reward.functions=['tests/multiprocess/dense.py:dense_reward']"
     r = raft.train(load_config(raft.RAFTConfig, None, _online(
-        tiny_llama, task_data, tmp_path / "raft", "raft.num_samples=2", "raft.top_k=1", "rollout.batch_size=4")))
+        tiny_llama, task_data, tmp_path / "raft", "raft.num_samples=2", "raft.top_k=1", "rollout.batch_size=4", dense)))
     o = online_dpo.train(load_config(online_dpo.OnlineDPOConfig, None, _online(
-        tiny_llama, task_data, tmp_path / "odpo", "online.num_samples=2", "rollout.batch_size=4")))
+        tiny_llama, task_data, tmp_path / "odpo", "online.num_samples=2", "rollout.batch_size=4", dense)))
     for res in (r, o):
         _moved(res["state"].params)
         _frozen_equal(res["state"].params, base)
