@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from rlhf_jax import checkpoint_space as space
+from rlhf_jax.models import lora
 
 __all__ = ["Checkpointer", "abstract_like", "resolve_resume"]
 
@@ -47,10 +48,26 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_lora_params(x: Any) -> bool:
+    """A model's params tree with LoRA adapters: only its trainable part is saved (`models.lora`)."""
+    return isinstance(x, dict) and "embed" in x and lora.has_adapters(x)
+
+
+def _drop_frozen(tree: Any) -> Any:
+    return jax.tree.map(lambda x: lora.trainable(x) if _is_lora_params(x) else x, tree, is_leaf=_is_lora_params)
+
+
+def _rejoin_frozen(restored: Any, target: Any) -> Any:
+    """Put the target's (live) frozen base back next to the restored adapters."""
+    return jax.tree.map(lambda t, r: lora.join(r, lora.split_trainable(t)[1]) if _is_lora_params(t) else r,
+                        target, restored, is_leaf=_is_lora_params)
+
+
 def abstract_like(state: Any) -> Any:
     """Restore target from a live state: `jax.ShapeDtypeStruct(shape, dtype, sharding)` per jax array.
 
-    numpy arrays and Python scalars are kept as they are (Orbax restores them as the same type).
+    numpy arrays and Python scalars are kept as they are (Orbax restores them as the same type). The frozen
+    base of a LoRA params tree is not checkpointed: it stays live in the target and is reused on restore.
     """
 
     def leaf(x):
@@ -58,7 +75,13 @@ def abstract_like(state: Any) -> Any:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return x
 
-    return jax.tree.map(leaf, state)
+    def node(x):
+        if _is_lora_params(x):
+            train, frozen = lora.split_trainable(x)
+            return lora.join(jax.tree.map(leaf, train), frozen)
+        return leaf(x)
+
+    return jax.tree.map(node, state, is_leaf=_is_lora_params)
 
 
 def _key_data_sharding(sharding: Any, ndim: int) -> Any:
@@ -236,6 +259,7 @@ class Checkpointer:
             value = float(np.asarray(metrics[self.keep_best_metric]))
             if math.isfinite(value):
                 ranked = {self.keep_best_metric: value}
+        state = _drop_frozen(state)  # LoRA: a frozen base is not saved (it is reloaded from the model folder)
         args = ocp.args.Composite(state=ocp.args.StandardSave(_host_local_to_numpy(_encode_keys(state))), meta=ocp.args.JsonSave(meta_json))
         self.check_for_errors()  # an earlier async save that failed is reported first, naming its step
         space.check_space(self.directory, int(step), space.state_bytes(state))
@@ -255,7 +279,8 @@ class Checkpointer:
           FileNotFoundError: no complete checkpoint (or not that step) in the directory.
         """
         step = self._resolve_step(step)
-        encoded = _encode_key_targets(abstract_like(target))
+        target = abstract_like(target)
+        encoded = _encode_key_targets(_drop_frozen(target))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(_host_local_targets(encoded)),
             meta=ocp.args.JsonRestore(),
@@ -280,7 +305,7 @@ class Checkpointer:
                 raise
             raise mismatch(diffs) from e
         state = _put_host_local(out["state"], encoded)
-        return _decode_keys(state, target), dict(out["meta"] or {})
+        return _rejoin_frozen(_decode_keys(state, _drop_frozen(target)), target), dict(out["meta"] or {})
 
     def _shape_differences(self, step: int, encoded_target: Any) -> list[str]:
         """'name: saved (a, b), now (c, d)' for each array whose saved shape differs from the target's."""

@@ -68,6 +68,7 @@ class ModelConfig:
       param_dtype: storage dtype of parameters.
       remat: "none", "full" (save nothing) or a `jax.checkpoint_policies` name such as "dots_saveable".
       scan_layers: run blocks with `nn.scan` (params then carry a leading "layers" axis of size L).
+      lora: a `rlhf_jax.models.lora.LoRASpec` (low-rank adapters next to the targeted projections), or None.
     """
 
     model_type: str
@@ -97,6 +98,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    lora: Any = None
 
     def __post_init__(self):
         # Normalise dtypes to hashable numpy dtypes (accepts "bfloat16", jnp.bfloat16, np.dtype).

@@ -129,6 +129,26 @@ def _project_bwd(n_in, res, g):
 project.defvjp(_project_fwd, _project_bwd)
 
 
+def lora_a_init(key, shape, dtype=jnp.float32):
+    """A of a LoRA branch: uniform(±1/sqrt(fan_in)) over the `in` axes (PEFT's `kaiming_uniform_(a=√5)`)."""
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dense(module: nn.Module, name: str, x, w, n_in: int, axes: tuple):
+    """``project(x, w)``, plus the LoRA branch ``(alpha/r) · (x A) B`` when ``config.lora`` targets ``name``
+    (params ``<name>_lora_a`` [in…, r] and ``<name>_lora_b`` [r, out…] with ``w``'s logical axes on each side;
+    `rlhf_jax.models.lora`). Without LoRA it is exactly ``project(x, w.astype(dtype), n_in)``."""
+    c = module.config
+    y = project(x, w.astype(c.dtype), n_in)
+    if c.lora is None or name not in c.lora.projections:
+        return y
+    r = c.lora.rank
+    a = _param(module, name + "_lora_a", lora_a_init, (*w.shape[:n_in], r), (*axes[:n_in], None))
+    b = _param(module, name + "_lora_b", nn.initializers.zeros, (r, *w.shape[n_in:]), (None, *axes[n_in:]))
+    return y + project(project(x, a.astype(c.dtype), n_in), b.astype(c.dtype)) * jnp.asarray(c.lora.scale, c.dtype)
+
+
 def activation(name: str, x):
     """silu (Llama family), gelu_new / gelu_pytorch_tanh = tanh-approximate GELU (GPT-2, HF `NewGELUActivation`),
     gelu = exact erf GELU."""
@@ -153,14 +173,16 @@ class Attention(nn.Module):
         c = self.config
         D, H, K, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         init = _weight_init(c)
-        wq = _param(self, "q", init, (D, H, hd), ("embed", "q_heads", "head_dim"))
-        wk = _param(self, "k", init, (D, K, hd), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "v", init, (D, K, hd), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "o", init, (H, hd, D), ("q_heads", "head_dim", "embed"))
+        q_axes, kv_axes, o_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim"), \
+            ("q_heads", "head_dim", "embed")
+        wq = _param(self, "q", init, (D, H, hd), q_axes)
+        wk = _param(self, "k", init, (D, K, hd), kv_axes)
+        wv = _param(self, "v", init, (D, K, hd), kv_axes)
+        wo = _param(self, "o", init, (H, hd, D), o_axes)
         dt = c.dtype
-        q = project(x_BxSxD, wq.astype(dt))
-        k = project(x_BxSxD, wk.astype(dt))
-        v = project(x_BxSxD, wv.astype(dt))
+        q = dense(self, "q", x_BxSxD, wq, 1, q_axes)
+        k = dense(self, "k", x_BxSxD, wk, 1, kv_axes)
+        v = dense(self, "v", x_BxSxD, wv, 1, kv_axes)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", zeros, (H, hd), ("q_heads", "head_dim")).astype(dt)
@@ -190,7 +212,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgst,bkth->bskgh", probs, v).reshape(B, S, H, hd)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        y = project(out, wo.astype(dt), 2)
+        y = dense(self, "o", out, wo, 2, o_axes)
         if c.o_bias:
             y = y + _param(self, "o_bias", nn.initializers.zeros, (D,), ("norm",)).astype(dt)
         return y, cache_kv
@@ -207,19 +229,19 @@ class MLP(nn.Module):
         D, F = c.hidden_size, c.intermediate_size
         init = _weight_init(c)
 
-        def dense(name, x, shape, axes, bias_axes):
-            y = project(x, _param(self, name, init, shape, axes).astype(dt))
+        def linear(name, x, shape, axes, bias_axes):
+            y = dense(self, name, x, _param(self, name, init, shape, axes), 1, axes)
             if c.mlp_bias:
                 y = y + _param(self, name + "_bias", nn.initializers.zeros, shape[-1:], bias_axes).astype(dt)
             return y
 
         if c.is_gpt2:
-            h = activation(c.activation, dense("fc", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",)))
+            h = activation(c.activation, linear("fc", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",)))
         else:
-            gate = dense("gate", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",))
-            h = activation(c.activation, gate) * dense("up", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",))
+            gate = linear("gate", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",))
+            h = activation(c.activation, gate) * linear("up", x_BxSxD, (D, F), ("embed", "mlp"), ("mlp",))
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-        return dense("down", h, (F, D), ("mlp", "embed"), ("norm",))
+        return linear("down", h, (F, D), ("mlp", "embed"), ("norm",))
 
 
 class Block(nn.Module):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from rlhf_jax import models as model_lib
 from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience
+from rlhf_jax.models import lora
 from rlhf_jax.online.scoring import has_eos
 from rlhf_jax.rollout.types import Rollout
 
@@ -37,10 +38,21 @@ class Models(NamedTuple):
     """The (hashable) Flax modules; params are always passed separately as ``jit`` arguments.
 
     The reference shares the actor's module (same architecture, other params); ``critic`` may be None.
+    ``critic_shares_base``: the critic's params are its LoRA adapters and value head only; its trunk is the
+    actor's frozen base (:func:`critic_params_of`).
     """
 
     actor: Any
     critic: Any = None
+    critic_shares_base: bool = False
+
+
+def critic_params_of(models: Models, critic_params, actor_params):
+    """The critic's full params: its own, or (``critic_shares_base``) its adapters + head on the actor's
+    frozen base (no copy; the base gets no gradient from the critic's loss either)."""
+    if not models.critic_shares_base:
+        return critic_params
+    return lora.join(critic_params, lora.split_trainable(actor_params)[1])
 
 
 class UpdateSettings(NamedTuple):
@@ -163,8 +175,11 @@ def evaluate_rollout(models: Models, actor_params, ref_params, critic_params, ro
         logp = jnp.where(rollout.response_mask_BxT > 0, rollout.logp_BxT, 0.0).astype(jnp.float32)
     else:
         logp, _ = policy_forward(models.actor, actor_params, ids, mask, rollout.response_ids_BxT, **fwd)
-    ref_logp, _ = policy_forward(models.actor, ref_params, ids, mask, rollout.response_ids_BxT, **fwd)
-    values = (critic_values(models.critic, critic_params, ids, mask, prompt_length=P)
+    # LoRA: the reference is the actor's own base with the adapters off (no second copy; PEFT disable_adapter)
+    ref_logp, _ = policy_forward(models.actor, lora.adapters_off(ref_params), ids, mask, rollout.response_ids_BxT,
+                                 **fwd)
+    values = (critic_values(models.critic, critic_params_of(models, critic_params, actor_params), ids, mask,
+                            prompt_length=P)
               if models.critic is not None and with_values else jnp.zeros_like(logp))
     return RolloutEval(logp, ref_logp, values)
 

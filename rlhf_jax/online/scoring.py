@@ -217,8 +217,8 @@ def make_scorer(reward: RewardConfig, *, model_cfg, actor, mesh, dataset=None, p
 
     reward_model, stats = None, (0.0, 1.0)
     if reward.model_path is not None:
-        rm = load_model(dataclasses.replace(model_cfg, path=reward.model_path, tokenizer_path=None), mesh=mesh,
-                        head="scalar", rules=shd.INFERENCE_RULES)
+        rm = load_model(dataclasses.replace(model_cfg, path=reward.model_path, tokenizer_path=None, lora=None),
+                        mesh=mesh, head="scalar", rules=shd.INFERENCE_RULES)
         reward_model = (rm.model, frozen_copy(rm.params, rm.shardings, frozen_dtype), rm.shardings)
         if reward.normalize:
             stats = rewards.load_reward_stats(reward.model_path)

@@ -31,8 +31,9 @@ import optax
 from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience, Forward
 from rlhf_jax.data.batches import SFTBatch
-from rlhf_jax.online.experience import (Models, UpdateSettings, critic_values, fused_values_allowed, policy_forward,
-                                        value_metrics)
+from rlhf_jax.models import lora
+from rlhf_jax.online.experience import (Models, UpdateSettings, critic_params_of, critic_values, fused_values_allowed,
+                                        policy_forward, value_metrics)
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import all_finite, apply_if_finite, join_micro_batches, scan_sum, split_micro_batches
 
@@ -77,8 +78,9 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
                               prompt_length=mb.prompt_ids_BxP.shape[1], temperature=s.temperature,
                               with_entropy=True, prompt_repeats=s.prompt_repeats)
 
-    def values_of(critic_p, mb: Experience):
-        return critic_values(models.critic, critic_p, mb.ids_BxS, mb.mask_BxS, prompt_length=mb.prompt_ids_BxP.shape[1])
+    def values_of(critic_p, mb: Experience, actor_p):
+        return critic_values(models.critic, critic_params_of(models, critic_p, actor_p), mb.ids_BxS, mb.mask_BxS,
+                             prompt_length=mb.prompt_ids_BxP.shape[1])
 
     def with_ptx(loss, mets, actor_p, ptx_mb, den):
         if ptx_mb is None:
@@ -96,11 +98,11 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     def finish(actor, critic, loss, mets, g_actor, g_critic):
         """Skip-if-not-finite, grad norms, both optimizer steps."""
         finite = jnp.isfinite(loss) & all_finite(g_actor, g_critic)
-        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, actor.params)
+        g_actor = jax.tree.map(lambda g, p: g.astype(p.dtype), g_actor, lora.trainable(actor.params))
         mets = dict(mets, loss=loss, actor_grad_norm=optax.tree.norm(g_actor), finite=finite.astype(jnp.float32))
         actor = apply_if_finite(actor_tx, actor, g_actor, finite)
         if critic is not None:
-            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, critic.params)
+            g_critic = jax.tree.map(lambda g, p: g.astype(p.dtype), g_critic, lora.trainable(critic.params))
             mets["critic_grad_norm"] = optax.tree.norm(g_critic)
             critic = apply_if_finite(critic_tx, critic, g_critic, finite)
         return actor, critic, mets
@@ -109,11 +111,11 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
     def joint_loss(params, xs, den, kl_coef):
         (actor_p, critic_p), (mb, ptx_mb) = params, xs
         logp, ent = actor_forward(actor_p, mb)
-        values = values_of(critic_p, mb) if algo.use_critic else None
+        values = values_of(critic_p, mb, actor_p) if algo.use_critic else None
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
         return with_ptx(loss, mets, actor_p, ptx_mb, den)
 
-    joint_grad = jax.value_and_grad(joint_loss, has_aux=True)
+    joint_grad = lora.value_and_grad(joint_loss, has_aux=True)  # LoRA: over the adapters (+ value head) only
 
     def minibatch_step(carry, xs):
         actor, critic, kl_coef = carry
@@ -128,8 +130,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         return (actor, critic, kl_coef), mets
 
     # ------------------------------------------------- fused values: the critic phase, then the actor phase
-    def critic_phase_loss(critic_p, mb: Experience, den, kl_coef):
-        values = values_of(critic_p, mb)
+    def critic_phase_loss(critic_p, mb: Experience, den, kl_coef, actor_p):
+        values = values_of(critic_p, mb, actor_p)
         mb = mb._replace(old_values_BxT=sg(values))
         _, returns, _ = algo.advantages(mb, kl_coef)  # per-row returns: GAE runs along each row
         fwd = Forward(mb.old_logp_BxT, jnp.zeros_like(values), values)  # policy terms constant here
@@ -142,8 +144,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         loss, mets = algo.loss(Forward(logp, ent, mb.old_values_BxT), mb, den, kl_coef)  # V = V_old: constant
         return with_ptx(loss, mets, actor_p, ptx_mb, den)
 
-    critic_grad = jax.value_and_grad(critic_phase_loss, has_aux=True)
-    actor_grad = jax.value_and_grad(actor_phase_loss, has_aux=True)
+    critic_grad = lora.value_and_grad(critic_phase_loss, has_aux=True)
+    actor_grad = lora.value_and_grad(actor_phase_loss, has_aux=True)
 
     def fused_step(actor, critic, exp: Experience, ptx_mb, kl_coef):
         m = s.num_micro_batches
@@ -154,7 +156,8 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             return g, values
 
         g_critic, values_MxbxT = scan_sum(critic_micro, critic.params,
-                                          split_micro_batches(exp, m, group_size=s.prompt_repeats), den, kl_coef)
+                                          split_micro_batches(exp, m, group_size=s.prompt_repeats), den, kl_coef,
+                                          actor.params)
         exp = exp._replace(old_values_BxT=join_micro_batches(values_MxbxT, group_size=s.prompt_repeats))
         adv, ret, _ = algo.advantages(exp, kl_coef)
         exp = exp._replace(advantages_BxT=adv, returns_BxT=ret)

@@ -15,6 +15,7 @@ from rlhf_jax.ops.dpo import (
     f_divergence_scores,
 )
 from rlhf_jax.ops.dpo_options import ld_logps, log_sum_sq_probs, sft_nll, sft_nll_from_sums, wpo_weights
+from rlhf_jax.ops.ema import ema_update
 from rlhf_jax.ops.ilql import ILQLTerms, ilql_loss, ilql_perturbed_logits, polyak_update
 from rlhf_jax.ops.kl import kl_estimate, kl_in_loss, kl_regularised_nll, kl_shaped_rewards
 from rlhf_jax.ops.kl_control import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
@@ -47,6 +48,7 @@ from rlhf_jax.ops.stats import (
 )
 
 __all__ = [
+    "ema_update",
     "AdaptiveKLState",
     "DPO_COMBINABLE_LOSS_TYPES",
     "DPO_LOSS_TYPES",

@@ -93,7 +93,7 @@ def _reference(cfg: DPOConfig, mesh) -> common.LoadedModel:
     dtype = cfg.ref_dtype or cfg.model.dtype
     ref_cfg = dataclasses.replace(cfg.model, path=cfg.ref_model_path or cfg.model.path,
                                   tokenizer_path=cfg.model.tokenizer_path or cfg.model.path, dtype=dtype,
-                                  param_dtype=cfg.ref_dtype or cfg.model.param_dtype)
+                                  param_dtype=cfg.ref_dtype or cfg.model.param_dtype, lora=None)
     return common.load_model(ref_cfg, mesh=mesh, head="lm")
 
 

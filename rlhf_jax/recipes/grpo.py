@@ -104,6 +104,7 @@ class CriticFreeHyper:
     # online.shared_prompt_logits). Applies when the groups stay intact: num_minibatches = 1, micro-batches of
     # whole groups, distinct prompts divisible over the batch shards.
     share_prompt: bool = True
+    ema_decay: Optional[float] = None  # EMA of the actor (see ppo.ema_decay), exported to <output_dir>/model_ema
 
     def __post_init__(self):
         require(self.algorithm == "grpo" or self.preset == "grpo", "algo.preset",
@@ -112,6 +113,8 @@ class CriticFreeHyper:
         require(self.group_size >= min_g, "algo.group_size", f"{self.algorithm} needs >= {min_g}, got {self.group_size}")
         for k in ("epochs", "num_minibatches", "num_micro_batches", "max_sampling_tries"):
             require(getattr(self, k) >= 1, f"algo.{k}", f"must be >= 1, got {getattr(self, k)}")
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "algo.ema_decay",
+                f"must be in (0, 1) or null, got {self.ema_decay}")
 
     def resolve(self, max_new_tokens: int) -> "Resolved":
         """Fill null fields from ``PRESETS[preset]`` then ``ALGO_DEFAULTS[algorithm]`` (derived, no mutation)."""
@@ -303,7 +306,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     r = h.resolve(T)
     if r.dynamic_sampling and jax.process_count() > 1:  # hosts could draw different numbers of batches
         raise ValueError("algo.dynamic_sampling: supported on a single host only (set algo.dynamic_sampling=false)")
-    ref_params = frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
+    # with LoRA the reference is the actor's base, adapters off: no copy (`state.params` below)
+    ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
     splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     prompts = splits.train
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
@@ -313,7 +317,8 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                            prompt_field=cfg.data.prompt_field, seed=cfg.run.seed)
     iters = common.total_steps_of(cfg.run, prompts.batches_per_epoch)
     tx = make_optimizer(cfg.actor_optim, iters * h.epochs * h.num_minibatches)
-    actor_state, actor_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
+    actor_state, actor_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings,
+                                               ema_decay=h.ema_decay)
     evaluate, make_exp, update = build_programs(cfg, actor.model, mesh, actor_sh=actor_sh, ref_shardings=actor.shardings,
                                                 tx=tx, eos_ids=sampler.eos_ids, host_batch_size=prompts.batch_size)
     base_key, kl_coef = jax.random.key(cfg.run.seed), jnp.float32(r.kl_coef)
@@ -336,7 +341,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
                 baseline = np.repeat(b, h.group_size)
                 host_mets["remax_baseline"] = float(np.mean(distributed.allgather_rows(b)))
         with timer("score"):
-            ev = evaluate(state.params, ref_params, None, g.rollout)
+            ev = evaluate(state.params, state.params if ref_params is None else ref_params, None, g.rollout)
             zeros = shd.shard_batch(np.zeros_like(g.local_score_B), mesh)
             exp, roll_mets = make_exp(g.rollout, ev, g.score_B, zeros, shd.shard_batch(baseline, mesh), kl_coef)
             jax.block_until_ready(exp)
@@ -351,7 +356,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
     loop = Loop(name=h.algorithm, run=cfg.run, output_dir=out, total=iters, step=step, data={"prompts": prompts},
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
                 evaluate=None if heldout is None else (lambda s: heldout(s.params)),
-                export=lambda s: common.export_model(actor, s.params, out / "model"))
+                export=lambda s: common.export_policy(actor, s, out))
     res = run_loop(loop, actor_state)
     result = {"output_dir": str(out), "iterations": len(res.history), "history": res.history, "state": res.state,
               "model": actor.model, "tokenizer": actor.tokenizer, "resolved": r._asdict()}

@@ -97,7 +97,8 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     mesh = common.make_mesh(cfg.mesh)
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
     h = cfg.online
-    ref_params = frozen_copy(actor.params, actor.shardings, cfg.ref_dtype)
+    # with LoRA the reference is the policy's base, adapters off: no copy (`state.params` below)
+    ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.ref_dtype)
     splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     prompts = splits.train
     sampler = Sampler(actor.model, actor.tokenizer, cfg.rollout, mesh)
@@ -127,7 +128,7 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         with timer("train"):
             pb = shd.shard_batch(PairBatch(pairs, zeros, zeros), mesh)
             if cfg.loss.needs_reference:
-                pb = attach(ref_params, pb)
+                pb = attach(state.params if ref_params is None else ref_params, pb)
             for _ in range(h.updates_per_iteration):
                 state, m = dpo_step(state, pb, k_upd)
             m = jax.device_get(m)

@@ -32,6 +32,7 @@ from rlhf_jax.algos.base import PolicyLossHparams
 from rlhf_jax.algos.ppo import ppo_algorithm
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig, build_data
+from rlhf_jax.models import lora
 from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, fused_values_allowed,
                                         make_experience, rollout_metrics)
@@ -72,11 +73,19 @@ class PPOHyper:
     # micro-batches), take the critic's rollout values from the update's own critic forward (exact: the
     # critic has not moved yet) instead of a separate pass; false = always a separate pass
     fuse_critic_pass: bool = True
+    # EMA of the actor (DeepSpeed-Chat --enable_ema, 0.992 there): kept in the actor's train state, updated after
+    # every optimizer step, exported to <output_dir>/model_ema; null = off
+    ema_decay: Optional[float] = None
+    # with model.lora: the critic is its own adapters + value head on the ACTOR's frozen base (one base in memory;
+    # critic_path must be null); false = the critic loads its own base (critic_path / reward.model_path / model.path)
+    critic_shares_base: bool = False
 
     def __post_init__(self):
         for k in ("epochs", "num_minibatches", "num_micro_batches"):
             require(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", f"must be > 1 or null, got {self.dual_clip}")
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
+                f"must be in (0, 1) or null, got {self.ema_decay}")
 
     def loss_hparams(self, kl: "KLConfig", *, max_new_tokens: int) -> PolicyLossHparams:
         """The loss's hyperparameter record (the "constant" aggregation divides by the generation budget)."""
@@ -190,11 +199,19 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     out = common.start_run(cfg, cfg.run)
     mesh = common.make_mesh(cfg.mesh)
     actor = common.load_model(cfg.model, mesh=mesh, head="lm")
-    ref_params = frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
+    # with LoRA the reference is the actor's base, adapters off: no copy (`state['actor'].params` below)
+    ref_params = None if cfg.model.lora else frozen_copy(actor.params, actor.shardings, cfg.frozen_dtype)
     critic_path = cfg.critic_path or cfg.reward.model_path or cfg.model.path
+    if cfg.ppo.critic_shares_base:  # the critic keeps its adapters and value head; its trunk is the actor's base
+        require(cfg.model.lora is not None and cfg.critic_path is None, "ppo.critic_shares_base",
+                "needs model.lora and critic_path: null (the critic's trunk is the actor's base)")
+        critic_path = cfg.model.path
     critic = common.load_model(dataclasses.replace(cfg.model, path=critic_path, tokenizer_path=None), mesh=mesh,
                                head="scalar")
-    models = Models(actor=actor.model, critic=critic.model)
+    if cfg.ppo.critic_shares_base:
+        critic = dataclasses.replace(critic, params=lora.trainable(critic.params),
+                                     shardings=lora.trainable(critic.shardings))
+    models = Models(actor=actor.model, critic=critic.model, critic_shares_base=cfg.ppo.critic_shares_base)
     splits = prompt_splits(cfg.data, actor.tokenizer, common.host_batch_size(cfg.rollout.batch_size, mesh))
     prompts = splits.train
     ptx_iter = _ptx_data(cfg, actor.tokenizer, mesh)
@@ -208,7 +225,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     h = cfg.ppo
     steps = iters * h.epochs * h.num_minibatches
     actor_tx, critic_tx = make_optimizer(cfg.actor_optim, steps), make_optimizer(cfg.critic_optim, steps)
-    actor_state, actor_sh = create_train_state(actor.params, actor_tx, mesh=mesh, params_shardings=actor.shardings)
+    actor_state, actor_sh = create_train_state(actor.params, actor_tx, mesh=mesh, params_shardings=actor.shardings,
+                                               ema_decay=h.ema_decay)
     critic_state, critic_sh = create_train_state(critic.params, critic_tx, mesh=mesh,
                                                  params_shardings=critic.shardings)
     evaluate, make_exp, update = build_programs(cfg, models, mesh, actor_sh=actor_sh, critic_sh=critic_sh,
@@ -225,7 +243,8 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
             host_batch = next(prompts)
             ro = sampler(state["actor"].params, host_batch, k_gen)
         with timer("score"):
-            ev = evaluate(state["actor"].params, ref_params, state["critic"].params, ro)
+            ref = state["actor"].params if ref_params is None else ref_params
+            ev = evaluate(state["actor"].params, ref, state["critic"].params, ro)
             sc = scorer(ro, host_batch.index_B)
             exp, roll_mets = make_exp(ro, ev, sc.score_B, sc.rm_score_B, state["kl"].kl_coef)
             jax.block_until_ready(exp)
@@ -248,7 +267,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     loop = Loop(name="ppo", run=cfg.run, output_dir=out, total=iters, step=step, data=data,
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
                 evaluate=None if heldout is None else (lambda s: heldout(s["actor"].params)),
-                export=lambda s: common.export_model(actor, s["actor"].params, out / "model"))
+                export=lambda s: common.export_policy(actor, s["actor"], out))
     state = {"actor": actor_state, "critic": critic_state, "kl": ops.adaptive_kl_init(cfg.kl.coef)}
     initial = heldout(actor_state.params) if evaluate_initial and heldout is not None else None
     res = run_loop(loop, state)

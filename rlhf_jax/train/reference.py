@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models import lora
 from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import KTOBatch, PairBatch, completion_logps, stacked_rows
@@ -50,7 +51,9 @@ def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunk
     b = ids.shape[0] // 2
 
     def score(chunk):
-        return completion_logps(model, ref_params, *chunk, completion_width=completion_width, ld_alpha=ld_alpha)[0]
+        # LoRA: the policy's own params with the adapters off are the reference (identity otherwise)
+        return completion_logps(model, lora.adapters_off(ref_params), *chunk, completion_width=completion_width,
+                                ld_alpha=ld_alpha)[0]
 
     if num_chunks == 1:
         out_2B = score((ids, mask, loss))

@@ -28,6 +28,7 @@ import yaml
 from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import save_config, to_dict
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.step import StepMetrics
 
@@ -42,6 +43,8 @@ class ModelLoadConfig:
     param_dtype: Optional[Literal["float32", "bfloat16"]] = None  # storage dtype of params; null = `dtype`
     remat: str = "none"  # activation checkpointing: "none", "full" or a jax.checkpoint_policies name
     scan_layers: bool = False  # nn.scan over layers (one compiled block; faster compiles for deep models)
+    lora: Optional[LoRAConfig] = None  # low-rank adapters: only they (and a scalar head) train; null = full fine-tune
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = None  # with lora: storage dtype of the frozen base
 
     def __post_init__(self):
         if not self.path:
@@ -224,6 +227,7 @@ class LoadedModel:
     params: Any
     shardings: Any  # NamedShardings of params
     tokenizer: Any
+    load_config: Any = None  # the ModelLoadConfig it came from (LoRA exports read it)
 
 
 def load_tokenizer(path: str):
@@ -239,14 +243,20 @@ def load_model(model_cfg: ModelLoadConfig, *, mesh: jax.sharding.Mesh, head: str
     from rlhf_jax import models
 
     # Each param is born sharded: every host reads only its devices' slices of the safetensors.
+    param_dtype = None if model_cfg.param_dtype is None else jnp.dtype(model_cfg.param_dtype)
+    base_dtype = None if model_cfg.lora is None or model_cfg.base_dtype is None else jnp.dtype(model_cfg.base_dtype)
     model, params = models.load_pretrained(
         model_cfg.path, dtype=jnp.dtype(model_cfg.dtype), head=head, remat=model_cfg.remat,
-        scan_layers=model_cfg.scan_layers,
-        param_dtype=None if model_cfg.param_dtype is None else jnp.dtype(model_cfg.param_dtype),
+        scan_layers=model_cfg.scan_layers, param_dtype=base_dtype or param_dtype,
         shardings=lambda m: shd.param_shardings(m, mesh, rules=rules))
+    if model_cfg.lora is not None:
+        from rlhf_jax.train.lora_load import attach_adapters
+
+        model, params = attach_adapters(model, params, model_cfg.lora, mesh=mesh, rules=rules,
+                                        param_dtype=param_dtype or jnp.dtype(model_cfg.dtype))
     shardings = jax.tree.map(lambda x: x.sharding, params)
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path)
-    return LoadedModel(model=model, params=params, shardings=shardings, tokenizer=tokenizer)
+    return LoadedModel(model=model, params=params, shardings=shardings, tokenizer=tokenizer, load_config=model_cfg)
 
 
 def total_steps_of(run: RunConfig, batches_per_epoch: int) -> int:
@@ -266,17 +276,35 @@ def update_hf_config(directory: pathlib.Path | str, extra: dict) -> None:
 
 def export_model(loaded: LoadedModel, params: Any, directory: pathlib.Path | str, *,
                  extra_config: Optional[dict] = None) -> pathlib.Path:
-    """Save `params` as a Hugging Face folder with the tokenizer (main process writes); returns the folder."""
+    """Save `params` as a Hugging Face folder with the tokenizer (main process writes); returns the folder.
+
+    With LoRA: the merged model (W + (alpha/r) A B) by default, or a PEFT adapter folder with
+    `model.lora.export_format=peft` (`train/lora_load.py`)."""
     from rlhf_jax import models
 
     directory = pathlib.Path(directory)
-    # Every process: gathers tensor by tensor (collectives); process 0 writes.
-    models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
+    if loaded.model.config.lora is not None:
+        from rlhf_jax.train.lora_load import export_lora
+
+        what = export_lora(loaded, params, directory)
+    else:  # every process: gathers tensor by tensor (collectives); process 0 writes
+        models.save_pretrained(directory, loaded.model, params, tokenizer=loaded.tokenizer)
+        what = "Hugging Face model"
     if distributed.is_main_process():
-        if extra_config:
+        if extra_config and (directory / "config.json").exists():
             update_hf_config(directory, extra_config)
-        print(f"[rlhf_jax] exported Hugging Face model to {directory}", flush=True)
+        print(f"[rlhf_jax] exported {what} to {directory}", flush=True)
     return directory
+
+
+def export_policy(loaded: LoadedModel, state: Any, out: pathlib.Path | str) -> pathlib.Path:
+    """`export_model` of a train state's params to `out/model`, and of its EMA (if kept) to `out/model_ema`."""
+    from rlhf_jax.models import lora
+
+    out = pathlib.Path(out)
+    if state.ema is not None:
+        export_model(loaded, lora.join(state.ema, lora.split_trainable(state.params)[1]), out / "model_ema")
+    return export_model(loaded, state.params, out / "model")
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import ops
 from rlhf_jax import sharding as shd
+from rlhf_jax.models import lora
 from rlhf_jax.runtime import xla
 from rlhf_jax.train.state import TrainState
 
@@ -118,13 +120,18 @@ def all_finite(*trees: Any) -> jax.Array:
 def apply_if_finite(tx: optax.GradientTransformation, state: TrainState, grads: Any, finite: jax.Array) -> TrainState:
     """One optimizer step, applied only when ``finite`` (else params and optimizer state keep their values,
     chosen inside ``jit``) and counted in ``num_skipped`` when not."""
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    return TrainState(
+    params, frozen = lora.split_trainable(state.params)  # LoRA: grads and updates cover the adapters only
+    updates, new_opt_state = tx.update(grads, state.opt_state, params)
+    new_params = _tree_where(finite, optax.apply_updates(params, updates), params)
+    ema = state.ema
+    if ema is not None:  # EMA of the actor (DeepSpeed-Chat --enable_ema), after each applied step
+        ema = _tree_where(finite, ops.ema_update(ema, new_params, decay=state.ema_decay), ema)
+    return state.replace(
         step=state.step + 1,
-        params=_tree_where(finite, new_params, state.params),
+        params=lora.join(new_params, frozen),
         opt_state=_tree_where(finite, new_opt_state, state.opt_state),
         num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        ema=ema,
     )
 
 
@@ -145,7 +152,7 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Any, key: jax.Arra
             (loss_sum, count), aux = loss_fn(p_, mb, k)
             return loss_sum.astype(jnp.float32), (count.astype(jnp.float32), aux)
 
-        (loss_sum, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(p)
+        (loss_sum, (count, aux)), grads = lora.value_and_grad(f, has_aux=True)(p)
         return loss_sum, count, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
     if num_micro_batches == 1:
@@ -176,7 +183,7 @@ def train_step_fn(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_micr
         loss_sum, count, aux, grad_sums = accumulate_gradients(
             loss_fn, state.params, batch, key, num_micro_batches=num_micro_batches)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, state.params)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, lora.trainable(state.params))
         loss = loss_sum / denom
         finite = jnp.isfinite(loss) & all_finite(grads)
         new_state = apply_if_finite(tx, state, grads, finite)
