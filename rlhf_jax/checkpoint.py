@@ -366,15 +366,7 @@ class Checkpointer:
 
 def _path_name(path: tuple) -> str:
     """'params/layer_0/kernel' for a pytree key path (dict keys, attributes and indices alike)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def resolve_resume(resume: str, output_checkpoint_dir: str | os.PathLike) -> tuple[pathlib.Path, int] | None:

@@ -51,15 +51,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _path_str(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """'params/layer_0/kernel' for a pytree key path (dict keys, attributes and indices alike)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def decay_mask(params: Any, *, no_decay_patterns: tuple[str, ...]) -> Any:
