@@ -111,6 +111,40 @@ def test_plan_tiny_configs_on_cpu8(config, command_programs, tiny_model, tmp_pat
     assert rep["peak"] == max(p["peak"] for p in rep["programs"])
 
 
+def _ilql_heads_bytes(hidden=64, vocab=4096) -> int:
+    """Hand count of trlx's ILQL heads: Linear(D, 2D) -> Linear(2D, out) for 2 Q, 2 target Q (out V) and V (out 1)."""
+    mlp = lambda out: hidden * 2 * hidden + 2 * hidden + 2 * hidden * out + out  # noqa: E731
+    return 4 * (4 * mlp(vocab) + mlp(1))
+
+
+@pytest.mark.parametrize("config,overrides,programs", [
+    ("superhf_tiny_cpu.yaml", [], ["generate", "reference_logps", "sft_step"]),
+    ("ilql_tiny_cpu.yaml", [], ["train_step", "generate_eval_greedy", "generate_eval_sampled"]),
+    ("critique_tiny_cpu.yaml", ["helper_model={model}"], ["generate", "generate_critique_revision"]),
+    ("label_tiny_cpu.yaml", ["ranker=pairwise_judge", "num_samples=2", "pairwise_judge.model_path={model}",
+                             "pairwise_judge.max_len=48"], ["generate", "pairwise_judge"]),
+])
+def test_plan_other_commands_on_cpu8(config, overrides, programs, tiny_model, tmp_path):
+    ovr = [o.format(model=tiny_model) for o in overrides]
+    proc, rep = _plan(config, "cpu-8", tmp_path, f"model.path={tiny_model}", *ovr, "--no-knobs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p["name"] for p in rep["programs"]] == programs and rep["fits"]
+    c = rep["contributors"]
+    for p in rep["programs"]:
+        assert p["flops"] > 0 and p["arguments"] >= _param_bytes() and p["peak"] >= p["program_peak"]
+    if config.startswith("superhf"):  # the frozen float32 starting policy: resident, read by reference_logps only
+        assert c["reference"] == _param_bytes() and c["actor params"] == _param_bytes()
+        assert rep["programs"][1]["other_resident"] == c["actor params"] + c["actor optimizer state"]
+    elif config.startswith("ilql"):  # one state: the LM and its five heads
+        assert c["policy params"] == _param_bytes() + _ilql_heads_bytes()
+        assert rep["programs"][0]["arguments"] >= 3 * c["policy params"]  # params + Adam's two moments
+    elif config.startswith("critique"):
+        assert c["policy params"] == c["helper params"] == _param_bytes()
+        assert rep["programs"][1]["other_resident"] == _param_bytes()  # the policy, idle while the helper samples
+    else:
+        assert c["judge"] == _param_bytes() and rep["programs"][1]["other_resident"] == _param_bytes()
+
+
 def test_plan_mesh_must_match_topology(tiny_model, tmp_path):
     proc, _ = _plan("sft_tiny_cpu.yaml", "cpu-4", tmp_path, f"model.path={tiny_model}", "mesh.data=8")
     assert proc.returncode == 2

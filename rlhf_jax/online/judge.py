@@ -61,6 +61,18 @@ def single_token(tokenizer, text: str, key: str) -> int:
     return int(ids[0])
 
 
+def judge_program(model, option_ids: jax.Array):
+    """Jitted ``(params, ids_BxS, mask_BxS) -> [B, n_options]`` option log-probs of left-padded judge inputs
+    (the LM head on the last position only). Also what ``rlhf-jax plan`` compiles."""
+
+    def fn(params, ids_BxS, mask_BxS):
+        width = ids_BxS.shape[1]
+        logits = model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(width - 1, width))
+        return option_logprobs(logits, option_ids)
+
+    return jax.jit(fn)
+
+
 class PairwiseJudge:
     """P(response 1 ≻ response 2) of this host's pairs, from a judge LM (``loaded``: a ``LoadedModel``)."""
 
@@ -70,12 +82,7 @@ class PairwiseJudge:
         ids = jnp.asarray([single_token(tok, cfg.option_a, "pairwise_judge.option_a"),
                            single_token(tok, cfg.option_b, "pairwise_judge.option_b")], jnp.int32)
 
-        def fn(params, ids_BxS, mask_BxS):
-            width = ids_BxS.shape[1]
-            logits = loaded.model.apply({"params": params}, ids_BxS, mask_BxS, head_span=(width - 1, width))
-            return option_logprobs(logits, ids)
-
-        self._fn = jax.jit(fn)
+        self._fn = judge_program(loaded.model, ids)
 
     def texts(self, prompts: list[str], first: list[str], second: list[str]) -> list[str]:
         """Judge inputs in the order [pair, principle, order]: order 0 shows ``first`` as (A), order 1 as (B)."""

@@ -36,6 +36,8 @@ def infer_command(config: str) -> str:
     names = [n for n in REGISTRY if stem == n or stem.startswith(n + "_")]
     if stem.startswith(("kto", "simpo", "orpo", "ipo")):
         names.append("dpo")
+    if stem.startswith("superhf"):
+        names.append("raft")
     if not names:
         raise ValueError(f"{config}: cannot tell the command from the file name; pass --command "
                          f"(one of {', '.join(REGISTRY)})")

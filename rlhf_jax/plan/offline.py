@@ -106,3 +106,38 @@ def plan_rm(cfg, mesh) -> RunPrograms:
                                 uses=("reward model params",)))
     return RunPrograms("rm", mesh, split_state("reward model", state), programs)
 
+
+
+def plan_ilql(cfg, mesh) -> RunPrograms:
+    """ILQL: the train step (``recipes.ilql.make_step``) on the LM + heads state, and the evaluation sampler
+    (``algos.ilql.ILQLPolicy``: greedy and sampled) when ``eval.prompts`` is set."""
+    from rlhf_jax.algos import ilql as algo
+    from rlhf_jax.data.ilql import ILQLBatch
+    from rlhf_jax.plan.abstract import AbstractModel, attach
+    from rlhf_jax.plan.online import sampler_programs
+    from rlhf_jax.recipes import ilql
+
+    actor = abstract_model(cfg.model, mesh=mesh, head="lm")
+    head_shapes, head_sh = ilql.heads_layout(cfg, actor.model.config, mesh)
+    params = {"lm": actor.params, "heads": attach(head_shapes, head_sh)}
+    shardings = {"lm": actor.shardings, "heads": head_sh}
+    tx = make_optimizer(cfg.optim, total_steps(cfg.run))
+    state, state_sh = abstract_state(params, shardings, tx, mesh)
+    heads = algo.ILQLHeads(actor.model.config, two_qs=cfg.ilql.two_qs)
+    step = ilql.make_step(cfg, actor.model, heads, tx, total_steps(cfg.run), mesh, state_sh)
+    bsh, B = shd.batch_sharding(mesh), cfg.batch_size
+    P, T = cfg.data.max_prompt_len, cfg.data.max_completion_len
+    i32 = jnp.int32
+    batch = ILQLBatch(spec((B, P), i32, bsh), spec((B, P), i32, bsh), spec((B, T), i32, bsh), spec((B, T), i32, bsh),
+                      spec((B, T), jnp.float32, bsh))
+    programs = [Planned("train_step", step, (state, batch, key_spec(mesh)),
+                        uses=("policy params", "policy optimizer state"))]
+    if cfg.eval.prompts is not None:  # make_evaluate: greedy (beta and beta = 0) and sampled decoding
+        rollout = ilql.eval_rollout(cfg)
+        policy = AbstractModel(algo.ILQLPolicy(actor.model.config, two_qs=cfg.ilql.two_qs, beta=cfg.gen_kwargs.beta),
+                               state.params, shardings)
+        for name, temperature in (("generate_eval_greedy", 0.0), ("generate_eval_sampled", rollout.temperature)):
+            gen, _ = sampler_programs(policy, rollout, mesh,
+                                      rows=cfg.eval.batch_size, prompt_len=P, temperature=temperature, name=name)
+            programs += [g._replace(uses=("policy params",)) for g in gen]
+    return RunPrograms("ilql", mesh, split_state("policy", state), programs)

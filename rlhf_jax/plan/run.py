@@ -22,6 +22,8 @@ BUILDERS = {
     "raft": "rlhf_jax.plan.sampling:plan_raft",
     "online_dpo": "rlhf_jax.plan.sampling:plan_online_dpo",
     "label": "rlhf_jax.plan.sampling:plan_label",
+    "critique": "rlhf_jax.plan.sampling:plan_critique",
+    "ilql": "rlhf_jax.plan.offline:plan_ilql",
     "ppo": "rlhf_jax.plan.online:plan_ppo",
     "grpo": "rlhf_jax.plan.online:plan_critic_free",
     "rloo": "rlhf_jax.plan.online:plan_critic_free",

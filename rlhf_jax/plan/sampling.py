@@ -4,7 +4,6 @@ SFT step as ``recipes.raft.train`` builds it) on rows of the rollout's width (pr
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from rlhf_jax import sharding as shd
@@ -14,9 +13,7 @@ from rlhf_jax.plan.abstract import (Planned, RunPrograms, abstract_model, abstra
                                     split_state, total_steps)
 from rlhf_jax.plan.offline import sft_batch
 from rlhf_jax.plan.online import kv_cache_bytes, reward_model, rm_program, sampler_programs
-from rlhf_jax.algos.supervised import sft_loss
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.step import make_train_step
 
 
 def _rollout_programs(cfg, actor, mesh, *, samples: int):
@@ -29,14 +26,17 @@ def _rollout_programs(cfg, actor, mesh, *, samples: int):
 
 
 def plan_raft(cfg, mesh) -> RunPrograms:
+    """RAFT / SuperHF: sampler, reward model, (SuperHF) the reference log-prob pass, then the SFT step —
+    both from ``recipes.raft.build_programs``."""
+    from rlhf_jax.algos.superhf import SuperHFBatch
+    from rlhf_jax.recipes import raft
+
     actor = abstract_model(cfg.model, mesh=mesh, head="lm")
     h = cfg.raft
     tx = make_optimizer(cfg.optim, total_steps(cfg.run) * h.sft_steps)
     state, state_sh = abstract_state(actor.params, actor.shardings, tx, mesh)
-    if cfg.kl_coef > 0:
-        raise ValueError("rlhf-jax plan: raft with kl_coef > 0 (SuperHF) is not planned yet")
-    step = make_train_step(lambda p, b, k: sft_loss(actor.model, p, b, k, mode=h.loss_aggregation), tx=tx,
-                           num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)  # as raft.train
+    step, ref_scorer = raft.build_programs(cfg, actor.model, mesh, tx=tx, state_sh=state_sh,
+                                           params_shardings=actor.shardings)
     resident = split_state("actor", state)
     rm = reward_model(cfg, mesh)  # make_scorer's default frozen_dtype
     if rm is not None:
@@ -46,9 +46,15 @@ def plan_raft(cfg, mesh) -> RunPrograms:
         programs.append(rm_program(rm, ro, mesh))
     U, S = cfg.rollout.batch_size, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     rows = U * (h.num_samples if h.quantile is not None else h.top_k)  # the kept rows (static)
-    programs.append(Planned("sft_step", step, (state, sft_batch(rows, S, shd.batch_sharding(mesh)), key_spec(mesh)),
+    bsh = shd.batch_sharding(mesh)
+    kept = sft_batch(rows, S, bsh)
+    if ref_scorer is not None:  # SuperHF: frozen float32 copy of the starting policy (raft.train's frozen_copy)
+        resident["reference"] = frozen(actor.params, "float32")
+        programs.append(Planned("reference_logps", ref_scorer, (resident["reference"], kept), uses=("reference",)))
+        kept = SuperHFBatch(kept, spec((rows, S - 1), jnp.float32, bsh))
+    programs.append(Planned("sft_step", step, (state, kept, key_spec(mesh)),
                             uses=("actor params", "actor optimizer state")))
-    return RunPrograms("raft", mesh, resident, programs, extra)
+    return RunPrograms("raft" if ref_scorer is None else "superhf", mesh, resident, programs, extra)
 
 
 def plan_online_dpo(cfg, mesh) -> RunPrograms:
@@ -91,14 +97,49 @@ def plan_label(cfg, mesh) -> RunPrograms:
         if cfg.judge.model_path is not None:
             judge = abstract_model(cfg.model, mesh=mesh, head="lm", path=cfg.judge.model_path)
             resident["judge"], uses = judge.params, ("judge",)
-        fn = jax.jit(lambda p, i, m: label.verdict_logprob(judge.model.apply({"params": p}, i, m), m, 0))
+        fn = label.judge_program(judge.model, 0)  # the verdict id does not change the program
         ids = spec((B, cfg.judge.max_len), jnp.int32, shd.batch_sharding(mesh))  # the widest judge input
         programs.append(Planned("judge", fn, (judge.params, ids, ids), uses=uses))
-    elif cfg.ranker == "pairwise_judge":
-        raise ValueError("rlhf-jax plan: label ranker=pairwise_judge is not planned yet (its judge programs are "
-                         "built inside online.judge.PairwiseJudge); plan ranker=judge for a same-size estimate")
+    elif cfg.ranker == "pairwise_judge":  # online.judge.PairwiseJudge: pairs x principles x 2 orders
+        from rlhf_jax.online.judge import judge_program
+
+        pj = cfg.pairwise_judge
+        judge, uses = actor, ("actor params",)
+        if pj.model_path is not None:
+            judge = abstract_model(cfg.model, mesh=mesh, head="lm", path=pj.model_path)
+            resident["judge"], uses = judge.params, ("judge",)
+        fn = judge_program(judge.model, jnp.zeros((2,), jnp.int32))  # option ids: values do not change the program
+        rows = cfg.rollout.batch_size * len(pj.principles) * 2
+        ids = spec((rows, pj.max_len), jnp.int32, shd.batch_sharding(mesh))  # the widest judge input
+        programs.append(Planned("pairwise_judge", fn, (judge.params, ids, ids), uses=uses))
     elif cfg.ranker == "reward_model":
         rm = reward_model(cfg, mesh)  # make_scorer's default frozen_dtype
         resident["reward model"] = rm.params
         programs.append(rm_program(rm, ro, mesh))
     return RunPrograms("label", mesh, resident, programs, extra)
+
+
+def plan_critique(cfg, mesh) -> RunPrograms:
+    """Constitutional AI's SL stage: the policy's sampler, then the helper's critique and revision sampler
+    (``recipes.critique.revision_rollout``) on contexts of ``max_context_len`` tokens."""
+    from rlhf_jax.recipes import critique
+
+    actor = abstract_model(cfg.model, mesh=mesh, head="lm")
+    resident = {"policy params": actor.params}
+    helper = actor
+    if cfg.helper_model is not None:
+        helper = abstract_model(cfg.model, mesh=mesh, head="lm", path=cfg.helper_model)
+        resident["helper params"] = helper.params
+    U = cfg.rollout.batch_size
+    programs, _ = sampler_programs(actor, cfg.rollout, mesh, rows=U, prompt_len=cfg.data.max_prompt_len)
+    revise, _ = sampler_programs(helper, critique.revision_rollout(cfg, U), mesh, rows=U,
+                                 prompt_len=cfg.max_context_len, temperature=cfg.revision.temperature,
+                                 name="generate_critique_revision")
+    if cfg.helper_model is not None:
+        revise = [p._replace(uses=("helper params",) if p.uses else ()) for p in revise]
+    programs += revise
+    ctx = cfg.max_context_len + cfg.revision.max_new_tokens
+    extra = {"KV cache (generate)": kv_cache_bytes(actor.model, U, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                                                   mesh),
+             "KV cache (critique/revision)": kv_cache_bytes(helper.model, U, ctx, mesh)}
+    return RunPrograms("critique", mesh, resident, programs, extra)

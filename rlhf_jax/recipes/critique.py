@@ -146,6 +146,13 @@ def completion_of(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
+def revision_rollout(cfg: CritiqueConfig, batch_size: int) -> RolloutConfig:
+    """The helper's sampling settings (its critiques and revisions; also what ``rlhf-jax plan`` compiles)."""
+    r = cfg.revision
+    return RolloutConfig(batch_size=batch_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature or 1.0,
+                         top_k=r.top_k, top_p=r.top_p)
+
+
 class Reviser:
     """Critiques and revisions of this host's rows by the helper (one sampler call per step)."""
 
@@ -154,8 +161,7 @@ class Reviser:
         room = int(loaded.model.config.max_position_embeddings) - r.max_new_tokens
         require(cfg.max_context_len <= room, "max_context_len", f"{cfg.max_context_len} + revision.max_new_tokens="
                 f"{r.max_new_tokens} exceeds the helper's {loaded.model.config.max_position_embeddings} positions")
-        rollout = RolloutConfig(batch_size=batch_size, max_new_tokens=r.max_new_tokens,
-                                temperature=r.temperature or 1.0, top_k=r.top_k, top_p=r.top_p)
+        rollout = revision_rollout(cfg, batch_size)
         self.loaded, self.cfg, self.mesh = loaded, cfg, mesh
         self.sampler = Sampler(loaded.model, loaded.tokenizer, rollout, mesh)
         self.pad, self.truncated = pad_id_of(loaded.tokenizer), 0

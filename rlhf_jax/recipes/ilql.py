@@ -122,12 +122,18 @@ class ILQLConfig:
                 "ILQL evaluates by decoding eval.prompts; remove data.eval_path / data.eval_fraction")
 
 
-def _heads(cfg: ILQLConfig, config, mesh):
-    """Head params born sharded by their logical axes, and their shardings."""
+def heads_layout(cfg: ILQLConfig, config, mesh):
+    """``(shapes, shardings)`` of the head params (``jax.ShapeDtypeStruct``s; no array is made)."""
     init = functools.partial(algo.init_heads, config, two_qs=cfg.ilql.two_qs)
     boxed = jax.eval_shape(init, jax.random.key(cfg.run.seed))
     shapes = nn.meta.unbox(boxed)
-    shardings = shd.logical_to_shardings(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+    return shapes, shd.logical_to_shardings(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+
+
+def _heads(cfg: ILQLConfig, config, mesh):
+    """Head params born sharded by their logical axes, and their shardings."""
+    init = functools.partial(algo.init_heads, config, two_qs=cfg.ilql.two_qs)
+    _, shardings = heads_layout(cfg, config, mesh)
     params = shd.create_sharded(lambda k: nn.meta.unbox(init(k)), jax.random.fold_in(jax.random.key(cfg.run.seed), 7),
                                 out_shardings=shardings)
     return params, shardings
@@ -155,6 +161,13 @@ def make_step(cfg: ILQLConfig, model, heads, tx, total: int, mesh, state_sh):
                            compiler_options=xla.gradient_compiler_options())
 
 
+def eval_rollout(cfg: ILQLConfig) -> RolloutConfig:
+    """The evaluation sampler's settings (also what ``rlhf-jax plan`` compiles)."""
+    g = cfg.gen_kwargs
+    return RolloutConfig(batch_size=cfg.eval.batch_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                         top_k=g.top_k, param_axes=("fsdp", "tensor"))
+
+
 def make_evaluate(cfg: ILQLConfig, loaded, mesh):
     """``state -> {"gold_score", "gold_score_beta0", "gold_score_sampled"}``: mean gold score of the responses
     to every eval prompt, decoded greedily with ``log_softmax(z) + β·(min Q̂ − V)`` (β = gen_kwargs.beta), greedily
@@ -171,8 +184,7 @@ def make_evaluate(cfg: ILQLConfig, loaded, mesh):
                             batch_size=common.host_batch_size(e.batch_size, mesh), pad_id=pad_id_of(loaded.tokenizer),
                             process_index=shard, process_count=shards, shuffle=False, drop_last=False, num_epochs=1)
     gold = rewards.load_function(e.gold_function)
-    rollout = RolloutConfig(batch_size=e.batch_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_k=g.top_k, param_axes=("fsdp", "tensor"))
+    rollout = eval_rollout(cfg)
     policy = lambda beta: Sampler(algo.ILQLPolicy(loaded.model.config, two_qs=cfg.ilql.two_qs, beta=beta),  # noqa: E731
                                   loaded.tokenizer, rollout, mesh)
     # (metric, sampler, temperature): greedy with beta, greedy with beta = 0, sampled as trlx (top-k, τ)

@@ -98,6 +98,12 @@ def verdict_logprob(logits_BxSxV: jax.Array, mask_BxS: jax.Array, verdict_id: in
     return ops.last_token(logp_BxSxV[..., verdict_id], mask_BxS)
 
 
+def judge_program(model, verdict_id: int):
+    """Jitted ``(params, ids_BxS, mask_BxS) -> [B]`` verdict log-probs (batch-sharded in → out). Also what
+    ``rlhf-jax plan`` compiles."""
+    return jax.jit(lambda p, i, m: verdict_logprob(model.apply({"params": p}, i, m), m, verdict_id))
+
+
 class Judge:
     """Scores (prompt, response) texts with :func:`verdict_logprob` of a judge LM (one jit per width)."""
 
@@ -107,8 +113,7 @@ class Judge:
         require(len(ids) == 1, "judge.verdict", f"{cfg.verdict!r} is {len(ids)} tokens of the judge tokenizer; "
                 "use a single-token verdict")
         self.loaded, self.cfg, self.verdict_id, self.pad = loaded, cfg, int(ids[0]), pad_id_of(tok)
-        self._fn = jax.jit(lambda p, i, m: verdict_logprob(loaded.model.apply({"params": p}, i, m), m,
-                                                           self.verdict_id))  # batch-sharded in → out
+        self._fn = judge_program(loaded.model, self.verdict_id)
 
     def __call__(self, prompts: list[str], responses: list[str], *, mesh) -> np.ndarray:
         """Scores of THIS host's (prompt, response) rows; every host calls it with the same number of rows."""

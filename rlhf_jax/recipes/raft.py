@@ -122,6 +122,22 @@ def kept_batch(sft: SFTBatch, rows: np.ndarray, keep: Optional[np.ndarray]) -> S
     return out
 
 
+def build_programs(cfg: RAFTConfig, model, mesh, *, tx, state_sh, params_shardings):
+    """``(sft_step, ref_scorer)``: the jitted SFT step on the kept rows (SuperHF's KL-regularised loss when
+    ``kl_coef`` > 0) and, for SuperHF, the jitted reference log-prob pass (``algos.superhf.make_ref_scorer``,
+    None otherwise). Also what ``rlhf-jax plan`` compiles."""
+    h, kl_coef = cfg.raft, cfg.kl_coef
+    if kl_coef > 0:
+        ref_scorer = superhf.make_ref_scorer(model, mesh=mesh, params_shardings=params_shardings)
+        loss = lambda p, b, k: superhf.superhf_loss(model, p, b, k, kl_coef=kl_coef,  # noqa: E731
+                                                    kl_estimator=h.kl_estimator, mode=h.loss_aggregation)
+    else:
+        ref_scorer = None
+        loss = lambda p, b, k: sft_loss(model, p, b, k, mode=h.loss_aggregation)  # noqa: E731
+    step = make_train_step(loss, tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
+    return step, ref_scorer
+
+
 def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Run RAFT; returns the metric history, final state and export path."""
     out = common.start_run(cfg, cfg.run)
@@ -139,17 +155,13 @@ def train(cfg: RAFTConfig, *, stop_at_step: Optional[int] = None) -> dict:
     tx = make_optimizer(cfg.optim, iters * h.sft_steps)
     state, state_sh = create_train_state(actor.params, tx, mesh=mesh, params_shardings=actor.shardings)
     kl_coef = cfg.kl_coef
-    if kl_coef > 0:  # SuperHF: the kept rows carry the frozen starting policy's log-probs
+    sft_step, ref_scorer = build_programs(cfg, actor.model, mesh, tx=tx, state_sh=state_sh,
+                                          params_shardings=actor.shardings)
+    if ref_scorer is not None:  # SuperHF: the kept rows carry the frozen starting policy's log-probs
         ref_params = frozen_copy(actor.params, actor.shardings, "float32")
-        ref_scorer = superhf.make_ref_scorer(actor.model, mesh=mesh, params_shardings=actor.shardings)
         with_ref = lambda kept: ref_scorer(ref_params, kept)  # noqa: E731
-        loss = lambda p, b, k: superhf.superhf_loss(actor.model, p, b, k, kl_coef=kl_coef,  # noqa: E731
-                                                    kl_estimator=h.kl_estimator, mode=h.loss_aggregation)
     else:
         with_ref = lambda kept: kept  # noqa: E731
-        loss = lambda p, b, k: sft_loss(actor.model, p, b, k, mode=h.loss_aggregation)  # noqa: E731
-    sft_step = make_train_step(loss, tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh,
-                               state_shardings=state_sh)
     base_key = jax.random.key(cfg.run.seed)
 
     def step(it, state):
