@@ -31,6 +31,9 @@ def test_topology_names():
     cpu = parse_topology("cpu-8", hbm_gib=2)
     assert (cpu.platform, cpu.num_devices, cpu.hbm_bytes) == ("cpu", 8, 2 * GIB)
     assert "not a GPU or TPU compile" in cpu.estimate_note
+    h100 = parse_topology("h100-8")
+    assert (h100.platform, h100.num_devices, h100.hbm_bytes) == ("cpu", 8, 81559 * 2 ** 20)
+    assert "NOT a GPU compile" in h100.estimate_note and "XLA_PYTHON_CLIENT_MEM_FRACTION" in h100.estimate_note
     for bad in ("v9-8", "v4-3", "v5e:2x2x2", "tpu"):
         with pytest.raises(ValueError, match="topology|TensorCores|grid|power"):
             parse_topology(bad)
@@ -50,6 +53,23 @@ def test_collectives_parser_counts_bytes():
     assert c["all-reduce"] == {"count": 1, "bytes": 512 * 1024 * 4}
     assert c["reduce-scatter"] == {"count": 1, "bytes": 16 * 4 + 2 * 4}
     assert shape_bytes("pred[3]") == 3 and "collective-permute" not in c
+
+
+def test_fused_dot_scratch_counts_dots_inside_fusions_only():
+    from rlhf_jax.plan.analyze import fused_dot_scratch
+
+    hlo = "\n".join([
+        "%fused_computation.17 (param_0: f32[256,64], param_1: f32[64,4096]) -> f32[256] {",
+        "  %dot.1 = f32[256,4096]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}",
+        "}",
+        "%fused_computation.3 (p: bf16[8,16]) -> bf16[8,8] {",
+        "  %dot.2 = bf16[8,8]{1,0} dot(%p, %p), lhs_contracting_dims={1}",
+        "}",
+        "ENTRY %main.155 (a: f32[512,64], b: f32[64,4096]) -> f32[512,4096] {",
+        "  %dot.3 = f32[512,4096]{1,0} dot(%a, %b), lhs_contracting_dims={1}",  # in the buffer assignment
+        "}",
+    ])
+    assert fused_dot_scratch(hlo) == 256 * 4096 * 4
 
 
 def test_infer_command():
@@ -104,7 +124,8 @@ def test_plan_tiny_configs_on_cpu8(config, command_programs, tiny_model, tmp_pat
     params = [v for k, v in rep["contributors"].items() if k.endswith("params") and k.split()[0] in ("policy", "actor")]
     assert params == [_param_bytes()]  # replicated over the data axis: the whole model on each chip
     for p in rep["programs"]:
-        assert p["peak"] == p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"] + p["other_resident"]
+        assert p["peak"] == (p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"] + p["runtime_scratch"]
+                             + p["other_resident"])
         assert p["flops"] > 0 or p["name"] == "make_experience"
     train = next(p for p in rep["programs"] if p["name"] in ("train_step", "update"))
     assert train["collectives"]["all-reduce"]["bytes"] >= _param_bytes()  # the gradient all-reduce over data

@@ -18,7 +18,8 @@ HELP = "per-chip memory / FLOPs / collectives of every program of a run, compile
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config of any training command")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for the command itself")
-    p.add_argument("--topology", required=True, help="v5e-256, v6e-64, v4-32, v5p-128, v5e:4x4, or cpu-N")
+    p.add_argument("--topology", required=True, help="v5e-256, v6e-64, v4-32, v5p-128, v5e:4x4, cpu-N, or h100-N / h200-N "
+                   "(cpu-N compared against that GPU's memory: an XLA:CPU estimate, not a GPU compile)")
     p.add_argument("--num-slices", type=int, default=1, help="slices over DCN (default 1)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--command", default=None, dest="plan_command",

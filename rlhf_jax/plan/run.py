@@ -98,12 +98,14 @@ def plan(command: str, cfg: Any, topo: Topology) -> dict:
                 raise
             rows.append(refused.as_dict())
             continue
-        rows.append(analyse(p.name, compiled, other_resident=other, note=p.note).as_dict())
+        rows.append(analyse(p.name, compiled, other_resident=other, note=p.note, cpu=topo.platform == "cpu").as_dict())
     peak = max(r["peak"] for r in rows)
     worst = max(rows, key=lambda r: r["peak"])
     contributors = dict(resident)
     contributors.update(run.extra)
     contributors[f"activations + temporaries ({worst['name']})"] = worst["temporaries"]
+    if worst.get("runtime_scratch"):
+        contributors[f"XLA:CPU fused-dot scratch ({worst['name']})"] = worst["runtime_scratch"]
     return {"command": command, "topology": topo.name, "platform": topo.platform, "num_devices": topo.num_devices,
             "num_slices": topo.num_slices, "mesh": dict(mesh.shape), "hbm_bytes": topo.hbm_bytes,
             "note": topo.estimate_note, "programs": rows, "peak": peak, "fits": peak <= topo.hbm_bytes,
@@ -148,8 +150,9 @@ def format_report(rep: dict) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("peak/chip = arguments + outputs - donated + temporaries + resident buffers the program does not "
-                 "read (train states, frozen models); collectives: count x bytes in the program text (a loop body "
-                 "once)")
+                 "read (train states, frozen models)" + (" + XLA:CPU's fused-dot scratch (cpu-N only)"
+                                                         if rep["platform"] == "cpu" else "")
+                 + "; collectives: count x bytes in the program text (a loop body once)")
     lines += [f"  {r['note']}" for r in rep["programs"] if r.get("note")]
     lines.append(f"run peak {_b(rep['peak'])} per device of {_b(hbm)}: {'fits' if rep['fits'] else 'DOES NOT FIT'}")
     lines.append("largest contributors (per device):")

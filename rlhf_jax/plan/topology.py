@@ -6,6 +6,9 @@
 * ``cpu-N``: N simulated host devices (``--xla_force_host_platform_device_count``). A ``cpu-N`` plan
   estimates memory with the XLA:CPU compiler; it is NOT a GPU (or TPU) compile: fusion, layouts and
   collectives differ. Use it when libtpu is not installed, or for GPU-like meshes.
+* ``h100-N``, ``h200-N``: ``cpu-N`` compared against that GPU's memory (H100 80GB: 81,559 MiB; H200: 143,771 MiB,
+  as ``nvidia-smi`` reports them) — still an XLA:CPU estimate, not a GPU compile (``--hbm-gib`` does the same
+  for any chip).
 
 TPU topologies need libtpu (``pip install 'rlhf_jax[plan]'``): it compiles for abstract TPU devices on a
 CPU host (``get_topology_desc``); no TPU is touched.
@@ -19,6 +22,9 @@ import os
 import re
 
 GIB = 1024 ** 3
+
+#: GPU name -> memory per GPU (nvidia-smi's total) for the ``h100-N`` / ``h200-N`` CPU-compiler estimates
+GPU_MEMORY = {"h100": 81559 * 1024 ** 2, "h200": 143771 * 1024 ** 2}
 
 #: generation -> (HBM bytes per chip, TensorCores per chip as counted in the slice name, grid rank)
 TPU_CHIPS = {
@@ -51,6 +57,12 @@ class Topology:
 
     @property
     def estimate_note(self) -> str:
+        gpu = self.name.split("-")[0].lower()
+        if self.platform == "cpu" and gpu in GPU_MEMORY:
+            return (f"{self.name}: an XLA:CPU estimate on {self.num_devices} simulated host devices compared against "
+                    f"{self.hbm_bytes / GIB:.1f} GiB per {gpu.upper()}; this is NOT a GPU compile (fusion, layouts, "
+                    "collectives and cuBLAS workspaces differ), and JAX on GPU only uses 75% of the memory unless "
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION is raised")
         if self.platform == "cpu":
             return (f"{self.name}: memory estimated with the XLA:CPU compiler on {self.num_devices} simulated host "
                     "devices; this is not a GPU or TPU compile (fusion, layouts and collectives differ)")
@@ -90,10 +102,15 @@ def parse_topology(name: str, *, num_slices: int = 1, hbm_gib: float | None = No
         n = int(m.group(1)) * num_slices
         hbm = int(hbm_gib * GIB) if hbm_gib else host_memory_bytes() // max(n, 1)
         return Topology(name, "cpu", n, hbm, None, num_slices)
+    m = re.fullmatch(r"(h100|h200)-(\d+)", text)
+    if m:
+        n = int(m.group(2)) * num_slices
+        return Topology(name, "cpu", n, int(hbm_gib * GIB) if hbm_gib else GPU_MEMORY[m.group(1)], None, num_slices)
     m = re.fullmatch(r"(v4|v5p|v5e|v6e|v5litepod)(?:-(\d+)|:(\d+(?:x\d+){1,2}))", text)
     if not m:
         raise ValueError(f"unknown topology {name!r}; use a TPU slice (v5e-256, v6e-64, v4-32, v5p-128), an explicit "
-                         "grid (v5e:4x4, v4:2x2x2) or cpu-N (N simulated host devices)")
+                         "grid (v5e:4x4, v4:2x2x2), cpu-N (N simulated host devices) or h100-N / h200-N (cpu-N against that "
+                         "GPU's memory)")
     gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
     hbm, cores, rank = TPU_CHIPS[gen]
     if m.group(2):
