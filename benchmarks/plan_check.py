@@ -1,7 +1,8 @@
 """Check `rlhf-jax plan` against reality: the plan's per-device peak on cpu-8 vs the peak measured in a real run
 of the same config on 8 simulated CPU devices.
 
-    python benchmarks/plan_check.py [--commands ppo grpo dpo] [--size tiny|small] [--steps 3]
+    python benchmarks/plan_check.py [--commands ppo grpo dpo] [--size tiny|small|100m] [--steps 3]
+    flock /work/heavy.lock python benchmarks/plan_check.py --size 100m     (the ~100M runs take several GB)
 
 Measured peak per device of a real run (XLA:CPU keeps device buffers in host memory, one process for 8 devices):
 
@@ -28,7 +29,8 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIZES = {"tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2), "small": dict(hidden=256, layers=4, heads=8, kv_heads=4)}
+SIZES = {"tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2), "small": dict(hidden=256, layers=4, heads=8, kv_heads=4),
+         "100m": dict(hidden=768, layers=12, heads=12, kv_heads=2, intermediate=2048, vocab_size=16384)}  # _common's "small"
 CONFIGS = {"ppo": "configs/ppo_tiny_cpu.yaml", "grpo": "configs/grpo_tiny_cpu.yaml", "dpo": "configs/dpo_tiny_cpu.yaml"}
 
 
