@@ -4,7 +4,7 @@ rollout (``sharding.local_rows``); each host selects within its own groups."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -48,14 +48,26 @@ def rollout_pair_batch(ro: Rollout, chosen: np.ndarray, rejected: np.ndarray, va
                            r.input_ids_BxS, r.attention_mask_BxS, np.where(keep, r.loss_mask_BxS, 0).astype(np.int32))
 
 
-def best_worst(score_B: np.ndarray, *, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def best_worst(score_B: np.ndarray, *, group_size: int,
+               empty_B: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group of G contiguous rows: (row of the best score, row of the worst, whether they differ).
 
-    Ties go to the first row (``argmax``/``argmin``); a group whose scores are all equal is not a pair.
+    A group whose scores are all equal is not a pair. Among rows tied for the best score the chosen is the
+    first NON-empty one, among rows tied for the worst the rejected is the first EMPTY one (``empty_B``: the
+    response has no text before EOS); without ``empty_B``, or when no tied row is (non-)empty, the first row.
+    So an empty response is "chosen" only when it strictly outscores every non-empty response of its group:
+    a tie between an empty answer and a wrong one never teaches "stop at once" (online DPO on a 0/1 reward
+    with a no-EOS penalty otherwise drifts to empty responses, which tie with wrong answers and beat truncated
+    ones).
     """
     s = np.asarray(score_B, np.float64).reshape(-1, group_size)
     base = np.arange(s.shape[0]) * group_size
-    best, worst = base + s.argmax(axis=1), base + s.argmin(axis=1)
+    top, bottom = s == s.max(axis=1, keepdims=True), s == s.min(axis=1, keepdims=True)
+    if empty_B is not None:
+        empty = np.asarray(empty_B, bool).reshape(-1, group_size)
+        top = np.where((top & ~empty).any(axis=1, keepdims=True), top & ~empty, top)
+        bottom = np.where((bottom & empty).any(axis=1, keepdims=True), bottom & empty, bottom)
+    best, worst = base + top.argmax(axis=1), base + bottom.argmax(axis=1)
     return best, worst, s.max(axis=1) > s.min(axis=1)
 
 

@@ -5,7 +5,10 @@
 
 (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; Xu et al. 2023, "Some things
 are more CRINGE than others", pairwise self-play; TRL ``OnlineDPOTrainer``.) Prompts whose n scores are all
-equal give no pair: their loss masks are zeroed and the DPO loss counts only real pairs. Scoring is
+equal give no pair: their loss masks are zeroed and the DPO loss counts only real pairs
+(``pairs/tied_fraction``). Ties for the best go to a non-empty response and ties for the worst to an empty one
+(``online.batches.best_worst``): an empty response is chosen only when it strictly outscores the group's
+non-empty ones (``pairs/empty_chosen``). Scoring is
 ``online.scoring.RewardScorer`` (as GRPO); the loss is the offline recipe's
 (``algos.preference.make_loss_fn``: every DPO loss type, SimPO, ORPO) in the shared jitted step, with
 reference log-probs from ``train.reference.make_ref_attacher``.
@@ -91,6 +94,17 @@ def build_programs(cfg: OnlineDPOConfig, model, mesh, *, tx, state_sh, ref_shard
     return dpo_step, attach
 
 
+def pair_metrics(empty_B: np.ndarray, best: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """Over every host's groups: ``pairs/tied_fraction`` (groups whose n scores are all equal: no pair, no loss),
+    ``pairs/empty_chosen`` (real pairs whose chosen response is empty) and ``empty_fraction`` (empty samples)."""
+    groups = distributed.allgather_rows(np.asarray(valid, np.float64))
+    chosen_empty = distributed.allgather_rows(np.asarray(empty_B[best][valid], np.float64))
+    every = distributed.allgather_rows(np.asarray(empty_B, np.float64))
+    return {"pairs/tied_fraction": float(1.0 - np.mean(groups)),
+            "pairs/empty_chosen": float(np.mean(chosen_empty)) if chosen_empty.size else 0.0,
+            "empty_fraction": float(np.mean(every))}
+
+
 def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     """Run online DPO; returns the metric history, final state and export path."""
     out = common.start_run(cfg, cfg.run)
@@ -122,7 +136,8 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
             ro = sampler(state.params, batch, k_gen, repeats=h.num_samples)
             sc = scorer(ro, np.repeat(np.asarray(batch.index_B), h.num_samples))
         score = sc.local_score_B
-        best, worst, valid = rows_of.best_worst(score, group_size=h.num_samples)
+        empty = np.array([not r.strip() for r in sc.texts["responses"]], bool)
+        best, worst, valid = rows_of.best_worst(score, group_size=h.num_samples, empty_B=empty)
         pairs = rows_of.rollout_pair_batch(shd.local_rows(ro), best, worst, valid)
         zeros = np.zeros(len(best), np.float32)
         with timer("train"):
@@ -137,7 +152,7 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         margins = distributed.allgather_rows((score[best] - score[worst])[valid])
         values = {"score": float(np.mean(every)), "score_std": float(np.std(every)),
                   "pair_margin": float(np.mean(margins)) if margins.size else 0.0,
-                  "valid_pairs": float(margins.size), **sc.metrics, **common.base_metrics(m), **pref,
+                  "valid_pairs": float(margins.size), **pair_metrics(empty, best, valid), **sc.metrics, **common.base_metrics(m), **pref,
                   "finite": float(m.finite), **timer.as_metrics()}
         return state, values, sample_rows(sc.texts, score, cfg.num_samples) if cfg.sample_every else None
 

@@ -40,11 +40,12 @@ def sft_export(base: pathlib.Path, task: str) -> dict:
     return {"model": export, "prompts": prompts, "tokenizer": tok, "prompt_len": plen}
 
 
-def sampled_accuracy(model_dir_or_pair, tok, prompts: list[str], fn, *, max_new_tokens: int, seed: int = 1) -> float:
-    """Mean reward of one temperature-1 sample per prompt (fixed key)."""
+def sampled_accuracy(model_dir_or_pair, tok, prompts: list[str], fn, *, max_new_tokens: int, seed: int = 1,
+                     temperature: float = 1.0) -> float:
+    """Mean reward of one sample per prompt at ``temperature`` (fixed key; greedy at 0)."""
     if isinstance(model_dir_or_pair, (str, pathlib.Path)):
         model, params = models.load_pretrained(model_dir_or_pair)
     else:
         model, params = model_dir_or_pair
-    return scoring.sampled_score(model, params, tok, prompts, fn, max_new_tokens=max_new_tokens, temperature=1.0,
-                            seed=seed)
+    return scoring.sampled_score(model, params, tok, prompts, fn, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed)

@@ -27,6 +27,30 @@ def test_best_worst_pairs():
     np.testing.assert_array_equal(valid, [True, False, True])
 
 
+def test_best_worst_never_prefers_an_empty_response_on_a_tie():
+    """Ties for the best go to a non-empty response, ties for the worst to an empty one; an empty response that
+    strictly outscores the rest is still chosen (and a non-empty one that strictly loses is still rejected)."""
+    s = np.array([0, 0, -.5, 0,   1, 0, 0, 1,   1, 0, 0, 0,   0, 0, 0, 0,   .5, 0, .5, 0], np.float32)
+    e = np.array([1, 0, 0, 0,     1, 0, 0, 0,   1, 0, 1, 0,   1, 0, 1, 0,   0, 0, 1, 1], bool)
+    best, worst, valid = gr.best_worst(s, group_size=4, empty_B=e)
+    np.testing.assert_array_equal(best, [1, 7, 8, 13, 16])  # group 2: the empty response wins outright
+    np.testing.assert_array_equal(worst, [2, 5, 10, 12, 19])  # group 1: no empty among the worst -> first
+    np.testing.assert_array_equal(valid, [True, True, True, False, True])
+    old_best, old_worst, _ = gr.best_worst(s, group_size=4)  # without empties: first row of each tie
+    np.testing.assert_array_equal(old_best, [0, 4, 8, 12, 16])
+    np.testing.assert_array_equal(old_worst, [2, 5, 9, 12, 17])
+
+
+def test_pair_metrics_count_tied_groups_and_empty_chosen():
+    s = np.array([1, 1, 1, 0, 0, 0, 2, 0], np.float32)
+    e = np.array([0, 0, 0, 1, 1, 0, 0, 0], bool)
+    best, worst, valid = gr.best_worst(s, group_size=2, empty_B=e)
+    m = online_dpo.pair_metrics(e, best, valid)
+    assert m == {"pairs/tied_fraction": 0.5, "pairs/empty_chosen": 0.0, "empty_fraction": 0.25}
+    m = online_dpo.pair_metrics(np.array([1, 0], bool), np.array([0]), np.array([True]))
+    assert m["pairs/empty_chosen"] == 1.0 and m["pairs/tied_fraction"] == 0.0
+
+
 def test_rollout_pair_batch_masks_invalid_pairs():
     p_ids = np.arange(12, dtype=np.int32).reshape(4, 3)
     ones = np.ones((4, 3), np.int32)
