@@ -66,7 +66,8 @@ def max_sft_rows(n: int, *, seed: int, accuracy: float = 0.5) -> list[dict]:
     rows = []
     for _ in range(n):
         p = rng.choice(prompts)
-        ans = max_answer(p) if rng.random() < accuracy else str(rng.choice([d for d in range(6) if str(d) != max_answer(p)]))
+        right = max_answer(p)
+        ans = right if rng.random() < accuracy else str(rng.choice([d for d in range(6) if str(d) != right]))
         rows.append({"prompt": p, "completion": ans})
     return rows
 
@@ -171,7 +172,8 @@ def main() -> None:
             t0 = time.perf_counter()
             cfg = load_trainer_config(algo, str(ROOT / "configs" / f"{algo}_tiny_cpu.yaml"), (
                 *overrides(algo, model=model_dir, prompts=prompt_file, reward=TASKS[task]["reward"],
-                           out=out / "runs" / f"{task}_{algo}_{seed}{args.tag}", iters=args.iters, n_prompts=args.prompts,
+                           out=out / "runs" / f"{task}_{algo}_{seed}{args.tag}", iters=args.iters,
+                           n_prompts=args.prompts,
                            samples=args.samples, seed=seed), *extra.get(algo, ())))
             res = recipe(algo).train(cfg)
             after = evaluate(res["model"], res["state"].params, tok, prompts, fn)

@@ -152,7 +152,8 @@ def train(cfg: OnlineDPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
         margins = distributed.allgather_rows((score[best] - score[worst])[valid])
         values = {"score": float(np.mean(every)), "score_std": float(np.std(every)),
                   "pair_margin": float(np.mean(margins)) if margins.size else 0.0,
-                  "valid_pairs": float(margins.size), **pair_metrics(empty, best, valid), **sc.metrics, **common.base_metrics(m), **pref,
+                  "valid_pairs": float(margins.size), **pair_metrics(empty, best, valid), **sc.metrics,
+                  **common.base_metrics(m), **pref,
                   "finite": float(m.finite), **timer.as_metrics()}
         return state, values, sample_rows(sc.texts, score, cfg.num_samples) if cfg.sample_every else None
 
