@@ -13,9 +13,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
-from rlhf_jax import verifiable
+from rlhf_jax import tasks, verifiable
 from rlhf_jax.recipes import load_trainer_config, recipe
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: make the sibling helper importable
@@ -31,8 +32,8 @@ SETTINGS = {  # 64 sampled responses per iteration each, as GRPO's learning test
 
 
 #: the least rise of sampled accuracy asserted (400 samples: standard error of a rate ~0.025). Seen (run.seed 0 / 1):
-#: online DPO 0.445 -> 0.795 / 0.445 -> 0.748 (greedy 0.76 -> 0.92 / 0.76 -> 0.88); ReMax (τ = 0.7 samples) 0.598 -> 0.705 /
-#: 0.598 -> 0.780 (greedy 0.76 -> 0.76 / 0.76 -> 0.92).
+#: online DPO 0.445 -> 0.795 / 0.445 -> 0.748 (greedy 0.76 -> 0.92 / 0.76 -> 0.88); ReMax (τ = 0.7 samples)
+#: 0.598 -> 0.705 / 0.598 -> 0.780 (greedy 0.76 -> 0.76 / 0.76 -> 0.92).
 MARGIN = {"online_dpo": 0.15, "remax": 0.06}
 
 
@@ -66,3 +67,19 @@ def test_raises_arithmetic_accuracy(tmp_path_factory, tmp_path, command):
     before, after = learn(command, tmp_path_factory.getbasetemp(), tmp_path)
     assert after[0] >= before[0] + MARGIN[command]
     assert after[1] >= before[1] - 0.04  # greedy accuracy does not fall (25 prompts: one answer of slack)
+
+
+@pytest.mark.slow
+def test_remax_baseline_at_group_size_1_is_the_greedy_reward(tmp_path_factory, tmp_path):
+    """At group size 1 the baseline of each prompt is the reward of the current policy's GREEDY response to it,
+    scored like the samples (checked against an independent greedy decode of the SFT start)."""
+    s = sft_export(tmp_path_factory.getbasetemp(), "arith")
+    rows = [{"prompt": p, "answer": verifiable.arith_answer(p)} for p in ("1+3=", "4+4=", "2+1=", "3+4=")]
+    data = tasks.write_jsonl(tmp_path / "prompts.jsonl", rows * 2)
+    greedy = [sampled_accuracy(s["model"], s["tokenizer"], [r["prompt"]], verifiable.arith_reward, max_new_tokens=3,
+                               temperature=0.0) for r in rows]
+    cfg = load_trainer_config("remax", "configs/remax_tiny_cpu.yaml", (
+        f"model.path={s['model']}", f"data.path={data}", f"run.output_dir={tmp_path / 'run'}", *ARITH,
+        "run.total_steps=1", "algo.group_size=1", "algo.num_minibatches=1", "reward.no_eos_penalty=null"))
+    res = recipe("remax").train(cfg)
+    assert res["history"][0]["remax_baseline"] == pytest.approx(np.mean(greedy * 2), abs=1e-6), greedy
