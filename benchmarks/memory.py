@@ -1,17 +1,37 @@
-"""Peak host memory of one PPO iteration: full fine-tuning vs LoRA vs LoRA with a bf16 base (same run).
+"""Peak host memory of a PPO iteration: full fine-tuning vs LoRA vs LoRA with a bf16 base vs TRL+PEFT (same run).
 
-Workload: `benchmarks/ppo.py`'s (prompts of exactly 64 tokens, 64 sampled new tokens, actor + critic +
-reward model, k1 KL, 1 epoch × 1 minibatch, f32 compute) with `--batch` rollouts. Each configuration runs in
-its own fresh subprocess (one at a time) for `--iters` iterations (the first compiles); the number reported
-is that process's resident-set high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`), i.e. everything: the
-Python runtime, XLA's compiled programs and temporaries, the params, optimizer state and activations.
+Workload (`benchmarks/ppo.py`'s, sizes configurable): `--batch` prompts of exactly `--prompt-len` tokens,
+exactly `--new-tokens` sampled tokens (temperature 1), actor + critic + reward model (critic and reward: the
+same backbone with a scalar head), k1 KL with β = 0.05, 1 epoch × 1 minibatch, f32 compute. Every
+configuration runs in its own fresh subprocess, one at a time, for `--iters` iterations (the first compiles).
+Reported per configuration: `peak_rss_gib`, the process's resident-set high-water mark (`VmHWM`) right after
+its last iteration (so: loading, compiling and every iteration, i.e. the Python runtime, XLA's compiled
+programs and temporaries or torch's, the params, optimizer state and activations; not the final
+checkpoint/export), the RSS after loading, and each iteration's seconds. Both sides run with the same
+allocator tunables (`rlhf_jax/runtime/host_memory.py`; the TRL process inherits them).
 
-    full       every param trained: actor + Adam moments, critic + Adam moments, frozen reference copy, reward model
-    lora       model.lora rank 16 on q k v o gate up down (actor and critic each with their own adapters), the
-               reference = the actor's base with adapters off (no copy), Adam moments of the adapters only
-    lora_bf16  the same with model.base_dtype=bfloat16 (frozen bases stored in bf16; compute stays f32)
+    full              every param trained: actor + Adam moments, critic + Adam moments, frozen f32 reference copy,
+                      f32 reward model
+    lora              model.lora rank 16 (alpha 32) on q k v o gate up down for the actor and for the critic
+                      (each its own adapters; the critic on its own f32 base, like TRL's value model), the
+                      reference = the actor's base with adapters off (no copy), Adam moments of the adapters and
+                      the value head only, f32 reward model
+    lora_bf16         lora with model.base_dtype=bfloat16 and frozen_dtype=bfloat16: actor base, critic base and
+                      reward model stored in bf16 (compute stays f32)
+    lora_bf16_shared  lora_bf16 with ppo.critic_shares_base=true: the critic's adapters + value head on the actor's
+                      base (one base for actor, reference and critic) + the bf16 reward model
+    trl_peft          TRL 1.12 PPOTrainer, peft_config = the same LoRA on the policy (reference = adapter
+                      disabled), the same LoRA injected on the value model's own f32 base (`benchmarks/memory_trl.py`)
+    trl_peft_value_full  TRL 1.12 as shipped with a peft_config: PEFT policy, fully trained f32 value model
 
-Usage: python benchmarks/memory.py [--model small|tiny] [--batch 32] [--iters 2] [--modes full,lora,lora_bf16]
+Models: `tiny`, `small` (~100M: hidden 768 × 12 layers, GQA 12/2, vocab 16384) from `benchmarks/_common.py`, or
+`l2048` with `--layers N`: Llama-shaped, hidden 2048, 16 heads of 128, 4 KV heads, intermediate 5632, vocab 8192
+(the fixture tokenizer's), random weights streamed to sharded f32 safetensors (`benchmarks/memory_models.py`).
+A comma list `--layers 2,4,6` probes each layer count and fits peak = a + b·layers per mode (least squares),
+then predicts the largest layer count whose peak stays under `--budget-gib`.
+
+Usage: python benchmarks/memory.py [--model small|tiny|l2048] [--layers 2,4] [--batch 32] [--prompt-len 64]
+                                   [--new-tokens 64] [--iters 2] [--modes full,lora,lora_bf16,trl_peft]
 """
 
 from __future__ import annotations
@@ -20,7 +40,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,38 +48,115 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+LORA = ["model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=[all]"]
+BF16 = ["model.base_dtype=bfloat16", "frozen_dtype=bfloat16"]
 MODES = {
     "full": [],
-    "lora": ["model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=[all]"],
-    "lora_bf16": ["model.lora.rank=16", "model.lora.alpha=32", "model.lora.targets=[all]", "model.base_dtype=bfloat16"],
+    "lora": LORA,
+    "lora_bf16": LORA + BF16,
+    "lora_bf16_shared": LORA + BF16 + ["ppo.critic_shares_base=true"],
+    "trl_peft": None,
+    "trl_peft_value_full": None,
 }
 
 
-def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, iters: int) -> dict:
+def _vm_gib(field: str) -> float:
+    from benchmarks.memory_trl import vm_kib
+
+    return vm_kib(field) / 2**20
+
+
+def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int, new_tokens: int,
+          iters: int, extra: list[str]) -> dict:
     """One PPO run of `iters` iterations in this process; returns its peak RSS and iteration times."""
+    import dataclasses
+
+    import jax
+
     from rlhf_jax.config import load_config
     from rlhf_jax.recipes import ppo
-    from benchmarks.ppo import P, T
 
     cfg = load_config(ppo.PPOConfig, None, [
-        f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={P}",
+        f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={prompt_len}",
         "data.shuffle=false", f"reward.model_path={model_dir}", "reward.normalize=false", "reward.functions=[]",
-        f"rollout.batch_size={batch}", f"rollout.max_new_tokens={T}", f"rollout.min_new_tokens={T}",
+        f"rollout.batch_size={batch}", f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}",
         "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", "kl.coef=0.05", "kl.kind=k1",
         "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
         f"run.total_steps={iters}", "run.resume=never", "run.overwrite=true", "run.tensorboard=false",
-        "run.progress=off", "run.save_every=0", "run.keep_last_n=1", *MODES[mode]])
-    hist = ppo.train(cfg)["history"]
-    return {"mode": mode, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "iteration_s": [round(h["time/iteration"], 2) for h in hist]}
+        "run.progress=off", "run.save_every=0", "run.keep_last_n=1", *MODES[mode], *extra])
+    probe = {"hwm": []}
+    original = ppo.run_loop
+
+    def run_loop(loop, state):  # VmHWM after each iteration, before the final checkpoint/export
+        inner = loop.step
+
+        def step(index, st):
+            if index == 0:
+                probe["rss_after_load"] = _vm_gib("VmRSS")
+            res = inner(index, st)
+            jax.block_until_ready(res[0])
+            probe["hwm"].append(_vm_gib("VmHWM"))
+            return res
+
+        return original(dataclasses.replace(loop, step=step), state)
+
+    ppo.run_loop = run_loop
+    try:
+        hist = ppo.train(cfg)["history"]
+    finally:
+        ppo.run_loop = original
+    return {"mode": mode, "peak_rss_gib": probe["hwm"][-1], "rss_after_load_gib": probe["rss_after_load"],
+            "peak_process_gib": _vm_gib("VmHWM"), "iteration_s": [round(h["time/iteration"], 2) for h in hist],
+            "framework": "rlhf_jax (jax " + jax.__version__ + ")"}
+
+
+def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, args) -> dict:
+    """One configuration in a fresh subprocess (ours, or TRL's in its venv); its MEM_JSON record."""
+    sizes = [str(args.batch), str(args.prompt_len), str(args.new_tokens), str(args.iters)]
+    env = dict(os.environ)
+    if MODES[mode] is None:
+        env.update(PYTHONPATH=os.pathsep.join([str(ROOT / ".trl112"), str(ROOT)]), CUDA_VISIBLE_DEVICES="",
+                   WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        argv = [str(ROOT / ".venv-trl" / "bin" / "python"), str(ROOT / "benchmarks" / "memory_trl.py"), mode,
+                str(model_dir), str(prompts), *sizes, "16", "32"]
+    else:
+        argv = [sys.executable, __file__, "--batch", sizes[0], "--prompt-len", sizes[1], "--new-tokens", sizes[2],
+                "--iters", sizes[3], "--child", mode, str(model_dir), str(prompts), str(out)]
+        if args.scan_layers:
+            argv += ["--scan-layers"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM_JSON ")]
+    if proc.returncode or not line:
+        return {"mode": mode, "failed": f"rc {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1],
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    res = json.loads(line[-1][len("MEM_JSON "):])
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def fit(points: list[tuple[int, float]], budget: float) -> dict:
+    """Least-squares peak = a + b·layers over the probes; the largest layer count with a + b·L <= budget."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    a = my - b * mx
+    return {"a_gib": round(a, 3), "b_gib_per_layer": round(b, 4), "max_layers": int((budget - a) // b)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="small", choices=["tiny", "small"])
+    ap.add_argument("--model", default="small", choices=["tiny", "small", "l2048"])
+    ap.add_argument("--layers", default="4", help="l2048 only: a layer count, or a comma list to fit")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--modes", default="full,lora,lora_bf16")
+    ap.add_argument("--modes", default="full,lora,lora_bf16,trl_peft")
+    ap.add_argument("--budget-gib", type=float, default=22.0)
+    ap.add_argument("--scan-layers", action="store_true", help="ours: model.scan_layers=true (faster compiles)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -69,35 +165,57 @@ def main() -> None:
     reexec_with_host_tunables(sys.argv)  # the same allocator settings as the CLI (runtime/host_memory.py)
     if args.child:
         mode, model_dir, prompts, out = args.child
-        print("MEM_JSON " + json.dumps(child(mode, model_dir, prompts, out, batch=args.batch, iters=args.iters)),
-              flush=True)
+        extra = ["model.scan_layers=true"] if args.scan_layers else []
+        res = child(mode, model_dir, prompts, out, batch=args.batch, prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, iters=args.iters, extra=extra)
+        print("MEM_JSON " + json.dumps(res), flush=True)
         return
     from benchmarks import _common as C
-    from benchmarks.ppo import build_models
+    from benchmarks.memory_models import build_l2048
+    from benchmarks.ppo import build_prompts
 
+    bad = [m for m in args.modes.split(",") if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; expected among {sorted(MODES)}")
     root = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench-mem-"))
-    model_dir, prompts = build_models(root, args.model)
+    layer_counts = [int(x) for x in args.layers.split(",")] if args.model == "l2048" else [None]
     results = []
-    for mode in args.modes.split(","):
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--iters", str(args.iters),
-                               "--child", mode, str(model_dir), str(prompts), str(root / f"run-{mode}")],
-                              capture_output=True, text=True, env=dict(os.environ))
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM_JSON ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{mode} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        res = json.loads(line[-1][len("MEM_JSON "):])
-        res["wall_s"] = round(time.perf_counter() - t0, 1)
-        results.append(res)
-        print(json.dumps(res), flush=True)
-    full = next((r for r in results if r["mode"] == "full"), None)
-    rows = [("model", f"llama {args.model}"), ("workload", f"{args.batch} rollouts x 64 new tokens, prompt 64, f32")]
+    for layers in layer_counts:
+        if layers is None:
+            model_dir = C.build_llama(root / f"llama-{args.model}", args.model)
+        else:
+            model_dir = build_l2048(root / f"l2048-{layers}", layers=layers)
+        name = f"{args.model}{layers or ''}-b{args.batch}-p{args.prompt_len}"
+        prompts = build_prompts(root, model_dir, name=name, rows=args.batch, length=args.prompt_len)
+        for mode in args.modes.split(","):
+            res = {"layers": layers, **run_mode(mode, model_dir, prompts, root / f"run-{mode}", args),
+                   "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    rows = [("model", args.model + (f" layers {args.layers}" if args.model == "l2048" else "")),
+            ("workload", f"{args.batch} rollouts x {args.new_tokens} new tokens, prompt {args.prompt_len}, f32 compute, "
+                         f"{args.iters} iterations")]
     for r in results:
+        full = next((x for x in results if x["mode"] == "full" and x["layers"] == r["layers"] and "failed" not in x),
+                    None)
+        key = f"{r['mode']}" + (f" L={r['layers']}" if r["layers"] else "")
+        if "failed" in r:
+            rows.append((key, "FAILED " + r["failed"]))
+            continue
         ratio = f" ({r['peak_rss_gib'] / full['peak_rss_gib']:.0%} of full)" if full and r is not full else ""
-        rows.append((f"{r['mode']} peak RSS (GiB)", f"{r['peak_rss_gib']:.2f}{ratio}; s/iteration {r['iteration_s']}"))
+        rows.append((key, f"peak {r['peak_rss_gib']:.2f} GiB{ratio}; after load {r['rss_after_load_gib']:.2f}; "
+                          f"s/iteration {r['iteration_s']}; load {r['loadavg'][0]:.2f}"))
+    fits = {}
+    if len(layer_counts) > 1:
+        for mode in args.modes.split(","):
+            pts = [(r["layers"], r["peak_rss_gib"]) for r in results if r["mode"] == mode and "failed" not in r]
+            if len(pts) >= 2:
+                fits[mode] = fit(pts, args.budget_gib)
+                rows.append((f"fit {mode}", f"peak = {fits[mode]['a_gib']} + {fits[mode]['b_gib_per_layer']} x layers "
+                                            f"GiB -> largest under {args.budget_gib} GiB: {fits[mode]['max_layers']} layers"))
     C.print_table(rows, title="PPO iteration, peak host memory")
-    C.emit_json({"bench": "memory", "model": args.model, "batch": args.batch, "results": results,
-                 "machine": C.machine_info()})
+    C.emit_json({"bench": "memory", "model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
+                 "new_tokens": args.new_tokens, "results": results, "fits": fits, "machine": C.machine_info()})
 
 
 if __name__ == "__main__":

@@ -102,13 +102,20 @@ def run_trl_peer(model_dir: str, prompts_path: str, *, warmup: int, iters: int, 
 def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.Path]:
     """Model folder (weights + fixture tokenizer) and a JSONL of B prompts of exactly P tokens."""
     from benchmarks import _common as C
-    from rlhf_jax import fixtures
 
     model_dir = C.build_llama(root / f"llama-{size}", size)
-    tok = fixtures.build_tokenizer(root / "tokenizer", vocab_size=8192)
-    tok.save_pretrained(str(model_dir))
+    return model_dir, build_prompts(root, model_dir, name=size, rows=B, length=P)
+
+
+def build_prompts(root: pathlib.Path, model_dir: pathlib.Path, *, name: str, rows: int, length: int) -> pathlib.Path:
+    """Save the fixture BPE tokenizer (vocab 8192) into `model_dir`; write `root/prompts-{name}.jsonl`: `rows`
+    prompts of exactly `length` tokens (``prompt`` text and its ``input_ids``)."""
     import numpy as np
 
+    from rlhf_jax import fixtures
+
+    tok = fixtures.build_tokenizer(root / "tokenizer", vocab_size=8192)
+    tok.save_pretrained(str(model_dir))
     # words that re-encode to exactly themselves: concatenations tokenise to exactly those ids
     words = []
     for i in range(len(tok)):
@@ -116,15 +123,15 @@ def build_models(root: pathlib.Path, size: str) -> tuple[pathlib.Path, pathlib.P
         if len(s) > 1 and s[0] == " " and s[1:].isalpha() and tok.encode(s, add_special_tokens=False) == [i]:
             words.append(s)
     rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(B):
-        text = "".join(rng.choice(words, size=P))
+    out = []
+    for _ in range(rows):
+        text = "".join(rng.choice(words, size=length))
         ids = tok.encode(text, add_special_tokens=False)
-        assert len(ids) == P, (len(ids), P)
-        rows.append({"prompt": text, "input_ids": ids})
-    prompts = root / f"prompts-{size}.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model_dir, prompts
+        assert len(ids) == length, (len(ids), length)
+        out.append({"prompt": text, "input_ids": ids})
+    prompts = root / f"prompts-{name}.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return prompts
 
 
 def run_ours(model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, *, warmup: int, iters: int,
