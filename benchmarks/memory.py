@@ -20,6 +20,7 @@ allocator tunables (`rlhf_jax/runtime/host_memory.py`; the TRL process inherits 
                       reward model stored in bf16 (compute stays f32)
     lora_bf16_shared  lora_bf16 with ppo.critic_shares_base=true: the critic's adapters + value head on the actor's
                       base (one base for actor, reference and critic) + the bf16 reward model
+    *_remat           the same with model.remat=full (every decoder layer recomputed in the backward pass)
     trl_peft          TRL 1.12 PPOTrainer, peft_config = the same LoRA on the policy (reference = adapter
                       disabled), the same LoRA injected on the value model's own f32 base (`benchmarks/memory_trl.py`)
     trl_peft_value_full  TRL 1.12 as shipped with a peft_config: PEFT policy, fully trained f32 value model
@@ -55,6 +56,8 @@ MODES = {
     "lora": LORA,
     "lora_bf16": LORA + BF16,
     "lora_bf16_shared": LORA + BF16 + ["ppo.critic_shares_base=true"],
+    "lora_bf16_shared_remat": LORA + BF16 + ["ppo.critic_shares_base=true", "model.remat=full"],
+    "full_remat": ["model.remat=full"],
     "trl_peft": None,
     "trl_peft_value_full": None,
 }

@@ -26,7 +26,12 @@ def l2048_hf_config(layers: int) -> dict:
 
 
 def build_l2048(directory: str | os.PathLike, *, layers: int, shard_bytes: int = 2**30, seed: int = 0) -> pathlib.Path:
-    """Write the model (idempotent: an existing `config.json` means done). Host memory peaks at one shard."""
+    """Write the l2048 model with `layers` layers (idempotent: an existing `config.json` means done)."""
+    return build_streamed(directory, l2048_hf_config(layers), shard_bytes=shard_bytes, seed=seed)
+
+
+def build_streamed(directory: str | os.PathLike, hf: dict, *, shard_bytes: int = 2**30, seed: int = 0) -> pathlib.Path:
+    """Write a random f32 model of HF config `hf` (idempotent). Host memory peaks at one shard."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -37,7 +42,6 @@ def build_l2048(directory: str | os.PathLike, *, layers: int, shard_bytes: int =
     if (directory / "config.json").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    hf = l2048_hf_config(layers)
     maps = tensor_maps(models.ModelConfig.from_hf(hf), head="lm")
     rng = np.random.default_rng(seed)
     shards: list[list] = [[]]
