@@ -31,6 +31,10 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the CLI's allocator tunables (rlhf_jax/runtime/host_memory.py), set before JAX starts;
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables  # torch runs in this process: both sides share them
+
+    reexec_with_host_tunables(sys.argv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
