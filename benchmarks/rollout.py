@@ -31,6 +31,10 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the CLI's allocator tunables (rlhf_jax/runtime/host_memory.py), set before JAX starts;
+    from rlhf_jax.runtime.host_memory import reexec_with_host_tunables  # torch runs in this process: both sides share them
+
+    reexec_with_host_tunables(sys.argv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -166,6 +170,7 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
         t_torch.append(list(C.time_call(torch_run, warmup=0, iters=args.iters).times_s))
         t_ours.append(list(C.time_call(ours_run, warmup=0, iters=args.iters).times_s))
     after = R.machine_state()
+    print(f"[rollout {size}] rounds done: torch s/call {t_torch}, ours s/call {t_ours}; the floors follow", flush=True)
     # Same weights on both sides: teacher-forced logits agree on real positions.
     our_logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
     logit_diff = float(np.abs(our_logits - ref_logits)[mask.astype(bool)].max())

@@ -29,6 +29,11 @@ def test_quick_benchmark_prints_json(tmp_path):
         assert res[k] > 0, k
     assert res["max_abs_logit_diff_vs_torch"] < 1e-3  # the same weights loaded on both sides
     assert "ours tokens/s" in proc.stdout  # the human-readable table
+    # re-executed with the CLI's allocator tunables, like the other benchmarks (both sides run under them)
+    from rlhf_jax.runtime import host_memory
+
+    if env.get(host_memory.ENV, "1") != "0" and "GLIBC_TUNABLES" not in os.environ:
+        assert host_memory.tunables_for(env) in record["machine"]["glibc_tunables"]
 
 
 def test_parse_json_line():
