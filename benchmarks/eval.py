@@ -14,8 +14,8 @@ greedy ids are identical.
 
 Timing: one warm-up call each (compiles), then `--rounds` interleaved rounds (peer, ours, peer, ours, ...);
 per side the median and min–max; the speed-up is peer ÷ ours per round (median and min–max over rounds).
-The load average (`uptime`) before and after is printed: on a shared machine the ratio, measured in the same
-run, is the number to read.
+The load average (`uptime`) and the XLA and torch f32 2048³ matmul rates before and after the rounds are printed
+(`_rounds.machine_state`): on a shared machine the ratio, measured in the same run, is the number to read.
 
 Usage: python benchmarks/eval.py [--model tiny|small|both] [--rounds 3] [--prompts 16] [--batch-size 16]
                                  [--max-new-tokens 64] [--peer-threads N] [--models-dir DIR]
@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
+from benchmarks import _rounds as R  # noqa: E402
 
 MAKE_TINY = pathlib.Path("/work/shared/peers/make_tiny.py")
 
@@ -144,10 +145,12 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
     times: dict[str, list[float]] = {"peer": [], "ours": []}
     ids = {}
     load_before = uptime()
+    state_before = R.machine_state()
     for _ in range(rounds):
         for side, fn in (("peer", peer), ("ours", ours)):
             t, ids[side] = timed(fn)
             times[side].append(t)
+    state_after = R.machine_state()
     load_after = uptime()
     ratios = [p / o for p, o in zip(times["peer"], times["ours"])]
     same = sum(a == b for a, b in zip(ids["peer"], ids["ours"]))
@@ -156,7 +159,9 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
            "rounds": rounds, "warmup_s": warm, "times_s": times,
            "median_s": {s: statistics.median(v) for s, v in times.items()},
            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-           "tokens": tokens, "identical_rows": same, "peer_threads": peer.torch.get_num_threads(), "load_before": load_before, "load_after": load_after}
+           "tokens": tokens, "identical_rows": same, "peer_threads": peer.torch.get_num_threads(),
+           "load_before": load_before, "load_after": load_after,
+           "state_before": state_before, "state_after": state_after}
     C.print_table([
         ("prompts x new tokens", f"{n_prompts} x {max_new_tokens} (batch {batch_size}, greedy)"),
         ("peer torch threads", str(rec["peer_threads"])),
@@ -167,6 +172,7 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
         ("tokens generated", f"peer {tokens['peer']}  ours {tokens['ours']}"),
         ("identical greedy rows", f"{same}/{n_prompts}"),
         ("load before", load_before), ("load after", load_after),
+        *R.state_rows(state_before, state_after),
     ], title=f"rlhf-jax eval generation vs transformers generate: {name}")
     return rec
 
