@@ -88,8 +88,8 @@ def Norm(config: ModelConfig, name: str) -> nn.Module:
     return (LayerNorm if config.is_gpt2 else RMSNorm)(config, config.hidden_size, name=name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def project(x, w, n_in: int = 1):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def project(x, w, n_in: int = 1, dtype=None):
     """``y[..., o] = Σ_i x[..., i] · w[i, o]``: the last ``n_in`` axes of ``x`` contract with the first
     ``n_in`` axes of ``w`` (a projection ``x @ W`` with multi-axis ``i``/``o``, e.g. heads × head_dim).
 
@@ -99,8 +99,14 @@ def project(x, w, n_in: int = 1):
     axes, and XLA:CPU lays that product out by transposing ``[tokens, F]`` activations inside the loop
     fusion that produces them (a strided walk, ~130 ms per layer at ~100M and 4096 tokens): the SwiGLU
     block's forward + backward went from 555 to 350 ms in isolation (``benchmarks`` README, PPO row).
+
+    ``dtype`` casts ``w`` to the compute dtype INSIDE the product, so the backward keeps ``w`` in its stored
+    dtype as its residual: ``project(x, w.astype(f32))`` of a bf16 base (LoRA's `model.base_dtype`) made the
+    f32 copy of every layer's weight a residual held from the forward to the backward (an l2048 LoRA step
+    with `scan_layers`, 4 layers: 1.79 → 1.10 GiB of temporaries; f32 base: 0.39). Same numbers either way.
+    Unrolled layers do not gain (0.95 GiB): XLA:CPU merges the backward's convert with the forward's.
     """
-    return _project(x, w, n_in)
+    return _project(x, w, n_in, dtype)
 
 
 def _flat(x, w, n_in):
@@ -108,22 +114,26 @@ def _flat(x, w, n_in):
     return x.reshape(-1, i), w.reshape(i, -1)
 
 
-def _project(x, w, n_in):
-    x2, w2 = _flat(x, w, n_in)
+def _cast(w, dtype):
+    return w if dtype is None else w.astype(dtype)
+
+
+def _project(x, w, n_in, dtype):
+    x2, w2 = _flat(x, _cast(w, dtype), n_in)
     return (x2 @ w2).reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
 
 
-def _project_fwd(x, w, n_in):
-    return _project(x, w, n_in), (x, w)
+def _project_fwd(x, w, n_in, dtype):
+    return _project(x, w, n_in, dtype), (x, w)
 
 
-def _project_bwd(n_in, res, g):
+def _project_bwd(n_in, dtype, res, g):
     x, w = res
-    x2, w2 = _flat(x, w, n_in)
+    x2, w2 = _flat(x, _cast(w, dtype), n_in)
     g2 = g.reshape(x2.shape[0], w2.shape[1])
     dx = (g2 @ w2.T).reshape(x.shape)
     dw = lax.dot_general(g2, x2, (((0,), (0,)), ((), ()))).T.reshape(w.shape)
-    return dx, dw
+    return dx, dw.astype(w.dtype)
 
 
 project.defvjp(_project_fwd, _project_bwd)
@@ -138,9 +148,9 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 def dense(module: nn.Module, name: str, x, w, n_in: int, axes: tuple):
     """``project(x, w)``, plus the LoRA branch ``(alpha/r) · (x A) B`` when ``config.lora`` targets ``name``
     (params ``<name>_lora_a`` [in…, r] and ``<name>_lora_b`` [r, out…] with ``w``'s logical axes on each side;
-    `rlhf_jax.models.lora`). Without LoRA it is exactly ``project(x, w.astype(dtype), n_in)``."""
+    `rlhf_jax.models.lora`). Without LoRA it is exactly ``project(x, w, n_in, dtype)``."""
     c = module.config
-    y = project(x, w.astype(c.dtype), n_in)
+    y = project(x, w, n_in, c.dtype)
     if c.lora is None or name not in c.lora.projections:
         return y
     r = c.lora.rank
@@ -370,7 +380,7 @@ class Transformer(nn.Module):
                 out = project(x, embedding.astype(c.dtype).T)
             else:
                 w = _param(self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-                out = project(x, w.astype(c.dtype))
+                out = project(x, w, 1, c.dtype)
             out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
         if return_hidden:  # the final-norm hidden states the head read (HF `hidden_states[-1]`)
             out = (out, x)
