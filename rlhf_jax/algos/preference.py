@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from rlhf_jax import ops
 from rlhf_jax.config import require
 from rlhf_jax.data import PreferenceBatch, UnpairedBatch
+from rlhf_jax.models import lora
 
 
 class PairBatch(NamedTuple):
@@ -363,19 +364,18 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
     from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
 
     def loss_fn(params, batch, key):
-        del key
+        net = lora.training(model, key)  # LoRA dropout in training forwards; key None (evaluation): none
         if loss.algorithm == "orpo" and loss.orpo_sft == "trl":  # every position: the prompt is in TRL's NLL
             ids, mask, lmask = stacked_rows(batch)
-            logp_BxT, m_BxT, _ = completion_token_logps(model, params, ids, mask, lmask)
+            logp_BxT, m_BxT, _ = completion_token_logps(net, params, ids, mask, lmask)
             n_2B = jnp.sum(m_BxT, axis=1).astype(jnp.float32)
             return pair_loss_from_logps(ops.sequence_logprobs(logp_BxT, m_BxT), n_2B, batch, loss=loss,
                                         sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
         if loss.dpo_options:
-            terms = completion_terms(model, params, *stacked_rows(batch), completion_width=completion_width,
+            terms = completion_terms(net, params, *stacked_rows(batch), completion_width=completion_width,
                                      ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting)
             return pair_loss_from_logps(terms.logp_2B, terms.n_2B, batch, loss=loss, terms=terms)
-        logp_2B, n_2B = completion_logps(model, params, *stacked_rows(batch),
-                                            completion_width=completion_width)
+        logp_2B, n_2B = completion_logps(net, params, *stacked_rows(batch), completion_width=completion_width)
         return from_logps(logp_2B, n_2B, batch, loss=loss)
 
     return loss_fn

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from rlhf_jax import ops
 from rlhf_jax import sharding as shd
 from rlhf_jax.data import SFTBatch
+from rlhf_jax.models import lora
 
 #: SuperHF's published defaults (openfeedback/superhf, experiments/superhf/shf_iterative_v1/configs/default.yaml)
 SUPERHF_KL_COEF = 0.35
@@ -48,7 +49,7 @@ def _token_logps(model, params, sft: SFTBatch) -> tuple[jax.Array, jax.Array]:
 def superhf_loss(model, params, batch: SuperHFBatch, key: jax.Array, *, kl_coef: float, kl_estimator: str = "k3",
                  mode: str = "token-mean"):
     """`((loss_sum, count), SuperHFAux)` of ``ops.kl_regularised_nll`` on the kept rows, aggregated by `mode`."""
-    del key
+    model = lora.training(model, key)  # LoRA dropout in this training forward (none for key None)
     logp, mask = _token_logps(model, params, batch.sft)
     loss_BxT, kl_BxT = ops.kl_regularised_nll(logp, batch.ref_logp_BxT, mask, kl_coef=kl_coef, kind=kl_estimator)
     loss_sum, count = ops.aggregate(loss_BxT, mask, mode=mode)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import ops
 from rlhf_jax.data import PreferenceBatch, SFTBatch, SoftPreferenceBatch
+from rlhf_jax.models import lora
 from rlhf_jax.ops.ai_feedback import soft_bradley_terry_loss
 
 
@@ -38,8 +39,9 @@ class SFTAux(NamedTuple):
 
 
 def sft_loss(model, params, batch: SFTBatch, key: jax.Array, *, mode: str = "token-mean"):
-    """`((loss_sum, count), SFTAux)` of the shifted next-token NLL on `batch.loss_mask_BxS`."""
-    del key
+    """`((loss_sum, count), SFTAux)` of the shifted next-token NLL on `batch.loss_mask_BxS` (``key``: LoRA
+    dropout masks of this training forward; None for evaluation)."""
+    model = lora.training(model, key)
     logits_BxSxV = model.apply({"params": params}, batch.input_ids_BxS, batch.attention_mask_BxS,
                                positions_BxS=batch.positions_BxS, segment_ids_BxS=batch.segment_ids_BxS)
     logp_BxT = ops.token_logprobs(logits_BxSxV[:, :-1], batch.input_ids_BxS[:, 1:])
@@ -71,8 +73,8 @@ def pair_scores(model, params, batch: PreferenceBatch) -> tuple[jax.Array, jax.A
 def rm_loss(model, params, batch: PreferenceBatch | SoftPreferenceBatch, key: jax.Array, *,
             margin: Optional[float] = None):
     """`((loss_sum, pairs), RMAux)` of the Bradley–Terry loss over the real pairs of `batch` (the soft-label
-    cross-entropy for a :class:`SoftPreferenceBatch`)."""
-    del key
+    cross-entropy for a :class:`SoftPreferenceBatch`; ``key``: LoRA dropout, None for evaluation)."""
+    model = lora.training(model, key)
     if isinstance(batch, SoftPreferenceBatch):
         chosen_B, rejected_B, valid_B = pair_scores(model, params, batch.pair)
         loss_B = soft_bradley_terry_loss(chosen_B, rejected_B, batch.chosen_prob_B, margin=margin)

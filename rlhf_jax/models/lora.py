@@ -47,9 +47,8 @@ class LoRAConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.rank < 1:
             raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
-        if self.dropout != 0.0:
-            raise ValueError(f"model.lora.dropout={self.dropout}: only 0.0 is implemented (the model's forwards "
-                             "take no dropout key)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if self.export_format not in ("merged", "peft"):
             raise ValueError(f"model.lora.export_format={self.export_format!r}; expected 'merged' or 'peft'")
         bad = [t for t in self.targets if t not in TARGETS]
@@ -59,20 +58,70 @@ class LoRAConfig:
 
     def spec(self) -> "LoRASpec":
         return LoRASpec(rank=self.rank, alpha=float(self.alpha),
-                        projections=tuple(sorted({p for t in self.targets for p in TARGETS[t]})))
+                        projections=tuple(sorted({p for t in self.targets for p in TARGETS[t]})),
+                        dropout=float(self.dropout))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
-    """What the module needs (hashable; a `ModelConfig.lora` field): rank, alpha, our projection names."""
+    """What the module needs (hashable; a `ModelConfig.lora` field): rank, alpha, our projection names, and the
+    dropout rate on the adapter path's input (used only by forwards given a :data:`DROPOUT_RNG` key)."""
 
     rank: int
     alpha: float
     projections: tuple[str, ...]
+    dropout: float = 0.0
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+# ------------------------------------------------------------------------------------------ dropout
+#: the Flax rng stream of LoRA dropout; only training forwards (:func:`training`) provide it, so the sampler,
+#: scoring, the adapters-off reference, evaluation and export never drop anything.
+DROPOUT_RNG = "lora_dropout"
+
+
+def dropout_input(x: jax.Array, *, rate: float, key: jax.Array) -> jax.Array:
+    """The adapter path's input under dropout (PEFT ``lora_dropout``, ``torch.nn.Dropout`` semantics)::
+
+        drop(x) = x ⊙ m / (1 − p),    m ~ Bernoulli(1 − p) elementwise
+
+    so ``y = x W + (alpha/r) · drop(x) A B``: the frozen path ``x W`` sees ``x`` unchanged (PEFT
+    `lora.Linear.forward`: ``result = base_layer(x); result += lora_B(lora_A(dropout(x))) * scaling``)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+class _Training:
+    """A view of a Flax module whose ``apply`` passes a LoRA dropout key (call i draws from fold_in(key, i))."""
+
+    def __init__(self, model, key: jax.Array):
+        self.model, self.key, self.calls = model, key, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def apply(self, variables, *args, **kwargs):
+        key = jax.random.fold_in(self.key, self.calls)
+        self.calls += 1
+        return self.model.apply(variables, *args, rngs={DROPOUT_RNG: key}, **kwargs)
+
+
+def dropout_rate(model) -> float:
+    """``model.lora.dropout`` of a Flax module (0 without LoRA)."""
+    spec = getattr(getattr(model, "config", None), "lora", None)
+    return 0.0 if spec is None else spec.dropout
+
+
+def training(model, key: Optional[jax.Array]):
+    """``model`` for a TRAINING forward: with LoRA dropout > 0 and a key, a view whose ``apply`` draws the
+    dropout masks from ``key`` (the train step's key: run seed, step, micro-batch); otherwise ``model``
+    itself (dropout 0, or ``key`` None for evaluation: the exact same program as before)."""
+    if key is None or dropout_rate(model) == 0.0:
+        return model
+    return _Training(model, jax.random.fold_in(key, 0x10A))
 
 
 # ------------------------------------------------------------------------------------- params trees

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -146,9 +147,11 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 
 
 def dense(module: nn.Module, name: str, x, w, n_in: int, axes: tuple):
-    """``project(x, w)``, plus the LoRA branch ``(alpha/r) · (x A) B`` when ``config.lora`` targets ``name``
+    """``project(x, w)``, plus the LoRA branch ``(alpha/r) · (drop(x) A) B`` when ``config.lora`` targets ``name``
     (params ``<name>_lora_a`` [in…, r] and ``<name>_lora_b`` [r, out…] with ``w``'s logical axes on each side;
-    `rlhf_jax.models.lora`). Without LoRA it is exactly ``project(x, w, n_in, dtype)``."""
+    `rlhf_jax.models.lora`). ``drop`` is LoRA dropout (`lora.dropout_input`), only when the rate is > 0 and the
+    forward was given a ``lora.DROPOUT_RNG`` key (training steps); else ``drop(x) = x``. Without LoRA it is
+    exactly ``project(x, w, n_in, dtype)``."""
     c = module.config
     y = project(x, w, n_in, c.dtype)
     if c.lora is None or name not in c.lora.projections:
@@ -156,6 +159,8 @@ def dense(module: nn.Module, name: str, x, w, n_in: int, axes: tuple):
     r = c.lora.rank
     a = _param(module, name + "_lora_a", lora_a_init, (*w.shape[:n_in], r), (*axes[:n_in], None))
     b = _param(module, name + "_lora_b", nn.initializers.zeros, (r, *w.shape[n_in:]), (None, *axes[n_in:]))
+    if c.lora.dropout > 0 and module.has_rng(lora_lib.DROPOUT_RNG):
+        x = lora_lib.dropout_input(x, rate=c.lora.dropout, key=module.make_rng(lora_lib.DROPOUT_RNG))
     return y + project(project(x, a.astype(c.dtype), n_in), b.astype(c.dtype)) * jnp.asarray(c.lora.scale, c.dtype)
 
 
@@ -356,7 +361,8 @@ class Transformer(nn.Module):
         carry = (x, cache_kv, jnp.asarray(0, jnp.int32))
         context = (cos_sin, allowed, index)
         if c.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            scanned = nn.scan(block, variable_axes={"params": 0},
+                              split_rngs={"params": True, lora_lib.DROPOUT_RNG: True},
                               in_axes=nn.broadcast, length=c.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             carry, _ = scanned(c, name="layers")(carry, context)

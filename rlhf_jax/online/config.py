@@ -52,7 +52,7 @@ class RewardConfig:
                 "set a reward model path and/or reward.functions")
 
 
-def online_eval_checks(run, data, reward: RewardConfig) -> None:
+def online_eval_checks(run, data, reward: RewardConfig, *, ema: bool = False) -> None:
     """The held-out evaluation keys of an online command (``online.heldout``), checked together:
     ``run.eval_every`` and an ``eval/`` keep-best metric need held-out prompts (``data.eval_path`` or
     ``data.eval_fraction``); ``eval/*gold_score`` needs ``reward.gold_function``; a score or accuracy ranks
@@ -69,6 +69,8 @@ def online_eval_checks(run, data, reward: RewardConfig) -> None:
             f"{metric!r} needs held-out prompts: set data.eval_path or data.eval_fraction")
     require(not metric.endswith("gold_score") or reward.gold_function is not None, "run.keep_best_metric",
             f"{metric!r} needs reward.gold_function")
+    require(not metric.startswith("eval/ema_") or ema, "run.keep_best_metric",
+            f"{metric!r} is the EMA actor's: set ppo.ema_decay / algo.ema_decay (on ppo and the critic-free family)")
     name = metric.split("/", 1)[-1]
     larger = any(w in name for w in ("score", "accuracy", "reward")) and not name.endswith("_std")
     require(not larger or run.keep_best_mode == "max", "run.keep_best_mode",

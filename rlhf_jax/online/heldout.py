@@ -19,6 +19,10 @@ Several processes: each host samples and scores its slice of every prompt batch 
 per-host rows); the per-prompt values are all-gathered batch by batch in global order, so every statistic is
 over all prompts and equals the one-process value. Evaluation reads no training iterator and no training
 key, so a run with evaluation trains exactly as one without, and resumes exactly.
+
+With an EMA of the actor (``ppo.ema_decay`` / ``algo.ema_decay``), :func:`policy_metrics` evaluates the EMA
+actor alongside, with the same keys, and logs its values as ``ema_<name>`` (``eval/ema_gold_score``, ...),
+which ``run.keep_best_metric`` may name too.
 """
 
 from __future__ import annotations
@@ -118,6 +122,16 @@ def _named(summary: dict, prefix: str) -> dict[str, float]:
     if prefix:
         named = {prefix + k: v for k, v in named.items() if k in _SAMPLED}
     return named
+
+
+def policy_metrics(heldout: HeldoutEval, state) -> dict[str, float]:
+    """The held-out metrics of a train state's actor and, when it keeps an EMA, of the EMA actor (``ema_*``)."""
+    from rlhf_jax.train.state import ema_params
+
+    out = heldout(state.params)
+    if state.ema is not None:
+        out.update({"ema_" + k: v for k, v in heldout(ema_params(state)).items()})
+    return out
 
 
 def make_heldout(splits: DataSplits, *, sampler: Sampler, scorer: RewardScorer, reward, prompt_field: str,

@@ -73,19 +73,22 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
                          f"got {s.num_minibatches}")
     sg = jax.lax.stop_gradient
 
-    def actor_forward(actor_p, mb: Experience):
-        return policy_forward(models.actor, actor_p, mb.ids_BxS, mb.mask_BxS, mb.response_ids_BxT,
+    # LoRA dropout (model.lora.dropout > 0): each training forward draws its masks from a key derived from the
+    # update's key, the epoch, minibatch and micro-batch, and the role (0 actor, 1 critic, 2 ptx); without
+    # dropout `lora.training` returns the module itself and the keys are dead code.
+    def actor_forward(actor_p, mb: Experience, key):
+        return policy_forward(lora.training(models.actor, jax.random.fold_in(key, 0)), actor_p, mb.ids_BxS, mb.mask_BxS, mb.response_ids_BxT,
                               prompt_length=mb.prompt_ids_BxP.shape[1], temperature=s.temperature,
                               with_entropy=True, prompt_repeats=s.prompt_repeats)
 
-    def values_of(critic_p, mb: Experience, actor_p):
-        return critic_values(models.critic, critic_params_of(models, critic_p, actor_p), mb.ids_BxS, mb.mask_BxS,
+    def values_of(critic_p, mb: Experience, actor_p, key):
+        return critic_values(lora.training(models.critic, jax.random.fold_in(key, 1)), critic_params_of(models, critic_p, actor_p), mb.ids_BxS, mb.mask_BxS,
                              prompt_length=mb.prompt_ids_BxP.shape[1])
 
-    def with_ptx(loss, mets, actor_p, ptx_mb, den):
+    def with_ptx(loss, mets, actor_p, ptx_mb, den, key):
         if ptx_mb is None:
             return loss, mets
-        ptx_sum, _ = ptx_loss_sum(models.actor, actor_p, ptx_mb)
+        ptx_sum, _ = ptx_loss_sum(lora.training(models.actor, jax.random.fold_in(key, 2)), actor_p, ptx_mb)
         ptx_den = jnp.maximum(den["ptx"], 1.0)
         return loss + s.ptx_coef * ptx_sum / ptx_den, dict(mets, ptx_loss=sg(ptx_sum / ptx_den))
 
@@ -108,47 +111,53 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
         return actor, critic, mets
 
     # ------------------------------------------------------------- one pass: actor and critic together
-    def joint_loss(params, xs, den, kl_coef):
-        (actor_p, critic_p), (mb, ptx_mb) = params, xs
-        logp, ent = actor_forward(actor_p, mb)
-        values = values_of(critic_p, mb, actor_p) if algo.use_critic else None
+    def joint_loss(params, xs, den, kl_coef, key):
+        (actor_p, critic_p), (mb, ptx_mb, m) = params, xs
+        key = jax.random.fold_in(key, m)  # the micro-batch
+        logp, ent = actor_forward(actor_p, mb, key)
+        values = values_of(critic_p, mb, actor_p, key) if algo.use_critic else None
         loss, mets = algo.loss(Forward(logp, ent, values), mb, den, kl_coef)
-        return with_ptx(loss, mets, actor_p, ptx_mb, den)
+        return with_ptx(loss, mets, actor_p, ptx_mb, den, key)
 
     joint_grad = lora.value_and_grad(joint_loss, has_aux=True)  # LoRA: over the adapters (+ value head) only
 
     def minibatch_step(carry, xs):
-        actor, critic, kl_coef = carry
-        mb, ptx_mb = xs
+        actor, critic, kl_coef, key = carry
+        mb, ptx_mb, j = xs
+        key_j = jax.random.fold_in(key, j)  # the minibatch
         den = denominators(mb, ptx_mb)
         params = (actor.params, critic.params if critic is not None else None)
         micro = (split_micro_batches(mb, s.num_micro_batches, group_size=s.prompt_repeats),
-                 None if ptx_mb is None else split_micro_batches(ptx_mb, s.num_micro_batches))
+                 None if ptx_mb is None else split_micro_batches(ptx_mb, s.num_micro_batches),
+                 jnp.arange(s.num_micro_batches))
         ((loss, mets), (g_actor, g_critic)), _ = scan_sum(lambda *a: (joint_grad(*a), None), params, micro,
-                                                             den, kl_coef)
+                                                             den, kl_coef, key_j)
         actor, critic, mets = finish(actor, critic, loss, mets, g_actor, g_critic)
-        return (actor, critic, kl_coef), mets
+        return (actor, critic, kl_coef, key), mets
 
     # ------------------------------------------------- fused values: the critic phase, then the actor phase
-    def critic_phase_loss(critic_p, mb: Experience, den, kl_coef, actor_p):
-        values = values_of(critic_p, mb, actor_p)
+    def critic_phase_loss(critic_p, xs, den, kl_coef, actor_p, key):
+        mb, m = xs
+        values = values_of(critic_p, mb, actor_p, jax.random.fold_in(key, m))
         mb = mb._replace(old_values_BxT=sg(values))
         _, returns, _ = algo.advantages(mb, kl_coef)  # per-row returns: GAE runs along each row
         fwd = Forward(mb.old_logp_BxT, jnp.zeros_like(values), values)  # policy terms constant here
         loss, _ = algo.loss(fwd, mb._replace(returns_BxT=returns), den, kl_coef)
         return loss, sg(values)
 
-    def actor_phase_loss(actor_p, xs, den, kl_coef):
-        mb, ptx_mb = xs
-        logp, ent = actor_forward(actor_p, mb)
+    def actor_phase_loss(actor_p, xs, den, kl_coef, key):
+        mb, ptx_mb, m = xs
+        key = jax.random.fold_in(key, m)
+        logp, ent = actor_forward(actor_p, mb, key)
         loss, mets = algo.loss(Forward(logp, ent, mb.old_values_BxT), mb, den, kl_coef)  # V = V_old: constant
-        return with_ptx(loss, mets, actor_p, ptx_mb, den)
+        return with_ptx(loss, mets, actor_p, ptx_mb, den, key)
 
     critic_grad = lora.value_and_grad(critic_phase_loss, has_aux=True)
     actor_grad = lora.value_and_grad(actor_phase_loss, has_aux=True)
 
-    def fused_step(actor, critic, exp: Experience, ptx_mb, kl_coef):
+    def fused_step(actor, critic, exp: Experience, ptx_mb, kl_coef, key):
         m = s.num_micro_batches
+        key = jax.random.fold_in(key, 0)  # as epoch 0's minibatch 0 in the unfused update
         den = denominators(exp, ptx_mb)
 
         def critic_micro(*a):
@@ -156,22 +165,22 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             return g, values
 
         g_critic, values_MxbxT = scan_sum(critic_micro, critic.params,
-                                          split_micro_batches(exp, m, group_size=s.prompt_repeats), den, kl_coef,
-                                          actor.params)
+                                          (split_micro_batches(exp, m, group_size=s.prompt_repeats), jnp.arange(m)),
+                                          den, kl_coef, actor.params, key)
         exp = exp._replace(old_values_BxT=join_micro_batches(values_MxbxT, group_size=s.prompt_repeats))
         adv, ret, _ = algo.advantages(exp, kl_coef)
         exp = exp._replace(advantages_BxT=adv, returns_BxT=ret)
         extra = {"advantages_mean": ops.masked_mean(adv, exp.response_mask_BxT), **value_metrics(exp)}
         micro = (split_micro_batches(exp, m, group_size=s.prompt_repeats),
-                 None if ptx_mb is None else split_micro_batches(ptx_mb, m))
+                 None if ptx_mb is None else split_micro_batches(ptx_mb, m), jnp.arange(m))
         ((loss, mets), g_actor), _ = scan_sum(lambda *a: (actor_grad(*a), None), actor.params, micro, den,
-                                                 kl_coef)
+                                                 kl_coef, key)
         return finish(actor, critic, loss, dict(mets, **extra), g_actor, g_critic)
 
     def update(actor: TrainState, critic: Optional[TrainState], exp: Experience, ptx: Optional[SFTBatch],
                key: jax.Array, kl_coef: jax.Array):
         if s.fused_values:  # one optimizer step over the whole batch (checked above)
-            return fused_step(actor, critic, exp, ptx, kl_coef)
+            return fused_step(actor, critic, exp, ptx, kl_coef, jax.random.fold_in(jax.random.split(key, 1)[0], 1))
         B = exp.score_B.shape[0]
         ptx_mbs = _minibatches(ptx, s.num_minibatches)
 
@@ -181,7 +190,11 @@ def make_update(algo: Algorithm, models: Models, *, actor_tx: optax.GradientTran
             else:
                 perm = jax.random.permutation(ekey, B)
                 mbs = _minibatches(jax.tree.map(lambda x: x[perm], exp), s.num_minibatches)
-            return jax.lax.scan(minibatch_step, carry, (mbs, ptx_mbs))
+            actor, critic, kl_coef = carry
+            (actor, critic, kl_coef, _), mets = jax.lax.scan(
+                minibatch_step, (actor, critic, kl_coef, jax.random.fold_in(ekey, 1)),
+                (mbs, ptx_mbs, jnp.arange(s.num_minibatches)))
+            return (actor, critic, kl_coef), mets
 
         (actor, critic, _), mets = jax.lax.scan(epoch, (actor, critic, kl_coef),
                                                 jax.random.split(key, s.epochs))

@@ -64,7 +64,12 @@ def plan_dpo(cfg, mesh) -> RunPrograms:
     batch = preference_batch(cfg, cfg.batch_size, bsh)
     resident = split_state("policy", state)
     programs = []
-    if cfg.loss.needs_reference:  # the reference as `recipes.dpo._reference` loads it
+    if cfg.reference_is_adapters_off:  # model.lora: the policy's base with the adapters off, nothing more resident
+        attach = pc.make_ref_attacher(actor.model, mesh=mesh, params_shardings=actor.shardings,
+                                      num_chunks=cfg.num_micro_batches, completion_width=dpo.completion_width(cfg.data))
+        name = "precompute_ref_logps" if cfg.precompute_ref_logps else "reference_logps"
+        programs.append(Planned(name, attach, (actor.params, batch), uses=("policy params",)))
+    elif cfg.loss.needs_reference:  # the reference as `recipes.dpo._reference` loads it
         ref = abstract_model(cfg.model, mesh=mesh, head="lm", path=cfg.ref_model_path or cfg.model.path,
                              dtype=cfg.ref_dtype or cfg.model.dtype,
                              param_dtype=cfg.ref_dtype or cfg.model.param_dtype)

@@ -4,7 +4,9 @@ The losses are ``rlhf_jax.algos.preference``. The reference comes from a frozen 
 (``ref_model_path``, default the policy's starting point; optionally bf16) whose params are a `jit`
 argument, or — ``precompute_ref_logps: true`` — from one pass over the train and eval sets before
 training, cached on disk under a dataset + model fingerprint, after which the reference model is dropped
-(``rlhf_jax.train.reference``). Logged: loss, reward accuracy (TRL: r_c > r_r strictly), chosen/rejected
+(``rlhf_jax.train.reference``). With ``model.lora`` (and no ``ref_model_path``) the reference is the policy's
+own frozen base with the adapters off (PEFT ``disable_adapter``, as TRL's ``DPOTrainer`` with a PEFT model):
+no second copy of the base is loaded, live or precomputed. Logged: loss, reward accuracy (TRL: r_c > r_r strictly), chosen/rejected
 rewards, margin, chosen/rejected policy log-probs (and z₀ for KTO), on train and held-out data. The
 policy is exported with `save_pretrained` to ``<output_dir>/model``.
 
@@ -69,6 +71,14 @@ class DPOConfig:
                 f"{self.loss.algorithm} is reference-free; set false")
         require(not self.precompute_ref_logps or self.loss.kto_kl_pairs == "dataset", "precompute_ref_logps",
                 "loss.kto_kl_pairs=batch pairs KL rows by batch, so their reference values cannot be precomputed")
+        require(not self.reference_is_adapters_off or self.ref_dtype is None, "ref_dtype",
+                "with model.lora the reference is the policy's base with the adapters off (its dtype is "
+                "model.base_dtype); set null, or set ref_model_path for a separate reference model")
+
+    @property
+    def reference_is_adapters_off(self) -> bool:
+        """The reference is the policy's frozen base with the adapters off (``model.lora``, no ``ref_model_path``)."""
+        return self.model.lora is not None and self.ref_model_path is None and self.loss.needs_reference
 
     @property
     def task(self) -> str:
@@ -112,23 +122,28 @@ def _maybe(it: Optional[BatchIterator], kl_pairs: str = "dataset") -> Optional[p
     return None if it is None else pc.RefStream(it, kl_pairs=kl_pairs)
 
 
-def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
-    """(train stream, eval stream or None, attach) where `attach(batch)` fills live reference values
-    (identity when precomputed or reference-free)."""
-    def identity(batch):
+def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path, policy: common.LoadedModel):
+    """(train stream, eval stream or None, attach) where `attach(params, batch)` fills live reference values
+    (``params``: the policy's current params, read only when the reference is their adapters-off base;
+    identity when precomputed or reference-free). ``policy``: the loaded policy (before training)."""
+    def identity(params, batch):
         return batch
 
     pairs = cfg.loss.kto_kl_pairs
     if not cfg.loss.needs_reference:
         return pc.RefStream(splits.train), _maybe(splits.eval), identity
-    ref = _reference(cfg, mesh)
+    # model.lora: the policy's own params with the adapters off (`reference_logps` zeroes B); no second base
+    own = cfg.reference_is_adapters_off
+    ref = policy if own else _reference(cfg, mesh)
     width = completion_width(cfg.data)
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
                                       num_chunks=cfg.num_micro_batches, completion_width=width,
                                       ld_alpha=cfg.loss.ld_alpha)
+        # the policy's params are donated by each step: the adapters-off reference reads the current ones
         return (pc.RefStream(splits.train, kl_pairs=pairs), _maybe(splits.eval, pairs),
-                lambda batch: attach(ref.params, batch))
+                (lambda params, batch: attach(params, batch)) if own else
+                (lambda params, batch: attach(ref.params, batch)))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
                                                              completion_width=width, ld_alpha=cfg.loss.ld_alpha),
                              mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
@@ -136,6 +151,8 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
     path = cfg.ref_model_path or cfg.model.path
     dtype = cfg.ref_dtype or cfg.model.dtype
+    if own:  # the base's storage dtype changes the values too
+        dtype = f"{dtype}|lora_base={cfg.model.base_dtype}"
 
     def values(it: BatchIterator):
         key = pc.ref_cache_key(it.data, cfg.data.max_seq_len, path, dtype, ld_alpha=cfg.loss.ld_alpha)
@@ -143,7 +160,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path):
 
     train_stream = pc.RefStream(splits.train, values(splits.train))
     eval_stream = None if splits.eval is None else pc.RefStream(splits.eval, values(splits.eval))
-    del ref  # the reference leaves memory: training reads the cached values only
+    del ref  # a separate reference leaves memory: training reads the cached values only
     return train_stream, eval_stream, identity
 
 
@@ -168,7 +185,7 @@ def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
                         process_index=jax.process_index(), process_count=jax.process_count())
     if distributed.is_main_process():
         print(f"[rlhf_jax] train data: {splits.stats.summary()}", flush=True)
-    train_stream, eval_stream, attach = reference_streams(cfg, splits, mesh, out)
+    train_stream, eval_stream, attach = reference_streams(cfg, splits, mesh, out, loaded)
     total = common.total_steps_of(cfg.run, splits.train.batches_per_epoch)
     tx = make_optimizer(cfg.optim, total)
     state, state_sh = create_train_state(loaded.params, tx, mesh=mesh, params_shardings=loaded.shardings)
@@ -182,11 +199,13 @@ def train(cfg: DPOConfig, *, stop_at_step: Optional[int] = None) -> dict:
     evaluate = None
     if eval_stream is not None:
         def evaluate(state) -> dict[str, float]:
-            (loss_sum, _), aux = common.sum_over(lambda p, b: eval_step(p, attach(b)), state.params, eval_stream, mesh)
+            (loss_sum, _), aux = common.sum_over(lambda p, b: eval_step(p, attach(p, b)), state.params, eval_stream,
+                                                 mesh)
             return preference_metrics(loss_sum, aux, kto=kto)
 
     loop = Loop(name=cfg.loss.algorithm, run=cfg.run, output_dir=out, total=total, data={"train": train_stream},
-                step=batch_steps(step, train_stream, mesh, seed=cfg.run.seed, transform=attach), describe=describe,
+                step=batch_steps(step, train_stream, mesh, seed=cfg.run.seed,
+                                 transform=lambda s, b: attach(s.params, b)), describe=describe,
                 evaluate=evaluate, stop_at_step=stop_at_step,
                 export=(lambda s: common.export_model(loaded, s.params, out / "model")) if cfg.export else None)
     res = run_loop(loop, state)

@@ -46,7 +46,7 @@ from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_chec
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, make_experience,
                                         prompt_sharing_allowed, rollout_metrics)
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
-from rlhf_jax.online.heldout import make_heldout
+from rlhf_jax.online.heldout import make_heldout, policy_metrics
 from rlhf_jax.online.scoring import RewardScorer, make_scorer, sample_rows
 from rlhf_jax.online.update import make_update
 from rlhf_jax.rollout.types import logprob_temperature
@@ -161,7 +161,7 @@ class CriticFreeConfig:
     num_samples: int = 4
 
     def __post_init__(self):
-        online_eval_checks(self.run, self.data, self.reward)
+        online_eval_checks(self.run, self.data, self.reward, ema=self.algo.ema_decay is not None)
         require(self.ALGORITHM is None or self.algo.algorithm == self.ALGORITHM, "algo.algorithm",
                 f"this subcommand runs {self.ALGORITHM}; got {self.algo.algorithm}")
         a, b = self.algo, self.rollout.batch_size * self.algo.group_size
@@ -355,7 +355,7 @@ def train(cfg: CriticFreeConfig, *, stop_at_step: Optional[int] = None) -> dict:
 
     loop = Loop(name=h.algorithm, run=cfg.run, output_dir=out, total=iters, step=step, data={"prompts": prompts},
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
-                evaluate=None if heldout is None else (lambda s: heldout(s.params)),
+                evaluate=None if heldout is None else (lambda s: policy_metrics(heldout, s)),
                 export=lambda s: common.export_policy(actor, s, out))
     res = run_loop(loop, actor_state)
     result = {"output_dir": str(out), "iterations": len(res.history), "history": res.history, "state": res.state,

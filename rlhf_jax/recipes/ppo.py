@@ -37,7 +37,7 @@ from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_chec
 from rlhf_jax.online.experience import (Models, UpdateSettings, evaluate_rollout, fused_values_allowed,
                                         make_experience, rollout_metrics)
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
-from rlhf_jax.online.heldout import make_heldout
+from rlhf_jax.online.heldout import make_heldout, policy_metrics
 from rlhf_jax.online.scoring import make_scorer, sample_rows
 from rlhf_jax.online.update import make_update
 from rlhf_jax.rollout.types import logprob_temperature
@@ -142,7 +142,7 @@ class PPOConfig:
     num_samples: int = 4  # rows in each sample table
 
     def __post_init__(self):
-        online_eval_checks(self.run, self.data, self.reward)
+        online_eval_checks(self.run, self.data, self.reward, ema=self.ppo.ema_decay is not None)
         per_mb = self.rollout.batch_size // self.ppo.num_minibatches
         require(self.rollout.batch_size % self.ppo.num_minibatches == 0 and per_mb % self.ppo.num_micro_batches == 0,
                 "ppo.num_minibatches", f"rollout.batch_size={self.rollout.batch_size} must divide into "
@@ -266,7 +266,7 @@ def train(cfg: PPOConfig, *, stop_at_step: Optional[int] = None, evaluate_initia
     data = {"prompts": prompts} if ptx_iter is None else {"prompts": prompts, "ptx": ptx_iter}
     loop = Loop(name="ppo", run=cfg.run, output_dir=out, total=iters, step=step, data=data,
                 sample_every=cfg.sample_every, progress_keys=("score", "kl"), stop_at_step=stop_at_step,
-                evaluate=None if heldout is None else (lambda s: heldout(s["actor"].params)),
+                evaluate=None if heldout is None else (lambda s: policy_metrics(heldout, s["actor"])),
                 export=lambda s: common.export_policy(actor, s["actor"], out))
     state = {"actor": actor_state, "critic": critic_state, "kl": ops.adaptive_kl_init(cfg.kl.coef)}
     initial = heldout(actor_state.params) if evaluate_initial and heldout is not None else None

@@ -233,16 +233,18 @@ def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, lo
 
 
 def batch_steps(train_step: Callable, batches: Any, mesh: jax.sharding.Mesh, *, seed: int,
-                transform: Callable[[Any], Any] = lambda b: b) -> StepFn:
+                transform: Callable[[Any, Any], Any] = lambda state, b: b) -> StepFn:
     """The :data:`StepFn` of a supervised recipe: this host's next batch, placed on the mesh, one jitted
-    ``train_step(state, batch, key)`` (the key is the run's; the step folds in ``state.step``)."""
+    ``train_step(state, batch, key)`` (the key is the run's; the step folds in ``state.step``).
+    ``transform(state, batch)`` may complete the placed batch from the current state (e.g. DPO's reference
+    log-probs from the policy's adapters-off base)."""
     from rlhf_jax import sharding as shd
 
     key = jax.random.key(seed)
 
     def step(index: int, state: Any):
         del index  # the data iterator and state.step carry the position
-        state, metrics = train_step(state, transform(shd.shard_batch(next(batches), mesh)), key)
+        state, metrics = train_step(state, transform(state, shd.shard_batch(next(batches), mesh)), key)
         return state, metrics, None
 
     return step

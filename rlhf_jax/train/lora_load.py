@@ -124,7 +124,7 @@ def save_peft(directory: pathlib.Path | str, model, params, *, base_path: str, t
     if distributed.is_main_process():
         directory.mkdir(parents=True, exist_ok=True)
         cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
-               "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+               "lora_dropout": model.config.lora.dropout, "bias": "none", "inference_mode": True,
                "init_lora_weights": True, "modules_to_save": None, **fields}
         (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})

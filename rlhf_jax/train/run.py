@@ -299,11 +299,11 @@ def export_model(loaded: LoadedModel, params: Any, directory: pathlib.Path | str
 
 def export_policy(loaded: LoadedModel, state: Any, out: pathlib.Path | str) -> pathlib.Path:
     """`export_model` of a train state's params to `out/model`, and of its EMA (if kept) to `out/model_ema`."""
-    from rlhf_jax.models import lora
+    from rlhf_jax.train.state import ema_params
 
     out = pathlib.Path(out)
     if state.ema is not None:
-        export_model(loaded, lora.join(state.ema, lora.split_trainable(state.params)[1]), out / "model_ema")
+        export_model(loaded, ema_params(state), out / "model_ema")
     return export_model(loaded, state.params, out / "model")
 
 

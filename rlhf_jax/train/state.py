@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.models.lora import trainable
+from rlhf_jax.models.lora import join, split_trainable, trainable
 
 
 @flax.struct.dataclass
@@ -43,6 +43,14 @@ class TrainState:
     num_skipped: jax.Array
     ema: Any = None
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+def ema_params(state: TrainState) -> Any:
+    """The EMA model's full params: the EMA of the trainable part on the state's frozen base (LoRA), or the
+    EMA tree itself (full fine-tune); None when the state keeps no EMA."""
+    if state.ema is None:
+        return None
+    return join(state.ema, split_trainable(state.params)[1])
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation, *,

@@ -198,6 +198,6 @@ def test_lora_config_errors():
     with pytest.raises(ValueError, match="model.lora.targets"):
         lora.LoRAConfig(targets=("qproj",))
     with pytest.raises(ValueError, match="model.lora.dropout"):
-        lora.LoRAConfig(dropout=0.1)
+        lora.LoRAConfig(dropout=1.0)
     with pytest.raises(ValueError, match="model.lora.export_format"):
         lora.LoRAConfig(export_format="gguf")
