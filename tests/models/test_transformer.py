@@ -181,7 +181,7 @@ def test_scalar_head_and_bad_head():
                                                   (1, (7, 6), (6, 5))])
 def test_project_and_its_vjp_equal_the_einsum(n_in, x_shape, w_shape):
     """`project` (one 2-D GEMM, custom VJP with 2-D weight gradients) = the einsum and its autodiff."""
-    from rlhf_jax.models.transformer import project
+    from rlhf_jax.models.project import project
     kx, kw, kg = jax.random.split(jax.random.key(3), 3)
     x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
     letters = "abcdefgh"
