@@ -17,6 +17,9 @@ A recipe supplies one ``step(index, state) -> (state, metrics, samples)`` (an op
   end; keep-last-N and keep-best by ``run.keep_best_metric``, a logged ``train/<name>`` or
   ``eval/<name>``), sample tables every ``sample_every`` steps.
 * **export** of the final params when the run reaches its last step.
+* **time to first step**: when the first step of this process (fresh or resumed) has finished, the seconds
+  since the process started are printed and appended to ``first_step.jsonl`` (one line per start: the step
+  it started from, the seconds, the compilation-cache folder), so a resume's compile time is visible.
 * **preemption** (``train/preempt.py``): on SIGTERM/SIGINT the current step finishes, a checkpoint is
   written and committed, and :class:`Preempted` is raised (the CLI exits 143 / 130); the same command
   resumes. Multi-process runs agree on the stop step with one tiny all-gather per step.
@@ -25,13 +28,14 @@ A recipe supplies one ``step(index, state) -> (state, metrics, samples)`` (an op
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable, Optional
 
 import jax
 
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import clock, distributed
 from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
 from rlhf_jax.rewards import RewardFunctionError
 from rlhf_jax.run_config import RunConfig
@@ -196,6 +200,8 @@ def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, lo
             state, metrics, samples = loop.step(index, state)
         except RewardFunctionError as e:  # name the iteration (the step logged in metrics.jsonl)
             raise RewardFunctionError(f"{loop.name} iteration {done}: {e}") from e
+        if index == start:
+            _first_step(loop, start, metrics, main)
         report(deferred.push(done, metrics))  # step N-1's metrics, while step N runs
         every = lambda n: bool(n) and done % n == 0  # noqa: E731
         if samples and (every(loop.sample_every) or (loop.sample_every and index == start)):
@@ -230,6 +236,22 @@ def _steps(loop: Loop, state: Any, start: int, last: int, ckpt: Checkpointer, lo
                 print(f"[rlhf_jax] {msg}", flush=True)
             raise Preempted(signum, done, str(where), msg)
     return state
+
+
+def _first_step(loop: Loop, start: int, metrics: Any, main: bool) -> None:
+    """Wait for the first step of this process, then report the seconds since the process started."""
+    jax.block_until_ready(metrics)
+    seconds = clock.seconds_since_process_start()
+    if not main:
+        return
+    cache = jax.config.jax_compilation_cache_dir or None
+    record = {"start_step": start, "to_first_step_s": round(seconds, 3), "compilation_cache": cache,
+              "processes": jax.process_count(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    loop.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(loop.output_dir / "first_step.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"[rlhf_jax] {loop.name}: first step {'after resuming at step ' + str(start) if start else 'of a fresh run'}"
+          f" done {seconds:.1f} s after the process started (compilation cache: {cache or 'off'})", flush=True)
 
 
 def batch_steps(train_step: Callable, batches: Any, mesh: jax.sharding.Mesh, *, seed: int,

@@ -76,6 +76,31 @@ def test_resume_continues_from_checkpoint_with_data_position(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # each step logged exactly once
 
 
+def test_first_step_time_is_recorded_per_process_start(tmp_path, capsys, monkeypatch):
+    """Each start (fresh, then a resume) appends one first_step.jsonl line and prints the seconds since the
+    process started (the real clock: /proc here, so at least this test process's age)."""
+    from rlhf_jax.runtime import clock
+
+    age = clock.seconds_since_process_start()
+    assert age > 0.0
+    loop, _ = _loop(tmp_path, save_every=2)
+    loop.stop_at_step = 3
+    run_loop(loop, {"w": jnp.zeros((), jnp.float32)})
+    loop2, _ = _loop(tmp_path, save_every=2)
+    run_loop(loop2, {"w": jnp.zeros((), jnp.float32)})
+    lines = [json.loads(ln) for ln in (tmp_path / "first_step.jsonl").read_text().splitlines()]
+    assert [r["start_step"] for r in lines] == [0, 3]
+    tick = 0.05  # /proc/uptime and starttime count in 10 ms ticks
+    assert all(r["to_first_step_s"] >= age - tick for r in lines)
+    assert lines[1]["to_first_step_s"] >= lines[0]["to_first_step_s"] - tick
+    assert all(r["processes"] == 1 for r in lines)
+    out = capsys.readouterr().out
+    assert "toy: first step of a fresh run done" in out and "toy: first step after resuming at step 3 done" in out
+    # without /proc the clock counts from its import, still a non-negative number of seconds
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert 0.0 <= clock.seconds_since_process_start() < age + 3600
+
+
 def test_resume_drops_records_after_checkpoint_and_a_torn_line(tmp_path, capsys):
     loop, _ = _loop(tmp_path, save_every=2)
     loop.stop_at_step = 2
