@@ -6,9 +6,10 @@ loading, compilation, the step itself) to the end of its first step. This script
 config (``configs/<command>_tiny_cpu.yaml``, the demo's exports as models and data) as a user would, through
 ``python -m rlhf_jax``, three times in one output folder:
 
-1. **fresh**: 3 steps from scratch with an empty compilation-cache folder (every program compiles);
-2. **resume, cache on**: the step-3 checkpoint and the export are deleted (a preemption after step 2), and
-   the same command resumes at step 2 with that cache folder (the programs load from it);
+1. **fresh**: N steps from scratch with an empty compilation-cache folder (every program compiles; N = 3
+   iterations for the online commands, 12 steps for SFT / RM / DPO, whose configs warm up over 10 steps);
+2. **resume, cache on**: the step-N checkpoint and the export are deleted (a preemption after step N − 1),
+   and the same command resumes at step N − 1 with that cache folder (the programs load from it);
 3. **resume, cache off**: the same again with ``RLHF_JAX_COMPILATION_CACHE=0`` (every program compiles again).
 
 It prints one row per command and the machine state (load average before and after). The demo (``rlhf-jax
@@ -31,13 +32,15 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ("sft", "rm", "dpo", "ppo", "grpo", "online_dpo", "raft")
-STEPS = 3
+#: steps of a run: the offline configs warm their learning rate up over 10 steps, which must fit in the run
+STEPS = {"sft": 12, "rm": 12, "dpo": 12}
+ONLINE_STEPS = 3
 
 
 def run_command(cmd: str, work: pathlib.Path, out: pathlib.Path, cache: str) -> None:
     """One ``python -m rlhf_jax CMD`` process (cwd = ``work``, where ``runs/demo`` is the demo)."""
     argv = [sys.executable, "-m", "rlhf_jax", cmd, str(REPO / "configs" / f"{cmd}_tiny_cpu.yaml"),
-            f"run.output_dir={out}", f"run.total_steps={STEPS}", "run.save_every=1", "run.keep_last_n=3",
+            f"run.output_dir={out}", f"run.total_steps={STEPS.get(cmd, ONLINE_STEPS)}", "run.save_every=1", "run.keep_last_n=3",
             "run.eval_every=0", "run.progress=off", "run.tensorboard=false"]
     env = {**os.environ, "RLHF_JAX_COMPILATION_CACHE": cache, "PYTHONPATH": str(REPO)}
     p = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
@@ -45,9 +48,9 @@ def run_command(cmd: str, work: pathlib.Path, out: pathlib.Path, cache: str) -> 
         raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}:\n{p.stderr[-4000:]}")
 
 
-def preempt_after_step_2(out: pathlib.Path) -> None:
-    """Leave the run as a kill after step 2 would: the step-3 checkpoint and the export removed."""
-    shutil.rmtree(out / "checkpoints" / str(STEPS))
+def preempt_before_last_step(out: pathlib.Path, steps: int) -> None:
+    """Leave the run as a kill after step N − 1 would: the step-N checkpoint and the export removed."""
+    shutil.rmtree(out / "checkpoints" / str(steps))
     shutil.rmtree(out / "model", ignore_errors=True)
 
 
@@ -75,12 +78,13 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         t0 = time.perf_counter()
         run_command(cmd, work, out, str(cache))
-        preempt_after_step_2(out)
+        preempt_before_last_step(out, STEPS.get(cmd, ONLINE_STEPS))
         run_command(cmd, work, out, str(cache))
-        preempt_after_step_2(out)
+        preempt_before_last_step(out, STEPS.get(cmd, ONLINE_STEPS))
         run_command(cmd, work, out, "0")
         lines = first_steps(out)
-        assert [r["start_step"] for r in lines] == [0, 2, 2], lines
+        resumed = STEPS.get(cmd, ONLINE_STEPS) - 1
+        assert [r["start_step"] for r in lines] == [0, resumed, resumed], lines
         rows.append({"command": cmd, "fresh_s": lines[0]["to_first_step_s"], "resume_cache_s": lines[1]["to_first_step_s"],
                      "resume_no_cache_s": lines[2]["to_first_step_s"], "wall_s": time.perf_counter() - t0})
         r = rows[-1]
