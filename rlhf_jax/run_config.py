@@ -31,6 +31,10 @@ class OptimConfig:
     # Weight-decay mask policy: params of rank < 2 (biases, norm scales) never decay; params whose
     # '/'-joined path matches any of these regexes (case-insensitive) do not decay either (embeddings).
     no_decay_patterns: tuple[str, ...] = ("embed", "wte", "wpe", "norm", "bias")
+    # LoRA+ (Hayou et al. 2024): with model.lora, every adapter B (`*_lora_b`) learns at lora_plus_ratio x
+    # learning_rate, A and the heads at learning_rate. 1.0 = plain LoRA (the same optimizer, bit for bit); the
+    # paper (and our measurement, README "Results") recommend 16. No effect on a full fine-tune (no B leaves).
+    lora_plus_ratio: float = 1.0
 
     def __post_init__(self):
         require(math.isfinite(self.learning_rate) and self.learning_rate >= 0, "learning_rate",
@@ -46,6 +50,8 @@ class OptimConfig:
             "max_grad_norm",
             f"must be > 0 or null, got {self.max_grad_norm}",
         )
+        require(math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0, "lora_plus_ratio",
+                f"must be a finite number > 0, got {self.lora_plus_ratio}")
         for p in self.no_decay_patterns:
             try:
                 re.compile(p)

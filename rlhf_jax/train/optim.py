@@ -1,5 +1,6 @@
 """The optimizer every trainer uses: global-norm clipping + AdamW with a warmup/decay schedule and a
-weight-decay mask (no decay on biases, norm scales and embeddings).
+weight-decay mask (no decay on biases, norm scales and embeddings), and LoRA+ (a larger learning rate for the
+adapters' B matrices) when asked.
 
 Follows the GPT-2/nanoGPT recipe: decay only weight matrices (rank ≥ 2) that are not embeddings.
 """
@@ -12,9 +13,10 @@ from typing import Any
 import jax
 import optax
 
+from rlhf_jax.models.lora import SUFFIX_B
 from rlhf_jax.run_config import OptimConfig
 
-__all__ = ["decay_mask", "make_optimizer", "make_schedule"]
+__all__ = ["decay_mask", "lora_plus", "lora_plus_mask", "make_optimizer", "make_schedule"]
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -71,11 +73,34 @@ def decay_mask(params: Any, *, no_decay_patterns: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def lora_plus_mask(params: Any) -> Any:
+    """Pytree of bools like `params`: True on LoRA B leaves (names ending in ``_lora_b``, `rlhf_jax.models.lora`).
+    Works on arrays and on `jax.ShapeDtypeStruct`s."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: _path_str(path).endswith(SUFFIX_B), params)
+
+
+def lora_plus(ratio: float) -> optax.GradientTransformation:
+    """LoRA+ (Hayou, Ghosh & Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", arXiv:2402.12354;
+    PEFT `create_loraplus_optimizer`): multiply the update of every B leaf by ``ratio`` after AdamW, so
+
+        η_B = ratio · η_A   (the weight decay of B scales with its learning rate, as in PEFT's param groups)
+
+    A, the heads and every non-adapter leaf keep their update. Stateless (no optimizer-state leaves)."""
+
+    def scale(updates, params=None):
+        del params
+        return jax.tree.map(lambda u, b: u * ratio if b else u, updates, lora_plus_mask(updates))
+
+    return optax.stateless(scale)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """`optax.chain(clip_by_global_norm(max_grad_norm), adamw(schedule, b1, b2, eps, weight_decay, mask))`.
+    """`optax.chain(clip_by_global_norm(max_grad_norm), adamw(schedule, b1, b2, eps, weight_decay, mask))`,
+    then `lora_plus(lora_plus_ratio)` when the ratio is not 1.
 
     AdamW: Loshchilov & Hutter 2019 (decoupled decay, scaled by the scheduled learning rate as in optax).
-    Clipping is skipped when `cfg.max_grad_norm` is None.
+    Clipping is skipped when `cfg.max_grad_norm` is None. With ``lora_plus_ratio == 1`` the chain is exactly
+    the one without LoRA+ (same transforms, same optimizer state).
     """
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
@@ -86,6 +111,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         weight_decay=cfg.weight_decay,
         mask=lambda p: decay_mask(p, no_decay_patterns=cfg.no_decay_patterns),
     )
+    if cfg.lora_plus_ratio != 1.0:
+        adamw = optax.chain(adamw, lora_plus(cfg.lora_plus_ratio))
     if cfg.max_grad_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
