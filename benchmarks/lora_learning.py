@@ -6,15 +6,18 @@ demo|arith|maxdigit, TRAINER grpo|ppo (ppo: demo only), MODE
 
 * ``full``: every weight trains;
 * ``lora``: rank 8, alpha 16, all projections, plain LoRA (A and B at LR);
-* ``lora+``: the same adapters with LoRA+ (``lora_plus_ratio=16``: B at 16 x LR, A at LR; actor and critic) —
-  the recommended setting (README "Results");
+* ``lora+``: the recommended setting (README "Results"): rank 8, alpha 16, targets ``[all, lm_head]`` (the blocks'
+  projections and the untied output layer) and LoRA+ (``lora_plus_ratio=16``: B at 16 x LR, A at LR; actor and
+  critic), at the full fine-tune's LR;
+* ``full-proj`` (a diagnostic): full fine-tuning of the blocks' projections only (the weights LoRA ``all``
+  adapts), embeddings, output layer and norms frozen;
 
 and optional ``key=value`` overrides (``seed=S`` sets ``run.seed`` and ``model.lora.seed``; any other is a config
 override, e.g. ``model.lora.alpha=45.25``), e.g. ``demo:grpo:full:1e-3 demo:grpo:lora+:1e-3:seed=1``.
 Starts from the same briefly SFT'd tiny model as ``tests/recipes/test_lora_learning.py`` (max-digit: the SFT start
 of ``benchmarks/heldout_learning.py``); prints (and appends to OUT_DIR/learn.jsonl) the sampled gold score (demo) /
 exact match (arith, maxdigit) before and after, one sample per prompt, and the size of the learned update:
-``dW_rel`` = ||W_after − W_before||_F / ||W_before||_F over every projection matrix (LoRA: the merged W + s·A B),
+``dW_rel`` = ||W_after − W_before||_F / ||W_before||_F over the blocks' projections (LoRA: the merged W + s·A B),
 ``A_rel`` = RMS of the adapters' A over its initial RMS 1/sqrt(3·fan_in) (LoRA only).
 """
 import json, math, pathlib, sys, time
@@ -35,7 +38,8 @@ xla.enable_compilation_cache()  # reruns (other seeds, the same program) load th
 
 base = pathlib.Path(sys.argv[1]).absolute(); base.mkdir(parents=True, exist_ok=True)
 LORA = ("model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[all]")
-LORA_PLUS = (*LORA, "actor_optim.lora_plus_ratio=16")
+LORA_PLUS = ("model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[all,lm_head]",
+             "actor_optim.lora_plus_ratio=16")
 out = open(base / "learn.jsonl", "a")
 MAKE_OPTIMIZER = grpo.make_optimizer
 

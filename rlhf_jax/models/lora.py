@@ -12,7 +12,10 @@ path is unchanged.
 
 Targets are the names users know (PEFT ``target_modules``): ``q_proj k_proj v_proj o_proj gate_proj
 up_proj down_proj`` (Llama family) and GPT-2's ``c_attn`` (= q, k, v), ``c_proj`` (attention output and
-MLP down, as in PEFT) and ``c_fc``; ``all`` = every projection.
+MLP down, as in PEFT) and ``c_fc``; ``all`` = every projection of the blocks. ``lm_head`` adds an adapter on the untied
+output layer (PEFT ``target_modules=["lm_head"]``; not in ``all``, as PEFT's ``all-linear`` leaves it out): on a
+small model the vocabulary matrices hold most of the weights, and a reward on the choice of words is learned
+there first (README "Results").
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import jax.numpy as jnp
 #: user target name → our projection names (Attention: q k v o; MLP: gate up down fc).
 TARGETS = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
            "up_proj": ("up",), "down_proj": ("down",), "c_attn": ("q", "k", "v"), "c_proj": ("o", "down"),
-           "c_fc": ("fc",), "all": ("q", "k", "v", "o", "gate", "up", "down", "fc")}
+           "c_fc": ("fc",), "all": ("q", "k", "v", "o", "gate", "up", "down", "fc"),
+           "lm_head": ("lm_head",)}
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
 TRAINABLE_HEADS = ("score",)  # a scalar head is trained with the adapters (PEFT `modules_to_save`)
 
@@ -266,8 +270,8 @@ def init_adapters(abstract: dict, key: jax.Array, *, scanned: bool) -> dict:
         if str(path[-1].key).endswith(SUFFIX_B):
             out.append(jnp.zeros(x.shape, x.dtype))
             continue
-        fan_in = 1
-        for d in x.shape[1 if scanned else 0:-1]:
+        fan_in = 1  # a scanned block leaf has a leading layers axis; a top-level one (lm_head) does not
+        for d in x.shape[1 if scanned and str(path[0].key) == "layers" else 0:-1]:
             fan_in *= d
         bound = fan_in ** -0.5
         out.append(jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, -bound, bound))

@@ -333,10 +333,13 @@ class Transformer(nn.Module):
             out = jnp.einsum("bsd,do->bso", x, w.astype(c.dtype), preferred_element_type=jnp.float32)[..., 0]
         else:
             if c.tie_word_embeddings:
+                if c.lora is not None and "lm_head" in c.lora.projections:
+                    raise ValueError("model.lora.targets: lm_head needs an untied output layer "
+                                     "(this model ties it to the input embedding)")
                 out = project(x, embedding.astype(c.dtype).T)
             else:
                 w = _param(self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-                out = project(x, w, 1, c.dtype)
+                out = dense(self, "lm_head", x, w, 1, ("embed", "vocab"))  # + a LoRA branch when targeted
             out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
         if return_hidden:  # the final-norm hidden states the head read (HF `hidden_states[-1]`)
             out = (out, x)

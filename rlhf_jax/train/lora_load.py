@@ -79,7 +79,7 @@ def peft_tensors(model, params) -> tuple[dict[str, np.ndarray], dict]:
     for i in range(config.num_layers):
         fused = []
         for proj in spec.projections:
-            if proj in ("gate", "up") and config.is_gpt2 or proj == "fc" and not config.is_gpt2:
+            if proj in ("gate", "up") and config.is_gpt2 or proj == "fc" and not config.is_gpt2 or proj == "lm_head":
                 continue
             a = _host(*_leaf(params, i, proj, lora.SUFFIX_A, scanned))
             b = _host(*_leaf(params, i, proj, lora.SUFFIX_B, scanned))
@@ -103,6 +103,10 @@ def peft_tensors(model, params) -> tuple[dict[str, np.ndarray], dict]:
             targets.append(name)
             out[f"base_model.model.{name}.lora_A.weight"] = A.T.copy()
             out[f"base_model.model.{name}.lora_B.weight"] = B.T.copy()
+    if "lm_head" + lora.SUFFIX_A in params:  # the untied output layer (target lm_head): top level, not per layer
+        targets.append("lm_head")
+        out["base_model.model.lm_head.lora_A.weight"] = _host(params["lm_head" + lora.SUFFIX_A], None).T.copy()
+        out["base_model.model.lm_head.lora_B.weight"] = _host(params["lm_head" + lora.SUFFIX_B], None).T.copy()
     fields = {"r": r, "lora_alpha": spec.alpha, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
               "fan_in_fan_out": config.is_gpt2}  # GPT-2's Conv1D stores W as [in, out]
     if config.is_gpt2 and any(p in spec.projections for p in "qkv"):
@@ -161,7 +165,7 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
     used = set()
     for i in range(config.num_layers):
         for proj in spec.projections:
-            if proj in ("gate", "up") and config.is_gpt2 or proj == "fc" and not config.is_gpt2:
+            if proj in ("gate", "up") and config.is_gpt2 or proj == "fc" and not config.is_gpt2 or proj == "lm_head":
                 continue
             name = f"base_model.model.{_module_names(config, i, proj)}"
             ka, kb = name + ".lora_A.weight", name + ".lora_B.weight"
@@ -175,6 +179,12 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
                 B = B[:, j * D:(j + 1) * D]
             for suffix, arr in ((lora.SUFFIX_A, A), (lora.SUFFIX_B, B)):
                 values.setdefault((_BLOCK[proj], proj + suffix), [None] * config.num_layers)[i] = arr
+    top = {}  # the untied output layer (target lm_head)
+    ka, kb = "base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"
+    if "lm_head" in spec.projections and ka in tensors:
+        used |= {ka, kb}
+        top = {"lm_head" + lora.SUFFIX_A: tensors[ka].astype(np.float32).T,
+               "lm_head" + lora.SUFFIX_B: tensors[kb].astype(np.float32).T}
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{w_path}: tensor {extra[0]!r} adapts a module model.lora.targets does not cover "
@@ -182,6 +192,10 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
 
     def place(path, x):
         keys = [p.key for p in path]
+        if len(keys) == 1:
+            arr = top.get(keys[0])
+            return x if arr is None else jax.make_array_from_callback(
+                x.shape, x.sharding, lambda idx: arr.reshape(x.shape).astype(x.dtype)[idx])
         block, leaf = keys[-2], keys[-1]
         layers = values.get((block, leaf))
         if layers is None:

@@ -156,7 +156,7 @@ def _attached(d, targets, *, scan=False, seed=0):
 
 
 @pytest.mark.parametrize("family,targets", [("llama", ("all",)), ("gpt2", ("c_attn", "c_proj", "c_fc")),
-                                            ("llama", ("q_proj", "v_proj"))])
+                                            ("llama", ("q_proj", "v_proj")), ("llama", ("all", "lm_head"))])
 def test_peft_export_loads_in_peft_with_equal_logits(family, targets, tmp_path):
     d = tmp_path / "base"
     hf = make_hf_model(family, d)
@@ -180,7 +180,7 @@ def test_peft_export_loads_in_peft_with_equal_logits(family, targets, tmp_path):
 
 @pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"]),
-                                            ("gpt2", ["c_attn", "c_proj", "c_fc"])])
+                                            ("gpt2", ["c_attn", "c_proj", "c_fc"]), ("llama", ["v_proj", "lm_head"])])
 def test_peft_made_adapter_folder_loads_as_starting_point(family, targets, tmp_path):
     """A folder written by PEFT itself (random B) loads into our model with PEFT's logits."""
     d = tmp_path / "base"
@@ -211,3 +211,28 @@ def test_peft_folder_with_other_rank_is_refused(tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(dict(cfg, r=8)))
     with pytest.raises(ValueError, match="adapter_config.json: r=8"):
         lora_load.load_peft_adapters(out, lmodel, lora.adapter_part(full))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lm_head_target_adapts_the_untied_output_layer(scan):
+    """Target ``lm_head``: an adapter on the output layer (top level, never scanned: A's init bound is
+    1/sqrt(hidden) on a scanned model too), merged = base + branch; a tied output layer is refused."""
+    from rlhf_jax.models import init_params
+
+    spec = lora.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "lm_head")).spec()
+    c = ModelConfig(**CONFIGS["llama"], scan_layers=scan)
+    base, m = Transformer(c), Transformer(c.replace(lora=spec))
+    specs = logical_specs(m)
+    assert tuple(specs["lm_head_lora_a"]) == ("embed", None) and tuple(specs["lm_head_lora_b"]) == (None, "vocab")
+    a = lora.init_adapters(jax.eval_shape(lambda: init_params(m, jax.random.key(0))), jax.random.key(1),
+                           scanned=scan)["lm_head_lora_a"]
+    assert a.shape == (32, 4) and 0.5 * 32 ** -0.5 < float(jnp.abs(a).max()) <= 32 ** -0.5
+    p = random_params(base)
+    full = lora.join(lora.adapter_part(random_params(m, seed=2)), p)
+    ids, mask = _ids()
+    out = m.apply({"params": full}, ids, mask)
+    np.testing.assert_allclose(base.apply({"params": lora.merged(full, spec)}, ids, mask), out, atol=2e-5)
+    assert float(jnp.abs(out - base.apply({"params": p}, ids, mask)).max()) > 1e-3  # the head's branch is live
+    with pytest.raises(ValueError, match="lm_head needs an untied output layer"):
+        tied = ModelConfig(**CONFIGS["llama"], tie_word_embeddings=True, lora=spec)
+        init_params(Transformer(tied), jax.random.key(0))
