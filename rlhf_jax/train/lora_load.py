@@ -188,7 +188,8 @@ def load_peft_adapters(folder: str | pathlib.Path, model, adapters: dict) -> dic
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{w_path}: tensor {extra[0]!r} adapts a module model.lora.targets does not cover "
-                         f"({len(extra)} such tensors)")
+                         f"({len(extra)} such tensors; a base weight such as lm_head.weight is what PEFT's "
+                         f"save_embedding_layers=True adds: save with save_embedding_layers=False)")
 
     def place(path, x):
         keys = [p.key for p in path]
