@@ -69,17 +69,13 @@ def _vm_gib(field: str) -> float:
     return vm_kib(field) / 2**20
 
 
-def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int, new_tokens: int,
-          iters: int, extra: list[str]) -> dict:
-    """One PPO run of `iters` iterations in this process; returns its peak RSS and iteration times."""
-    import dataclasses
-
-    import jax
-
+def bench_config(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int,
+                 new_tokens: int, iters: int, extra: list[str]):
+    """The `PPOConfig` of one of our modes on this workload (also `benchmarks/memory_programs.py`'s)."""
     from rlhf_jax.config import load_config
     from rlhf_jax.recipes import ppo
 
-    cfg = load_config(ppo.PPOConfig, None, [
+    return load_config(ppo.PPOConfig, None, [
         f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={prompt_len}",
         "data.shuffle=false", f"reward.model_path={model_dir}", "reward.normalize=false", "reward.functions=[]",
         f"rollout.batch_size={batch}", f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}",
@@ -87,6 +83,19 @@ def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prom
         "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
         f"run.total_steps={iters}", "run.resume=never", "run.overwrite=true", "run.tensorboard=false",
         "run.progress=off", "run.save_every=0", "run.keep_last_n=1", *MODES[mode], *extra])
+
+
+def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int, new_tokens: int,
+          iters: int, extra: list[str]) -> dict:
+    """One PPO run of `iters` iterations in this process; returns its peak RSS and iteration times."""
+    import dataclasses
+
+    import jax
+
+    from rlhf_jax.recipes import ppo
+
+    cfg = bench_config(mode, model_dir, prompts, out, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                       iters=iters, extra=extra)
     probe = {"hwm": []}
     original = ppo.run_loop
 

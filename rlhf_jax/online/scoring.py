@@ -208,6 +208,11 @@ def sampled_score(model, params, tokenizer, prompts: list[str], fn: rewards.Rewa
     return float(np.mean(rewards.call_reward_fn(fn, prompts, responses, columns)))
 
 
+def _stored_as(params, dtype: str) -> bool:
+    """Whether every floating leaf of ``params`` is stored in ``dtype``."""
+    return all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
 def make_scorer(reward: RewardConfig, *, model_cfg, actor, mesh, dataset=None, prompt_field: str = "prompt",
                 frozen_dtype: str = "float32") -> RewardScorer:
     """The :class:`RewardScorer` of a ``reward`` config: loads the reward model (if any) as a frozen copy in
@@ -217,9 +222,15 @@ def make_scorer(reward: RewardConfig, *, model_cfg, actor, mesh, dataset=None, p
 
     reward_model, stats = None, (0.0, 1.0)
     if reward.model_path is not None:
-        rm = load_model(dataclasses.replace(model_cfg, path=reward.model_path, tokenizer_path=None, lora=None),
-                        mesh=mesh, head="scalar", rules=shd.INFERENCE_RULES)
-        reward_model = (rm.model, frozen_copy(rm.params, rm.shardings, frozen_dtype), rm.shardings)
+        load_cfg = dataclasses.replace(model_cfg, path=reward.model_path, tokenizer_path=None, lora=None)
+        if jnp.dtype(model_cfg.param_dtype or model_cfg.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(frozen_dtype)):
+            # read straight into frozen_dtype (the same values as loading, then casting): the freshly loaded
+            # params are the frozen model, no second copy (it was one more model in the peak host memory)
+            load_cfg = dataclasses.replace(load_cfg, param_dtype=frozen_dtype)
+        rm = load_model(load_cfg, mesh=mesh, head="scalar", rules=shd.INFERENCE_RULES)
+        params = rm.params if _stored_as(rm.params, frozen_dtype) else frozen_copy(rm.params, rm.shardings,
+                                                                                    frozen_dtype)
+        reward_model = (rm.model, params, rm.shardings)
         if reward.normalize:
             stats = rewards.load_reward_stats(reward.model_path)
     eos, _ = eos_and_pad(actor.model, actor.tokenizer)
