@@ -4,30 +4,13 @@ pairwise judge, and ``rm`` on soft labels (metrics to rtol 1e-5)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import pathlib
 import random
-import subprocess
-import sys
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("_mp_commands", pathlib.Path(__file__).with_name("test_commands.py"))
-_tc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tc)
-assets = _tc.assets  # the shared fixture: tiny Llama + task data
-ROOT = _tc.ROOT
-
-
-def _launch(command: str, config: str, overrides: list[str], procs: int, devices: int) -> None:
-    env = dict(os.environ, PYTHON=sys.executable, RLHF_JAX_HOST_TUNABLES="0", RLHF_JAX_LAUNCH_TIMEOUT_S="600",
-               RLHF_JAX_GRACE_S="30")
-    cmd = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(procs), str(devices), "--", sys.executable,
-           "-m", "rlhf_jax", command, str(ROOT / "configs" / config), *_tc.MESH, *overrides]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    assert p.returncode == 0, f"{procs}x{devices} {command} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+from _compare import launch, two_equal_one
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
@@ -43,7 +26,7 @@ def test_critique_two_processes_write_the_same_files(assets, tmp_path):
     out = {}
     for procs, devices in ((1, 8), (2, 4)):
         path = tmp_path / f"{procs}x{devices}" / "revised.jsonl"
-        _launch("critique", "critique_tiny_cpu.yaml", overrides + [f"output_path={path}"], procs, devices)
+        launch("critique", "critique_tiny_cpu.yaml", overrides + [f"output_path={path}"], procs, devices)
         out[procs] = (_rows(path), _rows(path.with_name("revised.trace.jsonl")))
     prompts = [json.loads(line)["prompt"] for line in pathlib.Path(assets["prompts_eval"]).read_text().splitlines()]
     assert [r["prompt"] for r in out[1][0]] == prompts
@@ -58,7 +41,7 @@ def test_pairwise_label_two_processes_equal_one(assets, tmp_path):
     rows = {}
     for procs, devices in ((1, 8), (2, 4)):
         path = tmp_path / f"{procs}x{devices}.jsonl"
-        _launch("label", "label_tiny_cpu.yaml", overrides + [f"output_path={path}"], procs, devices)
+        launch("label", "label_tiny_cpu.yaml", overrides + [f"output_path={path}"], procs, devices)
         rows[procs] = _rows(path)
     assert len(rows[1]) > 0 and len(rows[2]) == len(rows[1])
     for a, b in zip(rows[1], rows[2]):
@@ -74,10 +57,4 @@ def test_soft_label_rm_two_processes_equal_one(assets, tmp_path):
                             for r in _rows(pathlib.Path(assets["pref_train"]))))
     overrides = [f"model.path={assets['model']}", f"data.path={soft}", "data.eval_path=null", "batch_size=8",
                  "run.eval_every=0", "optim.warmup_steps=1", "run.keep_best_metric=null"]
-    one = _tc._values(_tc._run("rm", "rm_tiny_cpu.yaml", overrides, tmp_path / "one", 1, 8))
-    two = _tc._values(_tc._run("rm", "rm_tiny_cpu.yaml", overrides, tmp_path / "two", 2, 4))
-    assert len(one) == len(two) >= 2
-    for r1, r2 in zip(one, two):
-        assert r1.keys() == r2.keys()
-        for k in r1:
-            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), (r1["step"], k, r1[k], r2[k])
+    two_equal_one("rm", "rm_tiny_cpu.yaml", overrides, tmp_path)

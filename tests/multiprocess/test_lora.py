@@ -1,38 +1,35 @@
-"""LoRA (and the actor's EMA) on 2 processes × 4 devices equal 1 process × 8 devices: adapters sharded like
-their weights over data × fsdp × tensor spanning the processes, the frozen base shared, the PEFT export
-written once."""
+"""LoRA with adapter dropout (and the actor's EMA) on 2 processes × 4 devices equals 1 process × 8 devices:
+adapters sharded like their weights over data × fsdp × tensor spanning the processes, the frozen base shared,
+the dropout masks drawn for the global batch from keys of (run seed, step, micro-batch / minibatch, role), not
+of the process or device layout, the PEFT export written once.
+
+One run per command checks both the adapter-only training and the dropout masks (dropout 0.2 keeps every
+path of a LoRA run without dropout, and adds the masks)."""
 
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: the sibling module's helpers
-from test_commands import _commands, _run, _values, assets  # noqa: E402,F401  (assets: the shared fixture)
+from _compare import _commands, two_equal_one
 
-LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[all]"]
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[all]", "model.lora.dropout=0.2"]
 EXTRA = {"sft": ["model.lora.export_format=peft"],
+         "dpo": [],
          "ppo": ["ppo.ema_decay=0.9", "model.base_dtype=bfloat16", "ppo.critic_shares_base=true"],
          "grpo": ["algo.ema_decay=0.9"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["sft", "ppo", "grpo"])
-def test_lora_two_processes_equal_one(command, assets, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("command", ["sft", "dpo", "ppo", "grpo"])
+def test_lora_two_processes_equal_one(command, assets, tmp_path):
     config, overrides = _commands(assets)[command]
-    overrides = overrides + LORA + EXTRA[command]
-    one = _values(_run(command, config, overrides, tmp_path / "one", 1, 8))
-    two = _values(_run(command, config, overrides, tmp_path / "two", 2, 4))
-    assert len(one) == len(two) and len(one) >= 2, (one, two)
-    for r1, r2 in zip(one, two):
-        assert r1.keys() == r2.keys(), set(r1) ^ set(r2)
-        for k in r1:
-            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), (command, r1["step"], k, r1[k], r2[k])
+    two_equal_one(command, config, overrides + LORA + EXTRA[command], tmp_path)
     if command == "sft":
-        assert json.loads((tmp_path / "two" / "model" / "adapter_config.json").read_text())["r"] == 4
+        adapter = json.loads((tmp_path / "two" / "model" / "adapter_config.json").read_text())
+        assert adapter["r"] == 4 and adapter["lora_dropout"] == pytest.approx(0.2)
     else:
         assert (tmp_path / "two" / "model" / "config.json").exists()
+    if command in ("ppo", "grpo"):
         assert (tmp_path / "two" / "model_ema" / "config.json").exists()

@@ -7,7 +7,6 @@ uninterrupted 2 × 4 run, on 1 × 8 equal to it to float rounding (as in ``test_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,37 +14,29 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("_mp_commands", pathlib.Path(__file__).with_name("test_commands.py"))
-mp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mp)
-assets = mp.assets  # the shared tiny model and data (a module-scoped fixture)
+import _compare as mp
 
 CONSTANT = {"sft": ["optim.schedule=constant"], "grpo": []}  # total_steps then changes nothing of the math
 
 
-def _command(assets: dict, command: str, overrides: list[str], out: pathlib.Path, procs: int, devices: int):
+def _args(assets: dict, command: str, overrides: list[str], out: pathlib.Path) -> tuple[str, list[str]]:
+    """(config, arguments) of `command` with test_commands' settings, logging every step into `out`."""
     config, base = mp._commands(assets)[command]
-    env = dict(os.environ, PYTHON=sys.executable, RLHF_JAX_LAUNCH_TIMEOUT_S="600", RLHF_JAX_GRACE_S="60",
-               RLHF_JAX_HOST_TUNABLES="0")
-    cmd = ["bash", str(mp.ROOT / "launch" / "local_multiprocess.sh"), str(procs), str(devices), "--", sys.executable,
-           "-m", "rlhf_jax", command, str(mp.ROOT / "configs" / config), *mp.MESH, "run.log_every=1",
-           "run.tensorboard=false", "run.progress=off", f"run.output_dir={out}", *base, *CONSTANT[command], *overrides]
-    return cmd, env
+    return config, [*mp.RUN, f"run.output_dir={out}", *base, *CONSTANT[command], *overrides]
+
+
+def _command(assets: dict, command: str, overrides: list[str], out: pathlib.Path, procs: int, devices: int):
+    return mp.launch_argv(command, *_args(assets, command, overrides, out), procs, devices, grace_s=60)
 
 
 def _run(assets: dict, command: str, overrides: list[str], out: pathlib.Path, procs: int, devices: int) -> list[dict]:
-    """``test_commands._run`` (metrics without timings), with the failing processes' errors in the message."""
-    cmd, env = _command(assets, command, overrides, out, procs, devices)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=mp.ROOT)
-    noise = ("Gloo", "SPMD", "spmd_partitioner")
-    err = "\n".join(ln for ln in p.stderr.splitlines() if ln.strip() and not any(n in ln for n in noise))
-    assert p.returncode == 0, f"{procs}x{devices} {command} failed:\n{p.stdout[-3000:]}\n{err[-6000:]}"
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    """The run's metrics without timings, each with its split."""
+    mp.launch(command, *_args(assets, command, overrides, out), procs, devices, grace_s=60)
+    records = mp.read_metrics(out)
     return [dict(v, split=r["split"]) for v, r in zip(mp._values(records), records)]
 
 
@@ -145,6 +136,7 @@ def test_sigterm_to_both_processes_grpo_checkpoints_together_and_resumes_bit_ide
 
 
 _BAD_ON_PROCESS_1 = '''
+import json
 import os
 def bad(prompts, responses, **columns):
     if os.environ.get("RLHF_JAX_PROCESS_ID") == "1":
