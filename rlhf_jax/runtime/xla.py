@@ -40,9 +40,11 @@ def enable_compilation_cache(environ: Mapping[str, str] = os.environ) -> str | N
     """Turn on JAX's persistent compilation cache so a rerun of the same config — a resume after a
     preemption above all — loads its compiled programs instead of compiling them again.
 
-    The cache key is the program itself (HLO, compile options, backend, jax/jaxlib versions), so an entry is
-    never reused for a different program, and entries are written atomically, so concurrent processes (a
-    multi-host run, or two runs on one machine) share the folder safely. Programs that compiled in under a
+    The cache key is the program itself (HLO, compile options, backend, devices, jax/jaxlib versions), so an
+    entry is never reused for a different program. Concurrent processes (a multi-host run, or two runs on one
+    machine) may share the folder: in a multi-process run only process 0 writes entries, and an entry that
+    cannot be read (say, half-written by a run killed meanwhile) gives JAX's warning and the program simply
+    compiles again. Programs that compiled in under a
     second are not stored. A cache folder the user set through ``jax.config`` wins. Returns the folder, or
     None when turned off (``RLHF_JAX_COMPILATION_CACHE=0``).
     """
