@@ -1,8 +1,13 @@
 """Check `rlhf-jax plan` against reality: the plan's per-device peak on cpu-8 vs the peak measured in a real run
 of the same config on 8 simulated CPU devices.
 
-    python benchmarks/plan_check.py [--commands ppo grpo dpo] [--size tiny|small|100m] [--steps 3]
-    flock /work/heavy.lock python benchmarks/plan_check.py --size 100m     (the ~100M runs take several GB)
+    python benchmarks/plan_check.py [--commands ppo grpo dpo] [--size tiny|small|100m] [--steps 3] [--set KEY=VALUE ...]
+    flock /work/heavy.lock python benchmarks/plan_check.py --size 100m --set mesh.data=1 mesh.fsdp=8
+
+``--set`` takes the dotted overrides the CLI accepts (``mesh.fsdp=8``, ``model.scan_layers=true``) and gives the
+same ones to the plan and to the real run. The tiny configs' mesh is ``data: 8`` (params, grads and Adam
+state replicated on every device): at ~100M that is ~3 GB per device, 24 GB for the 8 simulated devices of one
+process; ``mesh.data=1 mesh.fsdp=8`` shards them.
 
 Measured peak per device of a real run (XLA:CPU keeps device buffers in host memory, one process for 8 devices):
 
@@ -41,6 +46,25 @@ def overrides(command: str, model: pathlib.Path, data: dict, out: pathlib.Path, 
         return [f"model.path={model}", f"data.path={data['pref_train']}", "data.eval_path=null", *run]
     extra = [f"reward.model_path={model}", "reward.normalize=false"] if command == "ppo" else []
     return [f"model.path={model}", f"data.path={data['prompts_train']}", "sample_every=0", *extra, *run]
+
+
+def worker_commands(command: str, config: str, ovr: list[str], plan_json: pathlib.Path) -> tuple[list, list]:
+    """argv of the plan worker (cpu-8, no knobs) and of the real-run worker, both with the same overrides."""
+    plan = [sys.executable, "-m", "rlhf_jax.plan.worker", command, config, "cpu-8", "1", "-", str(plan_json), "0",
+            *ovr]
+    real = [sys.executable, __file__, "--worker", command, config, "--", *ovr]
+    return plan, real
+
+
+def _run(argv: list, env: dict, what: str) -> subprocess.CompletedProcess | None:
+    """Runs a worker; on failure prints its whole stderr (and stdout) and the exit status, returns None."""
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return proc
+    why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    print(f"plan_check: the {what} failed ({why}{', e.g. out of memory' if proc.returncode == -9 else ''})\n"
+          f"--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}", file=sys.stderr, flush=True)
+    return None
 
 
 def _status(key: str) -> int:
@@ -87,7 +111,8 @@ def measure(command: str, config: str, ovr: list[str]) -> dict:
 
     module.run_loop = run_loop
     module.train(cfg)
-    return {"iterations": samples, "peak": max(s["peak"] for s in samples[1:] or samples)}
+    mesh = {k: getattr(cfg.mesh, k) for k in ("data", "fsdp", "tensor")}
+    return {"iterations": samples, "peak": max(s["peak"] for s in samples[1:] or samples), "mesh": mesh}
 
 
 def main() -> int:
@@ -95,6 +120,8 @@ def main() -> int:
     p.add_argument("--commands", nargs="+", default=["ppo", "grpo", "dpo"], choices=sorted(CONFIGS))
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--steps", type=int, default=6)  # > the tiny configs' warmup_steps
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="dotted config overrides for both the plan and the real run (e.g. mesh.data=1 mesh.fsdp=8)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -113,31 +140,34 @@ def main() -> int:
                GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536",
                XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows = []
+    _print([], a, header=True)
     for command in a.commands:
-        ovr = overrides(command, model, data, work / f"run_{command}", a.steps)
+        ovr = overrides(command, model, data, work / f"run_{command}", a.steps) + list(a.sets)
         config = str(ROOT / CONFIGS[command])
         out = work / f"plan_{command}.json"
-        proc = subprocess.run([sys.executable, "-m", "rlhf_jax.plan.worker", command, config, "cpu-8", "1", "-",
-                               str(out), "0", *ovr], env=env, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        plan_argv, real_argv = worker_commands(command, config, ovr, out)
+        if _run(plan_argv, env, f"plan of {command}") is None:
             return 1
         planned = json.loads(out.read_text())
-        proc = subprocess.run([sys.executable, __file__, "--worker", command, config, "--", *ovr], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        proc = _run(real_argv, env, f"real run of {command}")
+        if proc is None:
             return 1
         real = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        print(f"{command}: plan mesh {planned['mesh']}, real run mesh {real['mesh']}; per program (plan MiB): "
+              + ", ".join(f"{r['name']} {r['peak'] / 2 ** 20:.1f}" for r in planned["programs"])
+              + "; real iterations (resident + transient MiB): "
+              + ", ".join(f"{s['resident'] / 2 ** 20:.1f} + {s['transient'] / 2 ** 20:.1f}"
+                          for s in real["iterations"]), flush=True)
         rows.append((command, planned["peak"], real["peak"], real["iterations"][-1]))
-        _print(rows[-1:], a, header=len(rows) == 1)
+        _print(rows[-1:], a, header=False)
     return 0
 
 
 def _print(rows, a, *, header: bool) -> None:
     mib = 1024 ** 2
     if header:
-        print(f"plan vs real per-device peak on 8 simulated CPU devices ({a.size} model, {a.steps} iterations)")
+        sets = f", --set {' '.join(a.sets)}" if a.sets else ""
+        print(f"plan vs real per-device peak on 8 simulated CPU devices ({a.size} model, {a.steps} iterations{sets})")
         print(f"{'command':<8}{'plan MiB':>10}{'real MiB':>10}{'plan/real':>10}   real = resident + transient "
               "(last iteration)")
     for command, plan_b, real_b, last in rows:

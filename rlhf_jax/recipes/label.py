@@ -98,10 +98,26 @@ def verdict_logprob(logits_BxSxV: jax.Array, mask_BxS: jax.Array, verdict_id: in
     return ops.last_token(logp_BxSxV[..., verdict_id], mask_BxS)
 
 
+def last_positions(mask_BxS: jax.Array) -> jax.Array:
+    """``[B, 1]`` int32 index of each row's last real position (0 for an empty row, as ``ops.last_token``)."""
+    B, S = mask_BxS.shape
+    return ops.last_token(jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)), mask_BxS)[:, None]
+
+
 def judge_program(model, verdict_id: int):
     """Jitted ``(params, ids_BxS, mask_BxS) -> [B]`` verdict log-probs (batch-sharded in → out). Also what
-    ``rlhf-jax plan`` compiles."""
-    return jax.jit(lambda p, i, m: verdict_logprob(model.apply({"params": p}, i, m), m, verdict_id))
+    ``rlhf-jax plan`` compiles.
+
+    The final norm, the LM head and the log-softmax run on each row's last real position only
+    (``head_positions_BxW``): :func:`verdict_logprob` of the full ``[B, S, V]`` logits, without forming them
+    (a 70B judge, 64 rows × 1024 tokens: 31.3 GiB of f32 logits)."""
+
+    def fn(params, ids_BxS, mask_BxS):
+        last_Bx1 = last_positions(mask_BxS)
+        logits_Bx1xV = model.apply({"params": params}, ids_BxS, mask_BxS, head_positions_BxW=last_Bx1)
+        return verdict_logprob(logits_Bx1xV, jnp.ones_like(last_Bx1), verdict_id)
+
+    return jax.jit(fn)
 
 
 class Judge:

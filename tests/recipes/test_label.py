@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,29 @@ def test_verdict_logprob_reads_the_last_real_position():
     got = np.asarray(jax.jit(label.verdict_logprob, static_argnums=2)(logits, mask, 3))
     want = np.asarray(jax.nn.log_softmax(logits[:, -1], -1)[:, 3])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_judge_program_equals_the_full_logits_log_softmax(scan):
+    """The LM head on the last real position only = log-softmax of every position's logits, then the last one
+    (left padding, right padding, an empty row)."""
+    from rlhf_jax.models import Transformer, init_params
+    from rlhf_jax.models.config import ModelConfig
+
+    c = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5, activation="silu",
+                    scan_layers=scan)
+    model = Transformer(c, head="lm")
+    params = init_params(model, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (4, 9), 0, 97)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [1, 1, 1, 1, 1, 0, 0, 0, 0], [0] * 9])
+    old = jax.jit(lambda p, i, m: label.verdict_logprob(model.apply({"params": p}, i, m), m, 5))(params, ids, mask)
+    new = label.judge_program(model, 5)(params, ids, mask)
+    chex.assert_shape(new, (4,))
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(label.last_positions(mask))[:, 0], [8, 8, 4, 0])
+    text = label.judge_program(model, 5).lower(params, ids, mask).as_text()
+    assert "4x9x97" not in text and "4x1x97" in text  # no [B, S, V] logits, only [B, 1, V]
 
 
 def test_pair_row_formats():
