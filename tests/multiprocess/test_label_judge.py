@@ -3,20 +3,11 @@ writes the same pairs and verdict log-probs as 1 process × 8 devices."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("_mp_commands", pathlib.Path(__file__).with_name("test_commands.py"))
-_tc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tc)
-assets = _tc.assets  # the shared fixture: tiny Llama + task data
-ROOT = _tc.ROOT
+from _compare import launch
 
 
 @pytest.mark.slow
@@ -24,15 +15,10 @@ def test_judge_label_two_processes_equal_one(assets, tmp_path):
     # the judge is the (random) policy itself; ' the' is one token of the fixture BPE
     overrides = [f"model.path={assets['model']}", f"data.path={assets['prompts_eval']}", "rollout.batch_size=6",
                  "rollout.max_new_tokens=8", "ranker=judge", "judge.verdict=' the'"]
-    env = dict(os.environ, PYTHON=sys.executable, RLHF_JAX_HOST_TUNABLES="0")
     rows = {}
     for procs, devices in ((1, 8), (2, 4)):
         out = tmp_path / f"{procs}x{devices}.jsonl"
-        cmd = ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(procs), str(devices), "--", sys.executable,
-               "-m", "rlhf_jax", "label", str(ROOT / "configs" / "label_tiny_cpu.yaml"), *overrides, *_tc.MESH,
-               f"output_path={out}"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-        assert p.returncode == 0, f"{procs}x{devices} label failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        launch("label", "label_tiny_cpu.yaml", overrides + [f"output_path={out}"], procs, devices)
         rows[procs] = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert len(rows[1]) > 0 and all(r["score_chosen"] > r["score_rejected"] for r in rows[1])
     assert all(r["score_chosen"] < 0 for r in rows[1])  # log-probabilities
