@@ -12,16 +12,18 @@ import time
 
 #: Fallback origin where /proc is not available: when this module was first imported.
 _IMPORTED = time.monotonic()
+#: Where the process table lives (a module constant so a test can point it elsewhere).
+PROC = "/proc"
 
 
 def seconds_since_process_start() -> float:
     """Seconds since the kernel started this process (Linux ``/proc/self/stat`` starttime against
     ``/proc/uptime``); elsewhere, since ``rlhf_jax.runtime.clock`` was imported (python start-up not counted)."""
     try:
-        with open("/proc/self/stat") as f:
+        with open(os.path.join(PROC, "self", "stat")) as f:
             fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
         start_ticks = int(fields[19])  # field 22 of stat(5): starttime, in clock ticks since boot
-        with open("/proc/uptime") as f:
+        with open(os.path.join(PROC, "uptime")) as f:
             uptime = float(f.read().split()[0])
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):

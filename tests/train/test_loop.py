@@ -97,7 +97,7 @@ def test_first_step_time_is_recorded_per_process_start(tmp_path, capsys, monkeyp
     out = capsys.readouterr().out
     assert "toy: first step of a fresh run done" in out and "toy: first step after resuming at step 3 done" in out
     # without /proc the clock counts from its import, still a non-negative number of seconds
-    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(clock, "PROC", str(tmp_path / "no-proc"))
     assert 0.0 <= clock.seconds_since_process_start() < age + 3600
 
 
