@@ -39,7 +39,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from rlhf_jax import checkpoint_space as space
 from rlhf_jax.models import lora
 
-__all__ = ["Checkpointer", "abstract_like", "resolve_resume"]
+__all__ = ["Checkpointer", "abstract_like", "checkpoint_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -369,38 +369,7 @@ def _path_name(path: tuple) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def resolve_resume(resume: str, output_checkpoint_dir: str | os.PathLike) -> tuple[pathlib.Path, int] | None:
-    """Turn `RunConfig.resume` into `(checkpoint directory, step)` or None (start fresh).
-
-    "never" → None; "auto" → latest step in `output_checkpoint_dir` if any, else None; anything else is a
-    path: a Checkpointer directory (its latest step) or one step folder inside it (``.../checkpoints/500``).
-
-    Raises:
-      FileNotFoundError: an explicit path that holds no complete checkpoint.
-    """
-    if resume == "never":
-        return None
-    if resume == "auto":
-        d = pathlib.Path(output_checkpoint_dir)
-        if not d.is_dir():
-            return None
-        step = _latest_in(d)
-        return None if step is None else (d.absolute(), step)
-    p = pathlib.Path(resume)
-    if p.is_dir() and p.name.isdigit() and (p.parent / p.name).is_dir() and _latest_in(p.parent) is not None:
-        if int(p.name) in _steps_in(p.parent):
-            return p.parent.absolute(), int(p.name)
-    if p.is_dir():
-        step = _latest_in(p)
-        if step is not None:
-            return p.absolute(), step
-    raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint found there")
-
-
-def _steps_in(d: pathlib.Path) -> list[int]:
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps in a Checkpointer directory, ascending (unfinished tmp folders are not steps)."""
+    d = pathlib.Path(directory)
     return sorted(ocp.utils.checkpoint_steps(d)) if d.is_dir() else []
-
-
-def _latest_in(d: pathlib.Path) -> int | None:
-    steps = _steps_in(d)
-    return steps[-1] if steps else None

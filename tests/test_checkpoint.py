@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
+from rlhf_jax.checkpoint import Checkpointer, abstract_like
+from rlhf_jax.train.resume import resolve_resume
 
 
 class KLState(NamedTuple):

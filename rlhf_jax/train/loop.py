@@ -36,11 +36,12 @@ from typing import Any, Callable, Optional
 import jax
 
 from rlhf_jax.runtime import clock, distributed
-from rlhf_jax.checkpoint import Checkpointer, abstract_like, resolve_resume
+from rlhf_jax.checkpoint import Checkpointer, abstract_like
 from rlhf_jax.rewards import RewardFunctionError
 from rlhf_jax.run_config import RunConfig
 from rlhf_jax.train.metrics import DeferredMetrics, MetricsLogger, Progress
 from rlhf_jax.train.preempt import Preempted, StopSignals, signal_name
+from rlhf_jax.train.resume import resolve_resume
 from rlhf_jax.train.run import commit_config, truncate_metrics
 from rlhf_jax.train.step import NonFiniteError
 
