@@ -33,6 +33,7 @@ then predicts the largest layer count whose peak stays under `--budget-gib`.
 
 Usage: python benchmarks/memory.py [--model small|tiny|l2048] [--layers 2,4] [--batch 32] [--prompt-len 64]
                                    [--new-tokens 64] [--iters 2] [--modes full,lora,lora_bf16,trl_peft]
+                                   [--micro-batches N]
 """
 
 from __future__ import annotations
@@ -130,10 +131,11 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pat
         env.update(PYTHONPATH=os.pathsep.join([str(ROOT / ".trl112"), str(ROOT)]), CUDA_VISIBLE_DEVICES="",
                    WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         argv = [str(ROOT / ".venv-trl" / "bin" / "python"), str(ROOT / "benchmarks" / "memory_trl.py"), mode,
-                str(model_dir), str(prompts), *sizes, "16", "32"]
+                str(model_dir), str(prompts), *sizes, "16", "32", str(args.micro_batches)]
     else:
         argv = [sys.executable, __file__, "--batch", sizes[0], "--prompt-len", sizes[1], "--new-tokens", sizes[2],
-                "--iters", sizes[3], "--child", mode, str(model_dir), str(prompts), str(out)]
+                "--iters", sizes[3], "--micro-batches", str(args.micro_batches),
+                "--child", mode, str(model_dir), str(prompts), str(out)]
         if args.scan_layers:
             argv += ["--scan-layers"]
     t0 = time.perf_counter()
@@ -169,6 +171,9 @@ def main() -> None:
     ap.add_argument("--modes", default="full,lora,lora_bf16,trl_peft")
     ap.add_argument("--budget-gib", type=float, default=22.0)
     ap.add_argument("--scan-layers", action="store_true", help="ours: model.scan_layers=true (faster compiles)")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation on both sides, as benchmarks/ppo.py: ours ppo.num_micro_batches, "
+                         "TRL per_device_train_batch_size = batch / N with gradient_accumulation_steps = N")
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,6 +183,7 @@ def main() -> None:
     if args.child:
         mode, model_dir, prompts, out = args.child
         extra = ["model.scan_layers=true"] if args.scan_layers else []
+        extra += [f"ppo.num_micro_batches={args.micro_batches}"]
         res = child(mode, model_dir, prompts, out, batch=args.batch, prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, iters=args.iters, extra=extra)
         print("MEM_JSON " + json.dumps(res), flush=True)

@@ -40,7 +40,7 @@ def vm_kib(field: str) -> int:
 
 
 def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len: int, new_tokens: int,
-        iters: int, rank: int, alpha: int) -> dict:
+        iters: int, rank: int, alpha: int, micro_batches: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -74,8 +74,9 @@ def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len:
     cfg = PPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-mem-"), learning_rate=1e-5, lr_scheduler_type="constant",
         logging_steps=10_000, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
-        seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=1, max_grad_norm=1.0,
-        per_device_train_batch_size=batch, total_episodes=batch * iters, num_ppo_epochs=1, num_mini_batches=1,
+        seed=0, data_seed=0, dataloader_num_workers=0, gradient_accumulation_steps=micro_batches,
+        max_grad_norm=1.0, per_device_train_batch_size=batch // micro_batches, total_episodes=batch * iters,
+        num_ppo_epochs=1, num_mini_batches=1,
         local_rollout_forward_batch_size=batch, response_length=new_tokens, stop_token=None, temperature=1.0,
         kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, num_sample_generations=0, missing_eos_penalty=None)
     rows = []
@@ -111,8 +112,9 @@ def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len:
 def main() -> None:
     mode, model_dir, prompts = sys.argv[1:4]
     batch, prompt_len, new_tokens, iters, rank, alpha = (int(a) for a in sys.argv[4:10])
+    micro_batches = int(sys.argv[10]) if len(sys.argv) > 10 else 1
     res = run(mode, model_dir, prompts, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, iters=iters,
-              rank=rank, alpha=alpha)
+              rank=rank, alpha=alpha, micro_batches=micro_batches)
     print("MEM_JSON " + json.dumps(res), flush=True)
 
 
