@@ -23,7 +23,13 @@ import pytest
 
 _HERE = pathlib.Path(__file__).resolve().parent
 GOLDEN_PATH = _HERE / "metrics.json"
-RTOL, ATOL = 1e-4, 1e-6
+ATOL = 1e-6
+# On another CPU (a different machine fingerprint) XLA picks other kernels: after 3 RL steps values drift by up to
+# ~1.4e-4 relative (ppo_rm on a host with other CPU flags, 2026-12-07), so the cross-machine check uses 1e-3.
+CROSS_RTOL = 1e-3
+# Pair accuracies count margins > 0; at step 0 the policy is the reference and the margins are rounding noise
+# (~1e-7), so on another CPU one pair of the 8 may flip: one pair is allowed there, nothing more.
+PAIR_FLIP = 1.0 / 8
 
 
 def _load_runner():
@@ -86,7 +92,7 @@ def _fingerprint_note(golden: dict, now: dict) -> str:
     diff = {k: (golden["fingerprint"].get(k), now.get(k)) for k in set(golden["fingerprint"]) | set(now)
             if golden["fingerprint"].get(k) != now.get(k)}
     return (f"machine fingerprint differs from the recording's ({diff}), so values were compared with "
-            f"numpy.testing.assert_allclose(rtol={RTOL}, atol={ATOL}) instead of bit-for-bit")
+            f"np.isclose(rtol={CROSS_RTOL}, atol={ATOL}; accuracies within one pair) instead of bit-for-bit")
 
 
 @pytest.mark.slow
@@ -114,10 +120,11 @@ def test_golden_metrics(variant, golden, current):
     assert e_other == a_other, (f"{variant}: non-numeric fields differ: "
                                 f"{ {k: (e_other[k], a_other.get(k)) for k in e_other if e_other[k] != a_other.get(k)} } "
                                 f"({note})")
-    close = np.isclose(a_vals, e_vals, rtol=RTOL, atol=ATOL, equal_nan=True)
+    atol = np.array([PAIR_FLIP + ATOL if lab.endswith("accuracy") else ATOL for lab in e_labels])
+    close = np.isclose(a_vals, e_vals, rtol=CROSS_RTOL, atol=atol, equal_nan=True)
     off = [f"{lab}: recorded {ev!r}, now {av!r}" for lab, ev, av, ok in zip(e_labels, e_vals, a_vals, close) if not ok]
-    np.testing.assert_allclose(a_vals, e_vals, rtol=RTOL, atol=ATOL, equal_nan=True,
-                               err_msg=f"{variant}: {note} {where}; outside tolerance:\n  " + "\n  ".join(off[:40]))
+    assert close.all(), (f"{variant}: {note} {where}; outside rtol={CROSS_RTOL} (accuracies: one pair):\n  "
+                         + "\n  ".join(off[:40]))
 
 
 def test_exact_comparison_helpers():
