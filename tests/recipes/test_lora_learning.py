@@ -14,7 +14,10 @@ from rlhf_jax.recipes import grpo, ppo
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: make the sibling helper importable
 from _sampling_helpers import sampled_accuracy, sft_export  # noqa: E402
 
-LORA = ("model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[all]")
+# The recommended LoRA of the tiny configs (lm_head target + LoRA+ 16 at the lr of a full fine-tune). Plain
+# `targets: [all]` at lr 5e-3 passed on one host but moved the gold score only 0.034 -> 0.164 on a host with other
+# CPU flags (2026-12-07), under this test's +0.15; these settings gave 0.034 -> 0.911 there.
+LORA = ("model.lora.rank=8", "model.lora.alpha=16", "model.lora.targets=[all,lm_head]")
 
 
 def _common(s, out, steps):
@@ -32,7 +35,8 @@ def test_lora_rl_raises_demo_gold_score(trainer, tmp_path_factory, tmp_path):
     before = sampled_accuracy(s["model"], s["tokenizer"], prompts, tasks.gold_score, max_new_tokens=12)
     if trainer == "grpo":
         cfg = load_config(grpo.GRPOConfig, None, (*_common(s, tmp_path, 15), "algo.group_size=4",
-                                                  "rollout.batch_size=16", "actor_optim.learning_rate=5e-3"))
+                                                  "rollout.batch_size=16", "actor_optim.learning_rate=1e-3",
+                                                  "actor_optim.lora_plus_ratio=16"))
         res = grpo.train(cfg)
         state = res["state"]
     else:
