@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.micro_batches < 1 or args.batch % args.micro_batches:
+        raise SystemExit(f"--micro-batches {args.micro_batches} must be >= 1 and divide --batch {args.batch}")
     from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
     reexec_with_host_tunables(sys.argv)  # the same allocator settings as the CLI (runtime/host_memory.py)
