@@ -20,6 +20,7 @@ allocator tunables (`rlhf_jax/runtime/host_memory.py`; the TRL process inherits 
                       reward model stored in bf16 (compute stays f32)
     lora_bf16_shared  lora_bf16 with ppo.critic_shares_base=true: the critic's adapters + value head on the actor's
                       base (one base for actor, reference and critic) + the bf16 reward model
+    lora_shared       lora with ppo.critic_shares_base=true (f32 bases): one base for actor, reference and critic
     *_remat           the same with model.remat=full (every decoder layer recomputed in the backward pass)
     trl_peft          TRL 1.12 PPOTrainer, peft_config = the same LoRA on the policy (reference = adapter
                       disabled), the same LoRA injected on the value model's own f32 base (`benchmarks/memory_trl.py`)
@@ -57,6 +58,9 @@ MODES = {
     "lora": LORA,
     "lora_bf16": LORA + BF16,
     "lora_bf16_shared": LORA + BF16 + ["ppo.critic_shares_base=true"],
+    "lora_shared": LORA + ["ppo.critic_shares_base=true"],
+    "lora_shared_remat": LORA + ["ppo.critic_shares_base=true", "model.remat=full"],
+    "lora_remat": LORA + ["model.remat=full"],
     "lora_bf16_shared_remat": LORA + BF16 + ["ppo.critic_shares_base=true", "model.remat=full"],
     "full_remat": ["model.remat=full"],
     "trl_peft": None,
@@ -119,6 +123,7 @@ def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prom
     finally:
         ppo.run_loop = original
     return {"mode": mode, "peak_rss_gib": probe["hwm"][-1], "rss_after_load_gib": probe["rss_after_load"],
+            "hwm_per_iteration_gib": [round(h, 3) for h in probe["hwm"]],
             "peak_process_gib": _vm_gib("VmHWM"), "iteration_s": [round(h["time/iteration"], 2) for h in hist],
             "framework": "rlhf_jax (jax " + jax.__version__ + ")"}
 
