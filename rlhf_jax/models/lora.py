@@ -21,10 +21,12 @@ there first (README "Results").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 #: user target name → our projection names (Attention: q k v o; MLP: gate up down fc).
 TARGETS = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
@@ -220,6 +222,16 @@ def cast_frozen(params: Any, dtype) -> Any:
 def merged(params: Any, spec: LoRASpec) -> Any:
     """Base weights with the adapters folded in, ``W + (alpha/r) A B``, adapters removed (a plain tree for the
     model without LoRA: the merged Hugging Face export). Computed in float32, stored in W's dtype."""
+    def fold(w, a, b):
+        d = delta(a, b, w.shape, scanned=a.ndim + b.ndim - 2 > w.ndim)
+        return (w.astype(jnp.float32) + spec.scale * d).astype(w.dtype)
+
+    return _map_adapted(params, fold, lambda v: v)
+
+
+def _map_adapted(params: Any, adapted, other) -> Any:
+    """The params tree without adapters: ``adapted(W, A, B)`` for every adapted weight, ``other(x)`` for
+    every other leaf."""
     if not isinstance(params, dict):
         return params
     out = {}
@@ -227,14 +239,48 @@ def merged(params: Any, spec: LoRASpec) -> Any:
         if _is_adapter(k):
             continue
         if isinstance(v, dict):
-            out[k] = merged(v, spec)
+            out[k] = _map_adapted(v, adapted, other)
         elif k + SUFFIX_A in params:
-            a, b = params[k + SUFFIX_A], params[k + SUFFIX_B]
-            d = delta(a, b, v.shape, scanned=a.ndim + b.ndim - 2 > v.ndim)
-            out[k] = (v.astype(jnp.float32) + spec.scale * d).astype(v.dtype)
+            out[k] = adapted(v, params[k + SUFFIX_A], params[k + SUFFIX_B])
         else:
-            out[k] = v
+            out[k] = other(v)
     return out
+
+
+class MergedWeight:
+    """One adapted weight of the merged export, ``W + (alpha/r) A B`` in ``out_dtype``, computed a layer at a
+    time when `models.save_pretrained` writes it (``layer_array``) instead of all at once: a whole merged
+    copy of a 32-layer l2048 base (5.5 GiB) took the end of the run from 16.0 to 20.1 GiB of host memory.
+    Same arithmetic as :func:`merged`; ``shape`` and ``dtype`` are the written weight's."""
+
+    def __init__(self, w, a, b, scale: float, out_dtype):
+        self.w, self.a, self.b, self.scale = w, a, b, float(scale)
+        self.scanned = a.ndim + b.ndim - 2 > w.ndim
+        self.shape, self.dtype = tuple(w.shape), jnp.dtype(out_dtype)
+
+    def layer_array(self, layer):
+        """The merged weight (``layer`` None) or its layer ``layer`` of a scanned stack, as a jax Array sharded
+        like ``W``; one jitted program per (shapes, shardings), the layer index traced."""
+        if layer is None:
+            return _merge_weight(self.w, self.a, self.b, None, scale=self.scale, scanned=self.scanned,
+                                 out_dtype=self.dtype)
+        return _merge_weight(self.w, self.a, self.b, np.int32(layer), scale=self.scale, scanned=False,
+                             out_dtype=self.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "scanned", "out_dtype"))
+def _merge_weight(w, a, b, layer, *, scale: float, scanned: bool, out_dtype):
+    if layer is not None:
+        w, a, b = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (w, a, b))
+    d = delta(a, b, w.shape, scanned=scanned)
+    return (w.astype(jnp.float32) + scale * d).astype(w.dtype).astype(out_dtype)
+
+
+def merged_lazily(params: Any, spec: LoRASpec, out_dtype) -> Any:
+    """:func:`merged`'s tree for `models.save_pretrained`: each adapted weight a :class:`MergedWeight`
+    (merged when written), every other floating leaf cast to ``out_dtype``, adapters removed."""
+    return _map_adapted(params, lambda w, a, b: MergedWeight(w, a, b, spec.scale, out_dtype),
+                        lambda v: v.astype(out_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v)
 
 
 def delta(a, b, w_shape, *, scanned: bool = False):

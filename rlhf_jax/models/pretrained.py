@@ -9,7 +9,6 @@ streaming one gathered tensor at a time, with `metadata={"format": "pt"}` so PyT
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -145,15 +144,12 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "l
     if shardings is not None:
         _check_shardings(shardings, expected, path)
 
-    with contextlib.ExitStack() as stack:
-        handles: dict = {}
+    with _Handles() as handles:
         for m in maps:
             f = name_to_file.get(m.hf_name)
             if f is None:
                 raise ModelLoadError(f"{path}: tensor {m.hf_name!r} (shape {m.hf_shape}) is missing from the "
                                      f"checkpoint ({config.model_type}, head={head})")
-            if f not in handles:  # numpy backend: host arrays; ml_dtypes (imported by jax) supplies bf16
-                handles[f] = stack.enter_context(safe_open(str(f), framework="numpy"))
             found = tuple(handles[f].get_slice(m.hf_name).get_shape())
             if found != m.hf_shape:
                 raise ModelLoadError(f"{f}: tensor {m.hf_name!r} has shape {found}, expected {m.hf_shape} "
@@ -167,11 +163,48 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, head: str = "l
                                  f"{' ...' if len(extra) > 5 else ''}")
         readers = _leaf_readers(path, config, maps, expected, handles, name_to_file,
                                 zero_score=head == "scalar" and not has_score)
+        handles.close()  # the checks above touched every file's header pages only
         if shardings is None:
-            params = jax.tree.map(lambda read: jnp.asarray(read(())), readers)
+            params = jax.tree.map(lambda read: handles.released(jnp.asarray(read(()))), readers)
         else:
-            params = jax.tree.map(_make_sharded, readers, expected, shardings)
+            params = jax.tree.map(lambda *a: handles.released(_make_sharded(*a)), readers, expected, shardings)
     return model, params
+
+
+class _Handles:
+    """``safe_open`` handles (numpy backend: host arrays; ml_dtypes, imported by jax, supplies bf16), opened on
+    first use and closed after each param (:meth:`released`).
+
+    A handle maps its whole file; every page a read touches stays resident, and counted in the process's
+    RSS, until the handle closes. Held for the whole load, an l2048 model of 8 layers (1.49 GiB) peaked at
+    1.58 GiB of file-backed RSS on top of its params; closed after each param, the mapped pages are one
+    param's worth."""
+
+    def __init__(self):
+        self._open: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getitem__(self, f):
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="numpy")
+        return self._open[f]
+
+    def close(self) -> None:
+        handles, self._open = self._open, {}
+        for h in handles.values():
+            if hasattr(h, "__exit__"):
+                h.__exit__(None, None, None)
+
+    def released(self, param):
+        """``param`` (its host reads copied into its buffers) after closing every handle."""
+        jax.block_until_ready(param)
+        self.close()
+        return param
 
 
 def _leaf_readers(path, config, maps, expected, handles, name_to_file, *, zero_score: bool):
@@ -260,6 +293,8 @@ def _host_copy(x, layer: int | None) -> np.ndarray:
     A param spread over several processes is all-gathered (`multihost_utils.process_allgather`, a
     collective: every process must make the same calls in the same order); a local one is fetched.
     """
+    if hasattr(x, "layer_array"):  # computed one layer at a time (e.g. `lora.MergedWeight`, the merged export)
+        return _host_copy(x.layer_array(layer), None)
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
         return x if layer is None else x[layer]

@@ -15,7 +15,6 @@ import pathlib
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as shd
@@ -229,7 +228,6 @@ def export_lora(loaded, params, directory: pathlib.Path | str) -> str:
     base_model = type(loaded.model)(loaded.model.config.replace(lora=None), head=loaded.model.head)
     spec = loaded.model.config.lora
     out_dtype = loaded.model.config.param_dtype
-    merged = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out_dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                                            else x, lora.merged(p, spec)))(params)
+    merged = lora.merged_lazily(params, spec, out_dtype)  # each adapted weight merged as it is written
     models.save_pretrained(directory, base_model, merged, tokenizer=loaded.tokenizer)
     return "Hugging Face model (LoRA merged)"
