@@ -135,6 +135,27 @@ def test_scanned_merge_matches_unscanned():
                                m.apply({"params": full}, ids, mask), atol=2e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_export_written_layer_by_layer_equals_the_whole_merge(scan, tmp_path):
+    """The export merges each adapted weight one layer at a time as it is written (`lora.MergedWeight`, so
+    no whole merged copy of the base is held): the files equal `save_pretrained` of `lora.merged`."""
+    import safetensors.numpy
+
+    from rlhf_jax.models import save_pretrained
+
+    base, m, p, full = _models("llama", scan=scan)
+    eager = jax.tree.map(lambda x: x.astype(jnp.float32), lora.merged(full, SPEC))
+    lazy = lora.merged_lazily(full, SPEC, jnp.float32)
+    assert any(isinstance(x, lora.MergedWeight) for x in jax.tree.leaves(lazy))
+    save_pretrained(tmp_path / "eager", base, eager)
+    save_pretrained(tmp_path / "lazy", base, lazy)
+    a = safetensors.numpy.load_file(str(tmp_path / "eager" / "model.safetensors"))
+    b = safetensors.numpy.load_file(str(tmp_path / "lazy" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 # ------------------------------------------------------------------------------------------------ PEFT
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
