@@ -8,7 +8,8 @@ Public API:
 from rlhf_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from rlhf_jax.models.errors import ModelLoadError
 from rlhf_jax.models.hf_io import stack_layers, unstack_layers
-from rlhf_jax.models.pretrained import hf_state_dict, load_pretrained, save_pretrained
+from rlhf_jax.models.pretrained import load_pretrained
+from rlhf_jax.models.save import hf_state_dict, save_pretrained
 from rlhf_jax.models.transformer import (KVCache, Transformer, default_positions, init_cache, init_params,
                                          logical_specs)
 

@@ -63,7 +63,7 @@ def _leaf(params: dict, layer: int, proj: str, suffix: str, scanned: bool):
 
 
 def _host(x, layer: Optional[int]) -> np.ndarray:
-    from rlhf_jax.models.pretrained import _host_copy
+    from rlhf_jax.models.save import _host_copy
 
     return np.asarray(_host_copy(x, layer), np.float32)
 
