@@ -12,7 +12,8 @@ from rlhf_jax.models.pretrained import load_pretrained
 from rlhf_jax.models.save import hf_state_dict, save_pretrained
 from rlhf_jax.models.transformer import (KVCache, Transformer, default_positions, init_cache, init_params,
                                          logical_specs)
+from rlhf_jax.models.weight_layout import for_decoding, out_in_model, to_out_in
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "ModelLoadError", "KVCache", "Transformer", "default_positions",
            "init_cache", "init_params", "logical_specs", "load_pretrained", "save_pretrained", "hf_state_dict",
-           "stack_layers", "unstack_layers"]
+           "stack_layers", "unstack_layers", "for_decoding", "out_in_model", "to_out_in"]

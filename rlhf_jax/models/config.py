@@ -11,7 +11,7 @@ Families and the HF modeling files whose behaviour we reproduce (transformers 5.
 | qwen2   | RMSNorm | RoPE | SwiGLU | q/k/v bias, no o bias |
 | qwen3   | RMSNorm | RoPE | SwiGLU | per-head RMSNorm on q and k (`q_norm`, `k_norm`) |
 
-Runtime options (`dtype`, `param_dtype`, `remat`, `scan_layers`) are fields too, so one hashable object
+Runtime options (`dtype`, `param_dtype`, `remat`, `scan_layers`, `weight_layout`) are fields too, so one hashable object
 configures the linen module.
 """
 
@@ -33,6 +33,7 @@ ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
                   "everything_saveable")
 ROPE_TYPES = ("default", "linear", "llama3")
+WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 _ARCH = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
@@ -69,6 +70,9 @@ class ModelConfig:
       remat: "none", "full" (save nothing) or a `jax.checkpoint_policies` name such as "dots_saveable".
       scan_layers: run blocks with `nn.scan` (params then carry a leading "layers" axis of size L).
       lora: a `rlhf_jax.models.lora.LoRASpec` (low-rank adapters next to the targeted projections), or None.
+      weight_layout: how projection weights are stored: "in_out" (``[in…, out…]``, the layout of every
+        checkpoint, optimizer state and export) or "out_in" (``[out…, in…]``, PyTorch's ``nn.Linear`` layout;
+        `rlhf_jax.models.weight_layout`: a decode-only copy that XLA:CPU's small-batch products stream faster).
     """
 
     model_type: str
@@ -99,6 +103,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     lora: Any = None
+    weight_layout: str = "in_out"
 
     def __post_init__(self):
         # Normalise dtypes to hashable numpy dtypes (accepts "bfloat16", jnp.bfloat16, np.dtype).
@@ -112,6 +117,8 @@ class ModelConfig:
             raise ValueError(f"activation={self.activation!r} is not supported; expected one of {ACTIVATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not supported; expected one of {REMAT_POLICIES}")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight_layout={self.weight_layout!r}; expected one of {WEIGHT_LAYOUTS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_type not in ROPE_TYPES:

@@ -62,3 +62,17 @@ def _project_bwd(n_in, dtype, res, g):
 
 
 project.defvjp(_project_fwd, _project_bwd)
+
+
+def project_out_in(x, w, n_in: int = 1, dtype=None):
+    """``project`` for a weight stored ``[out…, in…]`` (``config.weight_layout == "out_in"``, PyTorch's
+    ``nn.Linear`` layout): ``y[..., o] = Σ_i x[..., i] · w[o, i]``, one 2-D GEMM ``[N, I] · [O, I]ᵀ``.
+
+    The same sums as ``project(x, wᵀ)`` (the order of a float32 sum may differ in the last bits). Used by
+    decode copies of the weights (`rlhf_jax.models.weight_layout`), so it has no hand-written VJP.
+    """
+    n_out = w.ndim - n_in
+    i = math.prod(w.shape[n_out:])
+    x2, w2 = x.reshape(-1, i), _cast(w, dtype).reshape(-1, i)
+    y2 = lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
+    return y2.reshape(*x.shape[: x.ndim - n_in], *w.shape[:n_out])

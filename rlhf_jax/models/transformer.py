@@ -22,7 +22,7 @@ from jax import lax
 
 from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.project import project
+from rlhf_jax.models.project import project, project_out_in
 from rlhf_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 HEADS = ("lm", "scalar")
@@ -49,6 +49,14 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, *, dtype=None
 def _param(module: nn.Module, name: str, init, shape: tuple, axes: tuple):
     """A parameter in `param_dtype`, boxed with its logical axis names."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.config.param_dtype)
+
+
+def _weight(module: nn.Module, name: str, shape: tuple, axes: tuple, n_in: int):
+    """A projection weight of logical shape ``shape`` = ``[in…, out…]`` (the first ``n_in`` axes contract with
+    the input), stored ``[out…, in…]`` when ``config.weight_layout == "out_in"``."""
+    if module.config.weight_layout == "out_in":
+        shape, axes = (*shape[n_in:], *shape[:n_in]), (*axes[n_in:], *axes[:n_in])
+    return _param(module, name, _weight_init(module.config), shape, axes)
 
 
 def _weight_init(config: ModelConfig):
@@ -101,14 +109,20 @@ def dense(module: nn.Module, name: str, x, w, n_in: int, axes: tuple):
     (params ``<name>_lora_a`` [in…, r] and ``<name>_lora_b`` [r, out…] with ``w``'s logical axes on each side;
     `rlhf_jax.models.lora`). ``drop`` is LoRA dropout (`lora.dropout_input`), only when the rate is > 0 and the
     forward was given a ``lora.DROPOUT_RNG`` key (training steps); else ``drop(x) = x``. Without LoRA it is
-    exactly ``project(x, w, n_in, dtype)``."""
+    exactly ``project(x, w, n_in, dtype)``. ``w`` is stored as ``config.weight_layout`` says (`_weight`); ``axes``
+    are its logical axes in the ``[in…, out…]`` order either way."""
     c = module.config
-    y = project(x, w, n_in, c.dtype)
+    if c.weight_layout == "out_in":  # w is [out…, in…]
+        y = project_out_in(x, w, n_in, c.dtype)
+        in_shape, out_shape = w.shape[w.ndim - n_in:], w.shape[: w.ndim - n_in]
+    else:
+        y = project(x, w, n_in, c.dtype)
+        in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     if c.lora is None or name not in c.lora.projections:
         return y
     r = c.lora.rank
-    a = _param(module, name + "_lora_a", lora_a_init, (*w.shape[:n_in], r), (*axes[:n_in], None))
-    b = _param(module, name + "_lora_b", nn.initializers.zeros, (r, *w.shape[n_in:]), (None, *axes[n_in:]))
+    a = _param(module, name + "_lora_a", lora_a_init, (*in_shape, r), (*axes[:n_in], None))
+    b = _param(module, name + "_lora_b", nn.initializers.zeros, (r, *out_shape), (None, *axes[n_in:]))
     if c.lora.dropout > 0 and module.has_rng(lora_lib.DROPOUT_RNG):
         x = lora_lib.dropout_input(x, rate=c.lora.dropout, key=module.make_rng(lora_lib.DROPOUT_RNG))
     return y + project(project(x, a.astype(c.dtype), n_in), b.astype(c.dtype)) * jnp.asarray(c.lora.scale, c.dtype)
@@ -137,13 +151,12 @@ class Attention(nn.Module):
     def __call__(self, x_BxSxD, cos_sin, allowed_Bx1x1xSxT, cache_kv, layer, index):
         c = self.config
         D, H, K, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        init = _weight_init(c)
         q_axes, kv_axes, o_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim"), \
             ("q_heads", "head_dim", "embed")
-        wq = _param(self, "q", init, (D, H, hd), q_axes)
-        wk = _param(self, "k", init, (D, K, hd), kv_axes)
-        wv = _param(self, "v", init, (D, K, hd), kv_axes)
-        wo = _param(self, "o", init, (H, hd, D), o_axes)
+        wq = _weight(self, "q", (D, H, hd), q_axes, 1)
+        wk = _weight(self, "k", (D, K, hd), kv_axes, 1)
+        wv = _weight(self, "v", (D, K, hd), kv_axes, 1)
+        wo = _weight(self, "o", (H, hd, D), o_axes, 2)
         dt = c.dtype
         q = dense(self, "q", x_BxSxD, wq, 1, q_axes)
         k = dense(self, "k", x_BxSxD, wk, 1, kv_axes)
@@ -192,10 +205,9 @@ class MLP(nn.Module):
     def __call__(self, x_BxSxD):
         c, dt = self.config, self.config.dtype
         D, F = c.hidden_size, c.intermediate_size
-        init = _weight_init(c)
 
         def linear(name, x, shape, axes, bias_axes):
-            y = dense(self, name, x, _param(self, name, init, shape, axes), 1, axes)
+            y = dense(self, name, x, _weight(self, name, shape, axes, 1), 1, axes)
             if c.mlp_bias:
                 y = y + _param(self, name + "_bias", nn.initializers.zeros, shape[-1:], bias_axes).astype(dt)
             return y
@@ -338,7 +350,7 @@ class Transformer(nn.Module):
                                      "(this model ties it to the input embedding)")
                 out = project(x, embedding.astype(c.dtype).T)
             else:
-                w = _param(self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+                w = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), 1)
                 out = dense(self, "lm_head", x, w, 1, ("embed", "vocab"))  # + a LoRA branch when targeted
             out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
         if return_hidden:  # the final-norm hidden states the head read (HF `hidden_states[-1]`)

@@ -25,11 +25,17 @@ class RolloutConfig:
     # weights (a copy of params/tensor bytes per device while sampling); ["fsdp", "tensor"] samples from the
     # training layout (no copy; weights gathered by the sampler). Nothing to do when mesh.fsdp = 1.
     param_axes: tuple[str, ...] = ("tensor",)
+    # "out_in" samples from a copy of the actor with its projection weights stored [out, in] (made once per
+    # iteration, one more copy of the weights alive while sampling), which XLA:CPU's small-batch decode
+    # products read faster (`models.weight_layout`); "in_out" samples from the training layout.
+    weight_layout: str = "in_out"
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(set(self.param_axes) <= {"data", "fsdp", "tensor"}, "param_axes",
                 f"must name mesh axes among data, fsdp, tensor; got {list(self.param_axes)}")
+        require(self.weight_layout in ("in_out", "out_in"), "weight_layout",
+                f"must be in_out or out_in, got {self.weight_layout!r}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.temperature > 0, "temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models
 from rlhf_jax import sharding as shd
 from rlhf_jax.data import BatchIterator, DataConfig, PromptBatch, load_encoded, pad_id_of
 from rlhf_jax.online.config import RolloutConfig
@@ -36,10 +37,17 @@ from rlhf_jax.train import run as common
 
 
 def load_policy(path: str, *, dtype: str = "float32", tokenizer_path: Optional[str] = None):
-    """``(mesh, LoadedModel)``: an HF folder with an LM head on the default mesh (all local devices)."""
+    """``(mesh, LoadedModel)``: an HF folder with an LM head on the default mesh (all local devices), its
+    weights in the layout decoding reads fastest (``models.for_decoding``: ``[out, in]`` on CPU)."""
     mesh = common.make_mesh(shd.MeshConfig())
     cfg = common.ModelLoadConfig(path=path, tokenizer_path=tokenizer_path, dtype=dtype)
-    return mesh, common.load_model(cfg, mesh=mesh, head="lm")
+    loaded = common.load_model(cfg, mesh=mesh, head="lm")
+    model, params = models.for_decoding(loaded.model, loaded.params,
+                                        shardings=lambda m: shd.param_shardings(m, mesh))
+    if model is loaded.model:
+        return mesh, loaded
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return mesh, dataclasses.replace(loaded, model=model, params=params, shardings=shardings)
 
 
 def default_max_prompt_len(model, max_new_tokens: int) -> int:

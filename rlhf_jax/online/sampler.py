@@ -4,7 +4,8 @@
 * :class:`Sampler`: ``rollout.generate`` on the policy's current params, G samples per prompt in
   contiguous groups (:func:`repeat_prompts` order), the prompt prefilled once per group when the groups
   split evenly over the batch shards; the params resharded once per call to the inference layout
-  (``rollout.param_axes``, the hybrid engine: no weight all-gather in the decode loop).
+  (``rollout.param_axes``, the hybrid engine: no weight all-gather in the decode loop), and with
+  ``rollout.weight_layout: out_in`` transposed to ``[out, in]`` in the same program.
 * :func:`frozen_copy`: the reference (and reward model) as frozen copies in fresh buffers.
 """
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models
 from rlhf_jax import sharding as shd
 from rlhf_jax.data import DataConfig, DataSplits, PromptBatch, build_data
 from rlhf_jax.online.config import RolloutConfig
@@ -69,8 +71,14 @@ class Sampler:
         self.model, self.rollout, self.mesh = model, rollout, mesh
         self.eos_ids, self.pad_id = eos_and_pad(model, tokenizer)
         same = "fsdp" in rollout.param_axes or mesh.shape["fsdp"] == 1  # inference layout = training layout
-        self.param_shardings = None if same else inference_layout(
-            model, mesh, rules=inference_rules(keep_axes=tuple(rollout.param_axes)))
+        rules = None if same else inference_rules(keep_axes=tuple(rollout.param_axes))
+        # the model the decode loop runs: the actor, or its [out, in] copy (rollout.weight_layout)
+        self.decode_model = model if rollout.weight_layout == "in_out" else models.out_in_model(model)
+        self.param_shardings = None
+        if not same:
+            self.param_shardings = inference_layout(self.decode_model, mesh, rules=rules)
+        elif self.decode_model is not model:
+            self.param_shardings = shd.param_shardings(self.decode_model, mesh)
 
     def __call__(self, params, batch: PromptBatch, key: jax.Array, *, temperature: Optional[float] = None,
                  repeats: int = 1) -> Rollout:
@@ -85,10 +93,12 @@ class Sampler:
         if repeats > 1 and not shared:
             batch = repeat_prompts(batch, repeats)
         b = shd.shard_batch(batch, self.mesh)
-        if self.param_shardings is not None:  # a copy for sampling; the training params stay as they are
+        if self.decode_model is not self.model:  # one program: transposed and laid out for sampling
+            params = models.to_out_in(self.model, params, shardings=self.param_shardings)[1]
+        elif self.param_shardings is not None:  # a copy for sampling; the training params stay as they are
             params = reshard_for_inference(params, self.param_shardings)
         with shd.mesh_context(self.mesh):
-            ro = generate(self.model, params, b.prompt_ids_BxP, b.prompt_mask_BxP, key=key,
+            ro = generate(self.decode_model, params, b.prompt_ids_BxP, b.prompt_mask_BxP, key=key,
                           max_new_tokens=r.max_new_tokens,
                           temperature=r.temperature if temperature is None else temperature,
                           top_k=r.top_k, top_p=r.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,

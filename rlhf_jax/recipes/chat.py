@@ -197,7 +197,7 @@ def main(args: argparse.Namespace, *, stdin=None, stdout=None) -> int:
     from rlhf_jax import models
     from rlhf_jax.online.sampler import eos_and_pad
 
-    model, params = models.load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    model, params = models.for_decoding(*models.load_pretrained(args.model, dtype=jnp.dtype(args.dtype)))
     eos, _ = eos_and_pad(model, tokenizer)
     engine = ChatEngine(model, params, eos_ids=eos, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

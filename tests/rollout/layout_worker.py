@@ -5,6 +5,7 @@ For a (data, fsdp, tensor) mesh given on the command line, on a tiny Llama:
   * the compiled sampler's decode `while` body has NO weight all-gather with the inference layout and DOES have
     them (the control) with the FSDP training layout;
   * both layouts give bit-identical rollouts for the same key;
+  * the [out, in] decode copy (`models.to_out_in` into the inference layout) gives the same greedy rollout;
   * a sharded single-process prompt mask is still checked (global row numbers in the error).
 
   python tests/rollout/layout_worker.py 2,4,1 [2,2,2:scan ...]   (D,F,T[:scan] = nn.scan over layers)
@@ -122,6 +123,16 @@ def check_mesh(mesh_cfg: sharding.MeshConfig, *, scan: bool) -> dict:
                 ro = rollout.generate(model, p, ids, mask, key=jax.random.key(seed), param_shardings=sh,
                                       **{**kw, "temperature": temp})
                 results[name, seed] = jax.tree.map(np.asarray, ro)
+        # --- the [out, in] decode copy (`models.to_out_in`, what `rollout.weight_layout: out_in` samples from),
+        # transposed and laid out for inference in one program: same greedy tokens, log-probs to float32 rounding
+        t_model, t_params = models.to_out_in(model, train_params,
+                                             shardings=lambda m: rollout.inference_layout(m, mesh))
+        t_sh = rollout.inference_layout(t_model, mesh)
+        for a, sh in zip(jax.tree.leaves(t_params), jax.tree.leaves(t_sh)):
+            assert a.sharding.is_equivalent_to(sh, a.ndim), (a.sharding, sh)
+        ro_t = jax.tree.map(np.asarray, rollout.generate(t_model, t_params, ids, mask, key=jax.random.key(1),
+                                                         param_shardings=t_sh, **{**kw, "temperature": 0.0}))
+        del t_params
         # the copy is what was sampled from; dropping it leaves the training params as they were
         del inf_params
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, train_params), before)
@@ -130,6 +141,9 @@ def check_mesh(mesh_cfg: sharding.MeshConfig, *, scan: bool) -> dict:
         for f in ("response_ids_BxT", "response_mask_BxT", "logp_BxT", "sampling_logp_BxT"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{f} seed {seed}")
     assert results["train", 0].response_mask_BxT.sum() > 8  # something was sampled
+    for f in ("response_ids_BxT", "response_mask_BxT"):
+        np.testing.assert_array_equal(getattr(ro_t, f), getattr(results["train", 1], f), err_msg=f"out_in {f}")
+    np.testing.assert_allclose(ro_t.logp_BxT, results["train", 1].logp_BxT, atol=1e-5, err_msg="out_in logp")
 
     # --- a sharded (fully addressable) bad mask is still caught, with global row numbers
     bad = mask.copy()

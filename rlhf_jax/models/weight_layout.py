@@ -1,0 +1,104 @@
+"""Decode copies of a model with its projection weights stored ``[out…, in…]`` (``weight_layout="out_in"``).
+
+Every checkpoint, optimizer state and export keeps the ``[in…, out…]`` layout. This module makes a second,
+inference-only copy for sampling, because XLA:CPU's small-batch products read a weight stored ``[out, in]``
+faster. A decode step at batch 16 multiplies ``[16, in]`` by every weight once, so its time is the time to
+stream the weights. In this repository's measurements (`benchmarks/README.md`, the eval row), 48 chained
+``[16, 768] × [768, 2048]`` products streamed 8.7 GB/s with the weight ``[in, out]`` and 13.3 GB/s with it
+``[out, in]`` (the ``nn.Linear`` layout PyTorch streams). Both run on YNNPACK.
+
+    model_t, params_t = to_out_in(model, params)   # once, after loading
+    generate(model_t, params_t, ...)               # same tokens; float32 sums may differ in the last bits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+#: Env switch for :func:`for_decoding`: "in_out" keeps the loaded layout, "out_in" forces the copy anywhere.
+ENV = "RLHF_JAX_DECODE_LAYOUT"
+
+#: Projection weights and their number of input axes (``[in…, out…]`` in the ``in_out`` layout).
+PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "fc": 1, "lm_head": 1}
+
+
+def _permutation(path, ndim: int, scanned: bool) -> tuple[int, ...] | None:
+    """Axis order that turns an ``[in…, out…]`` leaf at ``path`` into ``[out…, in…]`` (None: not a projection)."""
+    name = getattr(path[-1], "key", None)
+    if name not in PROJECTIONS:
+        return None
+    lead = 1 if scanned and any(getattr(k, "key", None) == "layers" for k in path) else 0  # nn.scan's L axis
+    n_in = PROJECTIONS[name]
+    axes = list(range(lead, ndim))
+    return (*range(lead), *axes[n_in:], *axes[:n_in])
+
+
+def out_in_model(model):
+    """``model`` with ``config.weight_layout = "out_in"`` (the same module otherwise)."""
+    return model.clone(config=dataclasses.replace(model.config, weight_layout="out_in"))
+
+
+def to_out_in(model, params, *, shardings: Any | Callable[[Any], Any] = None):
+    """``(out_in_model(model), params')``: the projection weights of ``params`` transposed to ``[out…, in…]``,
+    in new buffers (``params`` stays valid; drop it to free its memory).
+
+    Args:
+      model: a ``rlhf_jax.models.Transformer`` whose ``config.weight_layout`` is ``"in_out"``.
+      params: its params (an ``{"params": …}``-free tree, as ``model.apply({"params": params}, …)`` takes).
+      shardings: optional pytree of shardings for the result, or a function of the new model giving it
+        (e.g. ``lambda m: sharding.param_shardings(m, mesh)``); default: let XLA place it.
+    """
+    if model.config.weight_layout != "in_out":
+        raise ValueError(f"to_out_in: the model's weights are already {model.config.weight_layout!r}")
+    new = out_in_model(model)
+    if callable(shardings):
+        shardings = shardings(new)
+    frozen = None if shardings is None else _Frozen.of(shardings)
+    return new, _transpose_fn(bool(model.config.scan_layers), frozen)(params)
+
+
+class _Frozen(NamedTuple):
+    """A pytree of shardings as a hashable cache key."""
+
+    treedef: Any
+    leaves: tuple
+
+    @classmethod
+    def of(cls, tree) -> "_Frozen":
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=16)
+def _transpose_fn(scanned: bool, frozen: _Frozen | None):
+    """One jitted program per (scan, result shardings): a sampler that converts every iteration compiles it once.
+    ``jnp.copy`` keeps the other leaves in new buffers too, so the result never aliases the input."""
+
+    def transpose(tree):
+        def leaf(path, x):
+            perm = _permutation(path, x.ndim, scanned)
+            return jnp.copy(x) if perm is None else jnp.transpose(x, perm)
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+    shardings = None if frozen is None else jax.tree.unflatten(frozen.treedef, frozen.leaves)
+    return jax.jit(transpose, out_shardings=shardings)
+
+
+def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None):
+    """``(model, params)`` for a process that only samples and scores (``eval``, ``generate``, ``chat``): the
+    ``out_in`` copy (:func:`to_out_in`) on XLA:CPU, where it streams faster; unchanged on other backends (not
+    measured there) and for a model that is not ``in_out``. ``RLHF_JAX_DECODE_LAYOUT=in_out`` keeps the loaded
+    layout, ``=out_in`` makes the copy on any backend."""
+    choice = os.environ.get(ENV, "")
+    if choice not in ("", "in_out", "out_in"):
+        raise ValueError(f"{ENV}={choice!r}; expected in_out or out_in")
+    wanted = choice or ("out_in" if jax.default_backend() == "cpu" else "in_out")
+    if wanted == "in_out" or model.config.weight_layout == "out_in":
+        return model, params
+    return to_out_in(model, params, shardings=shardings)
