@@ -17,8 +17,11 @@ per side the median and min–max; the speed-up is peer ÷ ours per round (media
 The load average (`uptime`) and the XLA and torch f32 2048³ matmul rates before and after the rounds are printed
 (`_rounds.machine_state`): on a shared machine the ratio, measured in the same run, is the number to read.
 
+`--compare-layouts` adds a third side, interleaved: ours sampling from the loaded ``[in, out]`` weights
+(``RLHF_JAX_DECODE_LAYOUT=in_out``) instead of the ``[out, in]`` decode copy `rlhf-jax eval` makes on CPU.
+
 Usage: python benchmarks/eval.py [--model tiny|small|both] [--rounds 3] [--prompts 16] [--batch-size 16]
-                                 [--max-new-tokens 64] [--peer-threads N] [--models-dir DIR]
+                                 [--max-new-tokens 64] [--peer-threads N] [--compare-layouts] [--models-dir DIR]
 """
 
 from __future__ import annotations
@@ -130,8 +133,20 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
+def _ours_in_layout(layout: str, *args, **kwargs) -> Ours:
+    """`Ours` loaded with ``RLHF_JAX_DECODE_LAYOUT=layout`` (read once, when the model loads)."""
+    from rlhf_jax.models.weight_layout import ENV
+
+    old = os.environ.get(ENV)
+    os.environ[ENV] = layout
+    try:
+        return Ours(*args, **kwargs)
+    finally:
+        os.environ.pop(ENV) if old is None else os.environ.__setitem__(ENV, old)
+
+
 def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, batch_size: int,
-          max_new_tokens: int, peer_threads: int = 0) -> dict:
+          max_new_tokens: int, peer_threads: int = 0, compare_layouts: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -141,19 +156,33 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
     ours = Ours(str(model_dir), str(work / "prompts.jsonl"), batch_size=batch_size, max_new_tokens=max_new_tokens,
                 max_prompt_len=max_prompt_len)
     peer = Peer(str(model_dir), prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, threads=peer_threads)
-    warm = {"peer": timed(peer)[0], "ours": timed(ours)[0]}  # ours: includes compilation
-    times: dict[str, list[float]] = {"peer": [], "ours": []}
+    sides = [("peer", peer), ("ours", ours)]
+    if compare_layouts:  # the same command sampling from the loaded [in, out] weights (no decode copy)
+        sides.append(("ours_in_out", _ours_in_layout(
+            "in_out", str(model_dir), str(work / "prompts.jsonl"), batch_size=batch_size,
+            max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len)))
+    warm = {side: timed(fn)[0] for side, fn in sides}  # ours: includes compilation
+    times: dict[str, list[float]] = {side: [] for side, _ in sides}
     ids = {}
     load_before = uptime()
     state_before = R.machine_state()
     for _ in range(rounds):
-        for side, fn in (("peer", peer), ("ours", ours)):
+        for side, fn in sides:
             t, ids[side] = timed(fn)
             times[side].append(t)
     state_after = R.machine_state()
     load_after = uptime()
     ratios = [p / o for p, o in zip(times["peer"], times["ours"])]
     same = sum(a == b for a, b in zip(ids["peer"], ids["ours"]))
+    layout_rows = []
+    if compare_layouts:
+        gains = [a / b for a, b in zip(times["ours_in_out"], times["ours"])]
+        layout_rows = [
+            ("ours, [in, out] weights s/pass", f"median {statistics.median(times['ours_in_out']):.3f}  "
+                                               f"[{min(times['ours_in_out']):.3f} – {max(times['ours_in_out']):.3f}]"),
+            ("[out, in] copy speed-up", f"median {statistics.median(gains):.2f}x  [{min(gains):.2f} – {max(gains):.2f}]"),
+            ("identical rows, both layouts", f"{sum(a == b for a, b in zip(ids['ours_in_out'], ids['ours']))}/{n_prompts}"),
+        ]
     tokens = {side: sum(len(r) for r in rows) for side, rows in ids.items()}
     rec = {"model": name, "prompts": n_prompts, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
            "rounds": rounds, "warmup_s": warm, "times_s": times,
@@ -171,6 +200,7 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
         ("speed-up (peer/ours)", f"median {rec['speedup_median']:.2f}x  [{rec['speedup_min']:.2f} – {rec['speedup_max']:.2f}]"),
         ("tokens generated", f"peer {tokens['peer']}  ours {tokens['ours']}"),
         ("identical greedy rows", f"{same}/{n_prompts}"),
+        *layout_rows,
         ("load before", load_before), ("load after", load_after),
         *R.state_rows(state_before, state_after),
     ], title=f"rlhf-jax eval generation vs transformers generate: {name}")
@@ -180,7 +210,7 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
 def main() -> None:
     from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
-    reexec_with_host_tunables(sys.argv)  # as `rlhf-jax eval` runs (the CLI re-executes itself); both sides share it
+    reexec_with_host_tunables(sys.argv, heap=False)  # as `rlhf-jax eval` runs (the CLI re-executes itself); both sides share it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "small", "both"), default="both")
     ap.add_argument("--rounds", type=int, default=3)
@@ -189,6 +219,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--peer-threads", type=int, default=0,
                     help="torch.set_num_threads for the peer (0 = torch's default; 1 is faster on an oversubscribed machine)")
+    ap.add_argument("--compare-layouts", action="store_true",
+                    help="also time ours on the loaded [in, out] weights (RLHF_JAX_DECODE_LAYOUT=in_out), interleaved")
     ap.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "rlhf_jax_peer_models"))
     args = ap.parse_args()
     if args.rounds < 3:
@@ -197,7 +229,8 @@ def main() -> None:
     names = ["tiny", "small"] if args.model == "both" else [args.model]
     print(f"{uptime()}\njax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs", flush=True)
     records = [bench(n, root / n, rounds=args.rounds, n_prompts=args.prompts, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, peer_threads=args.peer_threads) for n in names]
+                     max_new_tokens=args.max_new_tokens, peer_threads=args.peer_threads,
+                     compare_layouts=args.compare_layouts) for n in names]
     C.emit_json({"benchmark": "eval", "machine": C.machine_info(), "results": records})
 
 

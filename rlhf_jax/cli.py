@@ -122,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:  # a real command line: restart once with the host allocator tunable (host_memory.py)
         from rlhf_jax.runtime.host_memory import reexec_with_host_tunables
 
-        reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]])
+        sampling_only = len(sys.argv) > 1 and sys.argv[1] in TOOLS  # eval / generate / chat: no heap layer
+        reexec_with_host_tunables(["-m", "rlhf_jax", *sys.argv[1:]], heap=not sampling_only)
     args = _parser().parse_args(argv)
     quiet_datasets()
     from rlhf_jax.train.preempt import Preempted

@@ -45,6 +45,9 @@ def test_env_is_set_appended_or_left_alone(on_linux_glibc):
     for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=4", "a=1:glibc.malloc.mmap_max=9"):
         assert hm.host_tunables_env({**cpu, "GLIBC_TUNABLES": own}) is None, own  # the user's choice wins
     assert hm.host_tunables_env(env) is None  # already re-executed once: never loops
+    # the sampling-only commands (eval, generate, chat) get the huge-page layer only
+    assert hm.host_tunables_env(cpu, heap=False)["GLIBC_TUNABLES"] == hm.TUNABLE
+    assert hm.tunables_for(cpu, heap=False) == hm.TUNABLE
 
 
 def test_env_left_alone_off_linux_or_off_glibc(monkeypatch):
@@ -243,3 +246,17 @@ def test_benchmark_reports_both_sides():
         assert all(isinstance(n, int) and n >= 0 for n in r["minflt_per_execution"])
         assert all(t > 0 for t in r["wall_s_per_execution"])
     assert "reported, not asserted" in out.stdout
+
+
+def test_cli_gives_the_sampling_commands_the_huge_page_layer_only(monkeypatch):
+    """``rlhf-jax eval|generate|chat`` re-exec without the heap layer (their decode streams the weights faster
+    without it); the training commands keep both layers."""
+    from rlhf_jax import cli
+
+    calls = []
+    monkeypatch.setattr(hm, "reexec_with_host_tunables", lambda argv, heap=True: calls.append((argv[2], heap)))
+    for command in ("eval", "generate", "chat", "ppo", "sft"):
+        monkeypatch.setattr(sys, "argv", ["rlhf-jax", command, "--help"])
+        with pytest.raises(SystemExit):
+            cli.main()
+    assert calls == [("eval", False), ("generate", False), ("chat", False), ("ppo", True), ("sft", True)]
