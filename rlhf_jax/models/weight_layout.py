@@ -90,15 +90,32 @@ def _transpose_fn(scanned: bool, frozen: _Frozen | None):
     return jax.jit(transpose, out_shardings=shardings)
 
 
+#: :func:`for_decoding` makes the copy on CPU from this many bytes of projection weights on.
+MIN_PROJECTION_BYTES = 64 * 2**20
+
+
+def projection_bytes(params) -> int:
+    """Bytes of the projection weights (:data:`PROJECTIONS`) in ``params``."""
+    return sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if getattr(path[-1], "key", None) in PROJECTIONS)
+
+
 def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None):
-    """``(model, params)`` for a process that only samples and scores (``eval``, ``generate``, ``chat``): the
-    ``out_in`` copy (:func:`to_out_in`) on XLA:CPU, where it streams faster; unchanged on other backends (not
-    measured there) and for a model that is not ``in_out``. ``RLHF_JAX_DECODE_LAYOUT=in_out`` keeps the loaded
-    layout, ``=out_in`` makes the copy on any backend."""
+    """``(model, params)`` for a process that only samples and scores (``eval``, ``generate``, ``chat``).
+
+    On XLA:CPU, when the projection weights hold at least :data:`MIN_PROJECTION_BYTES`, this is the
+    ``out_in`` copy (:func:`to_out_in`); otherwise ``model`` and ``params`` unchanged. Measured with
+    ``benchmarks/eval.py --compare-layouts`` (16 prompts × 64 tokens, batch 16, 2026-12-07): the ~86M model
+    (330 MB of projections) ran 1.25× faster from the copy; the 7.4M one (29 MB, weights that stay in cache) ran
+    0.87× as fast. Single products do not all gain (``benchmarks/README.md``: from 0.85× to 1.66× by shape).
+    Other backends keep the loaded layout (not measured there). ``RLHF_JAX_DECODE_LAYOUT=in_out`` keeps the
+    loaded layout, ``=out_in`` makes the copy on any backend and at any size."""
     choice = os.environ.get(ENV, "")
     if choice not in ("", "in_out", "out_in"):
         raise ValueError(f"{ENV}={choice!r}; expected in_out or out_in")
-    wanted = choice or ("out_in" if jax.default_backend() == "cpu" else "in_out")
-    if wanted == "in_out" or model.config.weight_layout == "out_in":
+    if not choice:
+        large = projection_bytes(params) >= MIN_PROJECTION_BYTES
+        choice = "out_in" if jax.default_backend() == "cpu" and large else "in_out"
+    if choice == "in_out" or model.config.weight_layout == "out_in":
         return model, params
     return to_out_in(model, params, shardings=shardings)

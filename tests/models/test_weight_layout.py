@@ -4,7 +4,7 @@ Every family (tied and untied heads, unrolled and scanned layers, with LoRA adap
 have exactly the shapes the ``out_in`` model declares, its logits equal the ``in_out`` model's to float32
 rounding, and greedy decoding gives the same tokens. The conversion compiles once per (scan, shardings); the
 trainers' sampler with ``rollout.weight_layout: out_in`` gives the rollout of the training layout;
-``for_decoding`` follows the backend and ``RLHF_JAX_DECODE_LAYOUT``.
+``for_decoding`` follows the backend, the size of the weights and ``RLHF_JAX_DECODE_LAYOUT``.
 """
 
 import jax
@@ -106,6 +106,9 @@ def test_conversion_compiles_once_and_leaves_the_input_valid():
 def test_for_decoding_follows_the_backend_and_the_env_switch(monkeypatch):
     model, params = _model("qwen2")
     monkeypatch.delenv(weight_layout.ENV, raising=False)
+    m, p = models.for_decoding(model, params)  # a tiny model: its weights stay in cache, nothing to gain
+    assert m is model and p is params and weight_layout.projection_bytes(params) < weight_layout.MIN_PROJECTION_BYTES
+    monkeypatch.setattr(weight_layout, "MIN_PROJECTION_BYTES", weight_layout.projection_bytes(params))
     m, _ = models.for_decoding(model, params)
     assert m.config.weight_layout == ("out_in" if jax.default_backend() == "cpu" else "in_out")
     monkeypatch.setenv(weight_layout.ENV, "in_out")

@@ -90,6 +90,16 @@ def test_heldout_eval_two_processes_equal_one(command, online_pair):
 
 
 @pytest.mark.slow
+def test_out_in_decode_copy_on_two_processes_equals_the_training_layout(assets, heldout, online_pair, tmp_path):  # noqa: F811
+    """``rollout.weight_layout: out_in`` (the sampler transposes the actor to ``[out, in]`` each iteration, in the
+    program that reshards it for inference) on 2 × 4 gives the metrics of the training-layout run on 1 × 8."""
+    _, one, _ = online_pair("grpo")
+    config, overrides = _shared_overrides(assets, heldout, "grpo")
+    two = _run("grpo", config, overrides + ["rollout.weight_layout=out_in"], tmp_path / "two", 2, 4)
+    assert_runs_equal(_values(one), _values(two), "grpo out_in")
+
+
+@pytest.mark.slow
 def test_label_two_processes_write_one_file_equal_to_one_process(assets, tmp_path):  # noqa: F811
     """Each host labels its slice of every prompt batch; process 0 writes every host's rows in prompt order."""
     overrides = [f"model.path={assets['model']}", f"data.path={assets['prompts_eval']}", "rollout.batch_size=6",

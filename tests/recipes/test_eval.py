@@ -90,8 +90,13 @@ def _hf_greedy(hf, torch, prompt_ids: list[int], eos: list[int]) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("family", fixtures.FAMILIES)
-def test_greedy_ids_equal_transformers_generate(family, tmp_path_factory, tokenizer_dir, prompts_file):
+def test_greedy_ids_equal_transformers_generate(family, layout, tmp_path_factory, tokenizer_dir, prompts_file,
+                                                monkeypatch):
+    """Both weight layouts the command may decode from (`models.for_decoding`: the tiny fixtures stay
+    ``in_out`` by default; ``out_in`` is the copy larger models get on CPU), forced by its env switch."""
+    monkeypatch.setenv("RLHF_JAX_DECODE_LAYOUT", layout)
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model_dir = _perturbed(_model(tmp_path_factory, tokenizer_dir, family), tmp_path_factory.mktemp(family))
