@@ -90,12 +90,15 @@ def matmul_floor_s(config, *, batch: int, cache_len: int, steps: int = 32) -> fl
     return t / steps
 
 
-def setup_ours(model_dir, ids, mask, *, new_tokens: int, eos: int, pad: int):
-    """Load our model and compile; returns (run(T) closure, model, params, compile seconds, peak RSS MB)."""
+def setup_ours(model_dir, ids, mask, *, new_tokens: int, eos: int, pad: int, layout: str = "in_out"):
+    """Load our model and compile; returns (run(T) closure, model, params, compile seconds, peak RSS MB).
+    ``layout="out_in"`` samples from the ``[out, in]`` copy (``models.to_out_in``, ``rollout.weight_layout``)."""
     from rlhf_jax import models, rollout
 
     C.reset_peak_rss()
     model, params = models.load_pretrained(model_dir)
+    if layout == "out_in":
+        model, params = models.to_out_in(model, params)
     run = lambda T=new_tokens, k=0: jax.block_until_ready(rollout.generate(  # noqa: E731
         model, params, ids, mask, key=jax.random.key(k), max_new_tokens=T, min_new_tokens=T, temperature=1.0,
         eos_token_id=eos, pad_token_id=pad))
@@ -158,7 +161,8 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
     eos, pad = cfg["eos_token_id"], cfg["pad_token_id"]
     B, P, T = args.batch, args.prompt_len, args.new_tokens
     ids, mask = make_prompts(batch=B, prompt_len=P, vocab=cfg["vocab_size"], pad_id=pad)
-    ours_run, model, params, compile_s, ours_rss = setup_ours(model_dir, ids, mask, new_tokens=T, eos=eos, pad=pad)
+    ours_run, model, params, compile_s, ours_rss = setup_ours(model_dir, ids, mask, new_tokens=T, eos=eos, pad=pad,
+                                                              layout=args.weight_layout)
     torch_run, ref_logits, torch_rss = setup_torch(model_dir, ids, mask, new_tokens=T, eos=eos, pad=pad,
                                                    threads=args.threads)
     for _ in range(max(args.warmup - 1, 0)):  # both compiled / warmed once above
@@ -185,7 +189,8 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
     at_limit = []
     for b in args.floor_batches:  # decode at the RL batch sizes: our step against its floors (no torch run)
         fids, fmask = make_prompts(batch=b, prompt_len=P, vocab=cfg["vocab_size"], pad_id=pad, seed=b)
-        run_b, _, _, _, _ = setup_ours(model_dir, fids, fmask, new_tokens=T, eos=eos, pad=pad)
+        run_b, _, _, _, _ = setup_ours(model_dir, fids, fmask, new_tokens=T, eos=eos, pad=pad,
+                                       layout=args.weight_layout)
         s_b, _ = decode_step_s(run_b, new_tokens=T, iters=args.iters)
         f_b = floors(config, params, batch=b, seq=P + T, read_gbs=bw["read_gbs"])
         at_limit.append({"batch": b, "decode_step_ms": s_b * 1e3, "matmul_floor_ms": f_b["matmul_floor_s"] * 1e3,
@@ -195,7 +200,7 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
                          "step_over_bandwidth": s_b / f_b["bandwidth_floor_s"],
                          "tokens_per_s": b / s_b})
     return dict(
-        model=size, params=C.param_count(params), batch=B, prompt_len=P, new_tokens=T, iters=args.iters,
+        model=size, weight_layout=args.weight_layout, params=C.param_count(params), batch=B, prompt_len=P, new_tokens=T, iters=args.iters,
         rounds=args.rounds, warmup=args.warmup,
         ours_tokens_per_s=B * T / ours_s, torch_tokens_per_s=B * T / torch_s, speedup=ratio["median"],
         speedup_rounds=ratio, ours_round_s=t_ours, torch_round_s=t_torch,
@@ -214,6 +219,7 @@ def print_record(r: dict) -> None:
 
     rows = [
         ("params", f"{r['params'] / 1e6:.1f} M"),
+        ("our weight layout", r.get("weight_layout", "in_out")),
         ("batch × prompt → new", f"{r['batch']} × {r['prompt_len']} → {r['new_tokens']}"),
         ("rounds", f"{r['rounds']} x {r['iters']} generate calls per side, interleaved (torch, ours, ...)"),
         ("ours tokens/s", f"{r['ours_tokens_per_s']:.0f}  (median {r['ours_median_s']:.3f} s)"),
@@ -249,6 +255,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     ap.add_argument("--workdir", default=None, help="where to write the models (default: a temp dir)")
+    ap.add_argument("--weight-layout", choices=["in_out", "out_in"], default="in_out",
+                    help="ours samples from the loaded [in, out] weights or from the [out, in] copy")
     ap.add_argument("--quick", action="store_true", help="tiny model, batch 4, 16-token prompts, 8 new tokens")
     args = ap.parse_args(argv)
     args.floor_batches = [int(b) for b in args.floor_batches.split(",") if b]
