@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -96,8 +97,14 @@ MIN_PROJECTION_BYTES = 64 * 2**20
 
 def projection_bytes(params) -> int:
     """Bytes of the projection weights (:data:`PROJECTIONS`) in ``params``."""
-    return sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if getattr(path[-1], "key", None) in PROJECTIONS)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for path, x in jax.tree_util.tree_leaves_with_path(params) if getattr(path[-1], "key", None) in PROJECTIONS)
+
+
+def pays_off(model, params) -> bool:
+    """Whether the ``out_in`` copy is expected to speed up decoding ``model``: on XLA:CPU with at least
+    :data:`MIN_PROJECTION_BYTES` of projection weights (``params`` may be abstract: only shapes are read)."""
+    return jax.default_backend() == "cpu" and projection_bytes(params) >= MIN_PROJECTION_BYTES
 
 
 def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None):
@@ -114,8 +121,7 @@ def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None)
     if choice not in ("", "in_out", "out_in"):
         raise ValueError(f"{ENV}={choice!r}; expected in_out or out_in")
     if not choice:
-        large = projection_bytes(params) >= MIN_PROJECTION_BYTES
-        choice = "out_in" if jax.default_backend() == "cpu" and large else "in_out"
+        choice = "out_in" if pays_off(model, params) else "in_out"
     if choice == "in_out" or model.config.weight_layout == "out_in":
         return model, params
     return to_out_in(model, params, shardings=shardings)

@@ -26,16 +26,17 @@ class RolloutConfig:
     # training layout (no copy; weights gathered by the sampler). Nothing to do when mesh.fsdp = 1.
     param_axes: tuple[str, ...] = ("tensor",)
     # "out_in" samples from a copy of the actor with its projection weights stored [out, in] (made once per
-    # iteration, one more copy of the weights alive while sampling), which XLA:CPU's small-batch decode
-    # products read faster (`models.weight_layout`); "in_out" samples from the training layout.
-    weight_layout: str = "in_out"
+    # iteration, one more copy of those weights alive while sampling), which XLA:CPU's small-batch decode
+    # products read faster (`models.weight_layout`); "in_out" samples from the training layout; "auto" is
+    # out_in on CPU for a full (not LoRA) actor with >= 64 MiB of projection weights, else in_out.
+    weight_layout: str = "auto"
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(set(self.param_axes) <= {"data", "fsdp", "tensor"}, "param_axes",
                 f"must name mesh axes among data, fsdp, tensor; got {list(self.param_axes)}")
-        require(self.weight_layout in ("in_out", "out_in"), "weight_layout",
-                f"must be in_out or out_in, got {self.weight_layout!r}")
+        require(self.weight_layout in ("auto", "in_out", "out_in"), "weight_layout",
+                f"must be auto, in_out or out_in, got {self.weight_layout!r}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.temperature > 0, "temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
 

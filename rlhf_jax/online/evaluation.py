@@ -122,7 +122,8 @@ def make_sampler(loaded, mesh, *, batch_size: int, max_new_tokens: int, temperat
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
     rollout = RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p)
+                            temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p,
+                            weight_layout="in_out")  # the weights are already as `load_policy` laid them out
     return Sampler(loaded.model, loaded.tokenizer, rollout, mesh)
 
 

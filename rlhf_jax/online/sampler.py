@@ -57,6 +57,18 @@ def eos_and_pad(model, tokenizer) -> tuple[tuple[int, ...], int]:
     return eos, int(pad)
 
 
+def out_in(model, layout: str) -> bool:
+    """``rollout.weight_layout`` resolved: "auto" is ``out_in`` for a full (not LoRA) actor where
+    ``models.weight_layout.pays_off`` (XLA:CPU, ≥ 64 MiB of projection weights); the same answer on every
+    process (it reads the model's shapes and the backend only)."""
+    if layout != "auto":
+        return layout == "out_in"
+    from rlhf_jax.models import weight_layout
+
+    shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+    return model.config.lora is None and model.config.weight_layout == "in_out" and weight_layout.pays_off(model, shapes)
+
+
 class Sampler:
     """Sample responses from the policy (one compiled decode loop per prompt width and group size).
 
@@ -73,7 +85,7 @@ class Sampler:
         same = "fsdp" in rollout.param_axes or mesh.shape["fsdp"] == 1  # inference layout = training layout
         rules = None if same else inference_rules(keep_axes=tuple(rollout.param_axes))
         # the model the decode loop runs: the actor, or its [out, in] copy (rollout.weight_layout)
-        self.decode_model = model if rollout.weight_layout == "in_out" else models.out_in_model(model)
+        self.decode_model = models.out_in_model(model) if out_in(model, rollout.weight_layout) else model
         self.param_shardings = None
         if not same:
             self.param_shardings = inference_layout(self.decode_model, mesh, rules=rules)

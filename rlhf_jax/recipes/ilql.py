@@ -165,7 +165,7 @@ def eval_rollout(cfg: ILQLConfig) -> RolloutConfig:
     """The evaluation sampler's settings (also what ``rlhf-jax plan`` compiles)."""
     g = cfg.gen_kwargs
     return RolloutConfig(batch_size=cfg.eval.batch_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                         top_k=g.top_k, param_axes=("fsdp", "tensor"))
+                         top_k=g.top_k, param_axes=("fsdp", "tensor"), weight_layout="in_out")  # ILQLPolicy
 
 
 def make_evaluate(cfg: ILQLConfig, loaded, mesh):

@@ -145,3 +145,15 @@ def test_sampler_with_out_in_layout_samples_the_training_layouts_rollout(scan):
     assert out["in_out"].response_mask_BxT.sum() > 4
     with pytest.raises(ValueError, match="weight_layout"):
         RolloutConfig(weight_layout="columns")
+
+
+def test_rollout_auto_layout_is_out_in_only_for_a_large_full_actor_on_cpu(monkeypatch):
+    from rlhf_jax.online.sampler import out_in
+
+    model, params = _model("llama")
+    assert not out_in(model, "auto") and out_in(model, "out_in") and not out_in(model, "in_out")
+    monkeypatch.setattr(weight_layout, "MIN_PROJECTION_BYTES", weight_layout.projection_bytes(params))
+    assert out_in(model, "auto") == (jax.default_backend() == "cpu")  # "large" now
+    spec = lora.LoRAConfig(rank=4, alpha=8.0, targets=("all",)).spec()
+    assert not out_in(_model("llama", lora_spec=spec)[0], "auto")  # LoRA runs keep memory first
+    assert not out_in(weight_layout.out_in_model(model), "auto")  # already [out, in]
