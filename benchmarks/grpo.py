@@ -138,7 +138,7 @@ def ours(model_dir: pathlib.Path, prompts: list[str], work: pathlib.Path, args, 
         "algo.kl_placement=loss", f"rollout.batch_size={N_PROMPTS}", f"rollout.max_new_tokens={C}",
         f"rollout.min_new_tokens={C}", f"actor_optim.learning_rate={LR}", f"run.total_steps={steps}",
         f"run.output_dir={work / 'run'}", "run.resume=never", "run.tensorboard=false", "run.progress=off",
-        "run.log_every=1000"))
+        "run.log_every=1000", *args.ours_override))
     undo = R.gated_run_loop(grpo, warmup=args.warmup, iters=args.iters, rounds=args.rounds, before_round=before_round)
     try:
         res = grpo.train(cfg)
@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds: peer, ours, peer, ours, ...")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peers", default="trl", help="comma-separated: trl, tunix")
+    ap.add_argument("--ours-override", action="append", default=[],
+                    help="extra config override for our run, e.g. rollout.weight_layout=in_out (repeatable)")
     ap.add_argument("--trl-python", default=str(REPO / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "rlhf_jax_bench_models"))
     args = ap.parse_args()
