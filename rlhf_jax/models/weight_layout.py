@@ -114,7 +114,7 @@ def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None)
     ``out_in`` copy (:func:`to_out_in`); otherwise ``model`` and ``params`` unchanged. Measured with
     ``benchmarks/eval.py --compare-layouts`` (16 prompts × 64 tokens, batch 16, 2026-12-07): the ~86M model
     (330 MB of projections) ran 1.25× faster from the copy; the 7.4M one (29 MB, weights that stay in cache) ran
-    0.87× as fast. Single products do not all gain (``benchmarks/README.md``: from 0.85× to 1.66× by shape).
+    0.87× as fast. Single products do not all gain (``benchmarks/decode_products.py``: 0.83× to 1.71× by shape).
     Other backends keep the loaded layout (not measured there). ``RLHF_JAX_DECODE_LAYOUT=in_out`` keeps the
     loaded layout, ``=out_in`` makes the copy on any backend and at any size."""
     choice = os.environ.get(ENV, "")
