@@ -11,8 +11,8 @@ Families and the HF modeling files whose behaviour we reproduce (transformers 5.
 | qwen2   | RMSNorm | RoPE | SwiGLU | q/k/v bias, no o bias |
 | qwen3   | RMSNorm | RoPE | SwiGLU | per-head RMSNorm on q and k (`q_norm`, `k_norm`) |
 
-Runtime options (`dtype`, `param_dtype`, `remat`, `scan_layers`, `weight_layout`) are fields too, so one hashable object
-configures the linen module.
+Runtime options (`dtype`, `param_dtype`, `remat`, `scan_layers`, `weight_layout`) are fields too, so one
+hashable object configures the linen module.
 """
 
 from __future__ import annotations

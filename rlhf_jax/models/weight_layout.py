@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,26 +60,17 @@ def to_out_in(model, params, *, shardings: Any | Callable[[Any], Any] = None):
     new = out_in_model(model)
     if callable(shardings):
         shardings = shardings(new)
-    frozen = None if shardings is None else _Frozen.of(shardings)
-    return new, _transpose_fn(bool(model.config.scan_layers), frozen)(params)
-
-
-class _Frozen(NamedTuple):
-    """A pytree of shardings as a hashable cache key."""
-
-    treedef: Any
-    leaves: tuple
-
-    @classmethod
-    def of(cls, tree) -> "_Frozen":
-        leaves, treedef = jax.tree.flatten(tree)
-        return cls(treedef, tuple(leaves))
+    if shardings is None:
+        return new, _transpose_fn(bool(model.config.scan_layers), None)(params)
+    leaves, treedef = jax.tree.flatten(shardings)  # hashable: the compile-cache key below
+    return new, _transpose_fn(bool(model.config.scan_layers), (treedef, tuple(leaves)))(params)
 
 
 @functools.lru_cache(maxsize=16)
-def _transpose_fn(scanned: bool, frozen: _Frozen | None):
-    """One jitted program per (scan, result shardings): a sampler that converts every iteration compiles it once.
-    ``jnp.copy`` keeps the other leaves in new buffers too, so the result never aliases the input."""
+def _transpose_fn(scanned: bool, frozen: tuple | None):
+    """One jitted program per (scan, result shardings as ``(treedef, leaves)``): a sampler that converts every
+    iteration compiles it once. ``jnp.copy`` keeps the other leaves in new buffers too, so the result never
+    aliases the input."""
 
     def transpose(tree):
         def leaf(path, x):
@@ -87,7 +78,7 @@ def _transpose_fn(scanned: bool, frozen: _Frozen | None):
             return jnp.copy(x) if perm is None else jnp.transpose(x, perm)
         return jax.tree_util.tree_map_with_path(leaf, tree)
 
-    shardings = None if frozen is None else jax.tree.unflatten(frozen.treedef, frozen.leaves)
+    shardings = None if frozen is None else jax.tree.unflatten(*frozen)
     return jax.jit(transpose, out_shardings=shardings)
 
 
@@ -97,8 +88,9 @@ MIN_PROJECTION_BYTES = 64 * 2**20
 
 def projection_bytes(params) -> int:
     """Bytes of the projection weights (:data:`PROJECTIONS`) in ``params``."""
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-               for path, x in jax.tree_util.tree_leaves_with_path(params) if getattr(path[-1], "key", None) in PROJECTIONS)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for path, x in leaves
+               if getattr(path[-1], "key", None) in PROJECTIONS)
 
 
 def pays_off(model, params) -> bool:
