@@ -100,7 +100,8 @@ def pays_off(model, params) -> bool:
 
 
 def for_decoding(model, params, *, shardings: Any | Callable[[Any], Any] = None):
-    """``(model, params)`` for a process that only samples and scores (``eval``, ``generate``, ``chat``).
+    """``(model, params)`` for a process that samples batches and scores them (``eval``, ``generate``; ``chat``
+    decodes one row, which reads the weights as fast in either layout, and keeps the loaded one).
 
     On XLA:CPU, when the projection weights hold at least :data:`MIN_PROJECTION_BYTES`, this is the
     ``out_in`` copy (:func:`to_out_in`); otherwise ``model`` and ``params`` unchanged. Measured with

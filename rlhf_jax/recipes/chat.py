@@ -197,7 +197,9 @@ def main(args: argparse.Namespace, *, stdin=None, stdout=None) -> int:
     from rlhf_jax import models
     from rlhf_jax.online.sampler import eos_and_pad
 
-    model, params = models.for_decoding(*models.load_pretrained(args.model, dtype=jnp.dtype(args.dtype)))
+    # No [out, in] decode copy here (`models.for_decoding`): one row per step reads each weight as fast in either
+    # layout (~86M: 18 ms per token both ways, 2026-12-07).
+    model, params = models.load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     eos, _ = eos_and_pad(model, tokenizer)
     engine = ChatEngine(model, params, eos_ids=eos, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
