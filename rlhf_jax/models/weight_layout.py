@@ -3,9 +3,9 @@
 Every checkpoint, optimizer state and export keeps the ``[in…, out…]`` layout. This module makes a second,
 inference-only copy for sampling, because XLA:CPU's small-batch products read a weight stored ``[out, in]``
 faster. A decode step at batch 16 multiplies ``[16, in]`` by every weight once, so its time is the time to
-stream the weights. In this repository's measurements (`benchmarks/README.md`, the eval row), 48 chained
-``[16, 768] × [768, 2048]`` products streamed 8.7 GB/s with the weight ``[in, out]`` and 13.3 GB/s with it
-``[out, in]`` (the ``nn.Linear`` layout PyTorch streams). Both run on YNNPACK.
+stream the weights. ``benchmarks/decode_products.py`` (numbers in ``benchmarks/README.md``): 47 chained
+``[16, 768] × [768, 2048]`` products streamed 8.3 GB/s with the weight ``[in, out]`` and 11.8 GB/s with it
+``[out, in]`` (the ``nn.Linear`` layout PyTorch streams); both run on YNNPACK.
 
     model_t, params_t = to_out_in(model, params)   # once, after loading
     generate(model_t, params_t, ...)               # same tokens; float32 sums may differ in the last bits
