@@ -17,6 +17,10 @@ per side the median and min–max; the speed-up is peer ÷ ours per round (media
 The load average (`uptime`) and the XLA and torch f32 2048³ matmul rates before and after the rounds are printed
 (`_rounds.machine_state`): on a shared machine the ratio, measured in the same run, is the number to read.
 
+After the rounds: what issue #20's item 6 asks (≤ peer ÷ 2 per pass) next to what the decode steps' weight
+products alone take in XLA:CPU (`products_floor`: one jitted chain of every projection and the head at the batch
+size, from the weights `rlhf-jax eval` decodes with, × the steps) and the read-bandwidth floor of those steps.
+
 `--compare-layouts` adds a third side, interleaved: ours sampling from the loaded ``[in, out]`` weights
 (``RLHF_JAX_DECODE_LAYOUT=in_out``) instead of the ``[out, in]`` decode copy `rlhf-jax eval` makes on CPU.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -127,6 +132,62 @@ class Peer:
         return out
 
 
+def decode_weights(params, model) -> list:
+    """The decode step's weight matrices in the order a step reads them, each as the 2-D ``[out, in]`` or
+    ``[in, out]`` matrix its product streams (``model.config.weight_layout``); a tied head is the embedding."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.models.weight_layout import PROJECTIONS
+
+    out_in = model.config.weight_layout == "out_in"
+    mats = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = getattr(path[-1], "key", None)
+        if name not in PROJECTIONS:
+            continue
+        scanned = any(getattr(k, "key", None) == "layers" for k in path) and model.config.scan_layers
+        for w in (list(leaf) if scanned else [leaf]):
+            n_lead = w.ndim - PROJECTIONS[name] if out_in else PROJECTIONS[name]  # [out…, in…] / [in…, out…]
+            mats.append(jnp.reshape(w, (math.prod(w.shape[:n_lead]), -1)))
+    if not any(getattr(p[-1], "key", None) == "lm_head" for p, _ in jax.tree_util.tree_leaves_with_path(params)):
+        embed = params["embed"]  # tied head: logits = x · Eᵀ, E stored [vocab, hidden] = [out, in]
+        mats.append(embed if out_in else embed.T)
+    return mats
+
+
+def products_floor(loaded, *, batch: int, steps: int) -> dict:
+    """Seconds that `steps` decode steps spend in their weight products alone, at XLA:CPU's own rate: one jitted
+    chain of every projection of a step (and the head) at ``batch`` rows, from the weights `rlhf-jax eval` decodes
+    with (median of 5 calls after 2 warm-ups). No attention, norms, sampling or loop: a floor for our program."""
+    import jax.numpy as jnp
+
+    mats = decode_weights(loaded.params, loaded.model)
+    out_in = loaded.model.config.weight_layout == "out_in"
+
+    def step(x, ws):
+        for w in ws:
+            n_in = w.shape[1] if out_in else w.shape[0]
+            h = jnp.tile(x, (1, -(-n_in // x.shape[1])))[:, :n_in] * 0.01
+            x = jax.lax.dot_general(h, w, (((1,), (1 if out_in else 0,)), ((), ())))
+        return x
+
+    f = jax.jit(step)
+    x = jnp.ones((batch, mats[0].shape[1] if out_in else mats[0].shape[0]), jnp.float32)
+    for _ in range(2):
+        f(x, mats).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(x, mats).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    weight_bytes = sum(w.size * w.dtype.itemsize for w in mats)
+    step_s = statistics.median(times)
+    read = C.memory_bandwidth_gbs()["read_gbs"]
+    return {"layout": loaded.model.config.weight_layout, "step_products_s": step_s, "steps": steps,
+            "products_s": step_s * steps, "weight_gb": weight_bytes / 1e9, "products_gbs": weight_bytes / step_s / 1e9,
+            "read_gbs": read, "bandwidth_floor_s": weight_bytes / (read * 1e9) * steps}
+
+
 def timed(fn):
     t0 = time.perf_counter()
     result = fn()
@@ -172,6 +233,8 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
             times[side].append(t)
     state_after = R.machine_state()
     load_after = uptime()
+    # what item 6 of issue #20 asks (>= 2x the peer) against what the step's products alone cost in our program
+    floor = products_floor(ours.loaded, batch=batch_size, steps=max(len(r) for r in ids["ours"]) - 1)
     ratios = [p / o for p, o in zip(times["peer"], times["ours"])]
     same = sum(a == b for a, b in zip(ids["peer"], ids["ours"]))
     layout_rows = []
@@ -190,7 +253,7 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
            "tokens": tokens, "identical_rows": same, "peer_threads": peer.torch.get_num_threads(),
            "load_before": load_before, "load_after": load_after,
-           "state_before": state_before, "state_after": state_after}
+           "state_before": state_before, "state_after": state_after, "products_floor": floor}
     C.print_table([
         ("prompts x new tokens", f"{n_prompts} x {max_new_tokens} (batch {batch_size}, greedy)"),
         ("peer torch threads", str(rec["peer_threads"])),
@@ -201,6 +264,11 @@ def bench(name: str, model_dir: pathlib.Path, *, rounds: int, n_prompts: int, ba
         ("tokens generated", f"peer {tokens['peer']}  ours {tokens['ours']}"),
         ("identical greedy rows", f"{same}/{n_prompts}"),
         *layout_rows,
+        ("2x the peer needs", f"<= {rec['median_s']['peer'] / 2:.3f} s/pass"),
+        (f"decode products alone ({floor['layout']})",
+         f"{floor['products_s']:.3f} s = {floor['steps']} steps x {floor['step_products_s'] * 1e3:.1f} ms "
+         f"({floor['weight_gb']:.3f} GB of weights at {floor['products_gbs']:.1f} GB/s; prefill not included)"),
+        ("bandwidth floor of those steps", f"{floor['bandwidth_floor_s']:.3f} s (read {floor['read_gbs']:.1f} GB/s)"),
         ("load before", load_before), ("load after", load_after),
         *R.state_rows(state_before, state_after),
     ], title=f"rlhf-jax eval generation vs transformers generate: {name}")

@@ -34,7 +34,12 @@ then predicts the largest layer count whose peak stays under `--budget-gib`.
 
 Usage: python benchmarks/memory.py [--model small|tiny|l2048] [--layers 2,4] [--batch 32] [--prompt-len 64]
                                    [--new-tokens 64] [--iters 2] [--modes full,lora,lora_bf16,trl_peft]
-                                   [--micro-batches N]
+                                   [--micro-batches N] [--separate-reward]
+
+Resident memory is reported as the high-water mark and, after each iteration, split into anonymous and
+file-backed pages (`RssAnon` / `RssFile`): torch's `from_pretrained` keeps the safetensors mapped, so TRL's frozen
+weights stay file pages (which the kernel can drop under pressure and read again, and which count once per
+mapping in RSS), while ours are copied into XLA buffers (anonymous).
 """
 
 from __future__ import annotations
@@ -75,14 +80,15 @@ def _vm_gib(field: str) -> float:
 
 
 def bench_config(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int,
-                 new_tokens: int, iters: int, extra: list[str]):
+                 new_tokens: int, iters: int, extra: list[str], reward_dir: str | None = None):
     """The `PPOConfig` of one of our modes on this workload (also `benchmarks/memory_programs.py`'s)."""
     from rlhf_jax.config import load_config
     from rlhf_jax.recipes import ppo
 
     return load_config(ppo.PPOConfig, None, [
         f"model.path={model_dir}", f"data.path={prompts}", "data.format=prompt", f"data.max_prompt_len={prompt_len}",
-        "data.shuffle=false", f"reward.model_path={model_dir}", "reward.normalize=false", "reward.functions=[]",
+        "data.shuffle=false", f"reward.model_path={reward_dir or model_dir}", "reward.normalize=false",
+        "reward.functions=[]",
         f"rollout.batch_size={batch}", f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}",
         "rollout.temperature=1.0", "ppo.epochs=1", "ppo.num_minibatches=1", "kl.coef=0.05", "kl.kind=k1",
         "actor_optim.learning_rate=1e-5", "critic_optim.learning_rate=1e-5", f"run.output_dir={out}",
@@ -91,7 +97,7 @@ def bench_config(mode: str, model_dir: str, prompts: str, out: str, *, batch: in
 
 
 def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prompt_len: int, new_tokens: int,
-          iters: int, extra: list[str]) -> dict:
+          iters: int, extra: list[str], reward_dir: str | None = None) -> dict:
     """One PPO run of `iters` iterations in this process; returns its peak RSS and iteration times."""
     import dataclasses
 
@@ -100,7 +106,7 @@ def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prom
     from rlhf_jax.recipes import ppo
 
     cfg = bench_config(mode, model_dir, prompts, out, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                       iters=iters, extra=extra)
+                       iters=iters, extra=extra, reward_dir=reward_dir)
     probe = {"hwm": []}
     original = ppo.run_loop
 
@@ -113,6 +119,8 @@ def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prom
             res = inner(index, st)
             jax.block_until_ready(res[0])
             probe["hwm"].append(_vm_gib("VmHWM"))
+            probe.setdefault("anon", []).append(round(_vm_gib("RssAnon"), 3))
+            probe.setdefault("file", []).append(round(_vm_gib("RssFile"), 3))
             return res
 
         return original(dataclasses.replace(loop, step=step), state)
@@ -124,11 +132,13 @@ def child(mode: str, model_dir: str, prompts: str, out: str, *, batch: int, prom
         ppo.run_loop = original
     return {"mode": mode, "peak_rss_gib": probe["hwm"][-1], "rss_after_load_gib": probe["rss_after_load"],
             "hwm_per_iteration_gib": [round(h, 3) for h in probe["hwm"]],
+            "rss_anon_gib": probe["anon"], "rss_file_gib": probe["file"],
             "peak_process_gib": _vm_gib("VmHWM"), "iteration_s": [round(h["time/iteration"], 2) for h in hist],
             "framework": "rlhf_jax (jax " + jax.__version__ + ")"}
 
 
-def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, args) -> dict:
+def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, args,
+             reward_dir: pathlib.Path | None = None) -> dict:
     """One configuration in a fresh subprocess (ours, or TRL's in its venv); its MEM_JSON record."""
     sizes = [str(args.batch), str(args.prompt_len), str(args.new_tokens), str(args.iters)]
     env = dict(os.environ)
@@ -137,12 +147,15 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pat
                    WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         argv = [str(ROOT / ".venv-trl" / "bin" / "python"), str(ROOT / "benchmarks" / "memory_trl.py"), mode,
                 str(model_dir), str(prompts), *sizes, "16", "32", str(args.micro_batches)]
+        argv += [str(reward_dir)] if reward_dir else []
     else:
         argv = [sys.executable, __file__, "--batch", sizes[0], "--prompt-len", sizes[1], "--new-tokens", sizes[2],
                 "--iters", sizes[3], "--micro-batches", str(args.micro_batches),
                 "--child", mode, str(model_dir), str(prompts), str(out)]
         if args.scan_layers:
             argv += ["--scan-layers"]
+        if reward_dir:
+            argv += ["--reward-dir", str(reward_dir)]
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=str(ROOT))
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM_JSON ")]
@@ -152,6 +165,18 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: pathlib.Path, out: pat
     res = json.loads(line[-1][len("MEM_JSON "):])
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def separate_copy(model_dir: pathlib.Path) -> pathlib.Path:
+    """A byte copy of `model_dir` next to it (new inodes: the kernel caches its pages apart), made once."""
+    import shutil
+
+    dest = model_dir.with_name(model_dir.name + "-reward")
+    if not (dest / "config.json").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(model_dir, dest.with_name(dest.name + ".tmp"), dirs_exist_ok=True)
+        dest.with_name(dest.name + ".tmp").rename(dest)
+    return dest
 
 
 def fit(points: list[tuple[int, float]], budget: float) -> dict:
@@ -179,6 +204,10 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="gradient accumulation on both sides, as benchmarks/ppo.py: ours ppo.num_micro_batches, "
                          "TRL per_device_train_batch_size = batch / N with gradient_accumulation_steps = N")
+    ap.add_argument("--separate-reward", action="store_true",
+                    help="the reward model from its own copy of the model folder (as in a real run, where it is "
+                         "another checkpoint): no safetensors page is shared between the reward model and the rest")
+    ap.add_argument("--reward-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,7 +221,7 @@ def main() -> None:
         extra = ["model.scan_layers=true"] if args.scan_layers else []
         extra += [f"ppo.num_micro_batches={args.micro_batches}"]
         res = child(mode, model_dir, prompts, out, batch=args.batch, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens, iters=args.iters, extra=extra)
+                    new_tokens=args.new_tokens, iters=args.iters, extra=extra, reward_dir=args.reward_dir)
         print("MEM_JSON " + json.dumps(res), flush=True)
         return
     from benchmarks import _common as C
@@ -212,8 +241,9 @@ def main() -> None:
             model_dir = build_l2048(root / f"l2048-{layers}", layers=layers)
         name = f"{args.model}{layers or ''}-b{args.batch}-p{args.prompt_len}"
         prompts = build_prompts(root, model_dir, name=name, rows=args.batch, length=args.prompt_len)
+        reward_dir = separate_copy(model_dir) if args.separate_reward else None
         for mode in args.modes.split(","):
-            res = {"layers": layers, **run_mode(mode, model_dir, prompts, root / f"run-{mode}", args),
+            res = {"layers": layers, **run_mode(mode, model_dir, prompts, root / f"run-{mode}", args, reward_dir),
                    "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
             results.append(res)
             print(json.dumps(res), flush=True)

@@ -11,12 +11,15 @@ starts it, one fresh process per configuration. The models come from the same sa
                backbone with `peft.inject_adapter_in_model` and freezes the rest but the `score` head (what
                our `lora` mode does for the critic); mode `trl_peft_value_full` leaves it fully trained (what
                TRL 1.12 itself does with a `peft_config`)
-    reward     AutoModelForSequenceClassification, f32, frozen (no_grad, not in the optimizer)
+    reward     AutoModelForSequenceClassification, f32, frozen (no_grad, not in the optimizer); from its own
+               folder when `benchmarks/memory.py --separate-reward` gives one (a real copy, so no page is shared)
 
 Workload as ours: `batch` prompts of exactly `prompt_len` tokens, exactly `new_tokens` sampled tokens
 (temperature 1, no stop token), 1 epoch × 1 minibatch, k1 KL with β = 0.05, f32 (`bf16=False`).
-Measured: `VmHWM` of this process right after each optimizer step (a `TrainerCallback`), and the seconds
-from the end of the previous step (the first includes the trainer's start-up).
+Measured: `VmHWM` of this process right after each optimizer step (a `TrainerCallback`), its `RssAnon` and
+`RssFile` then (torch keeps `from_pretrained`'s safetensors mapped: frozen weights stay file-backed pages the
+kernel may drop and re-read, and a file mapped by two models counts twice in RSS but once in RAM), and the
+seconds from the end of the previous step (the first includes the trainer's start-up).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def vm_kib(field: str) -> int:
 
 
 def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len: int, new_tokens: int,
-        iters: int, rank: int, alpha: int, micro_batches: int = 1) -> dict:
+        iters: int, rank: int, alpha: int, micro_batches: int = 1, reward_dir: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -61,7 +64,8 @@ def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len:
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)
     value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir or model_dir, num_labels=1,
+                                                                dtype=torch.float32)
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
     lora = dict(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none")
@@ -88,7 +92,8 @@ def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len:
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()
-            rows.append({"iteration_s": round(now - self.t, 2), "hwm_gib": vm_kib("VmHWM") / 2**20})
+            rows.append({"iteration_s": round(now - self.t, 2), "hwm_gib": vm_kib("VmHWM") / 2**20,
+                         "anon_gib": vm_kib("RssAnon") / 2**20, "file_gib": vm_kib("RssFile") / 2**20})
             self.t = now
 
     probe = Probe()
@@ -105,6 +110,8 @@ def run(mode: str, model_dir: str, prompts_path: str, *, batch: int, prompt_len:
 
     return {"mode": mode, "peak_rss_gib": rows[-1]["hwm_gib"], "rss_after_load_gib": probe.rss_start / 2**20,
             "peak_process_gib": vm_kib("VmHWM") / 2**20, "iteration_s": [r["iteration_s"] for r in rows],
+            "rss_anon_gib": [round(r["anon_gib"], 3) for r in rows],
+            "rss_file_gib": [round(r["file_gib"], 3) for r in rows],
             "trainable": trainable, "threads": torch.get_num_threads(),
             "framework": f"trl {trl.__version__} PPOTrainer, peft {peft.__version__}, torch {torch.__version__}"}
 
@@ -113,8 +120,9 @@ def main() -> None:
     mode, model_dir, prompts = sys.argv[1:4]
     batch, prompt_len, new_tokens, iters, rank, alpha = (int(a) for a in sys.argv[4:10])
     micro_batches = int(sys.argv[10]) if len(sys.argv) > 10 else 1
+    reward_dir = sys.argv[11] if len(sys.argv) > 11 else None
     res = run(mode, model_dir, prompts, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, iters=iters,
-              rank=rank, alpha=alpha, micro_batches=micro_batches)
+              rank=rank, alpha=alpha, micro_batches=micro_batches, reward_dir=reward_dir)
     print("MEM_JSON " + json.dumps(res), flush=True)
 
 

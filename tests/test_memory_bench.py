@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import MODES, fit  # noqa: E402
+from benchmarks.memory import MODES, fit, separate_copy  # noqa: E402
 from benchmarks.memory_models import build_streamed, l2048_hf_config  # noqa: E402
 
 
@@ -58,3 +58,17 @@ def test_streamed_model_loads_the_same_in_ours_and_transformers(tmp_path):
     assert ours.shape == theirs.shape == (2, 9, 128)
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
     assert build_streamed(tmp_path / "m", hf) == d  # idempotent: an existing folder is kept
+
+
+def test_separate_reward_copy_has_its_own_inodes_and_the_same_bytes(tmp_path):
+    src = tmp_path / "l2048-2"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"\x01\x02" * 1000)
+    dest = separate_copy(src)
+    assert dest == tmp_path / "l2048-2-reward"
+    for name in ("config.json", "model.safetensors"):
+        assert (dest / name).read_bytes() == (src / name).read_bytes()
+        assert (dest / name).stat().st_ino != (src / name).stat().st_ino  # no page shared in the page cache
+    (dest / "marker").write_text("kept")
+    assert separate_copy(src) == dest and (dest / "marker").exists()  # made once
