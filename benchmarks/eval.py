@@ -173,15 +173,8 @@ def products_floor(loaded, *, batch: int, steps: int) -> dict:
 
     f = jax.jit(step)
     x = jnp.ones((batch, mats[0].shape[1] if out_in else mats[0].shape[0]), jnp.float32)
-    for _ in range(2):
-        f(x, mats).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(x, mats).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    step_s = C.time_call(lambda: f(x, mats).block_until_ready(), warmup=2, iters=5).median_s
     weight_bytes = sum(w.size * w.dtype.itemsize for w in mats)
-    step_s = statistics.median(times)
     read = C.memory_bandwidth_gbs()["read_gbs"]
     return {"layout": loaded.model.config.weight_layout, "step_products_s": step_s, "steps": steps,
             "products_s": step_s * steps, "weight_gb": weight_bytes / 1e9, "products_gbs": weight_bytes / step_s / 1e9,
