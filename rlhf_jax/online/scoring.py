@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import ops, rewards
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
 from rlhf_jax.online.config import RewardConfig
 from rlhf_jax.rollout.types import Rollout
@@ -129,9 +129,11 @@ class RewardScorer:
         self.reward_model = reward_model
         self._rm = None
         if reward_model is not None:
-            module, _, shardings = reward_model
+            module, rm_params, shardings = reward_model
             self._rm = shd.jit_sharded(functools.partial(reward_model_scores, module), mesh,
-                                       in_shardings=(shardings, bsh, bsh), out_shardings=bsh)
+                                       in_shardings=(shardings, bsh, bsh), out_shardings=bsh,
+                                       compiler_options=xla.compiler_options(
+                                           compute_dtype=module.config.dtype, stored_dtypes=xla.leaf_dtypes(rm_params)))
         self._final = shd.jit_sharded(functools.partial(final_scores, settings=self.settings), mesh,
                                       in_shardings=(bsh, bsh, bsh, bsh), out_shardings=bsh)
 

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 import jax
 
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import PreferenceLossConfig, make_loss_fn, preference_metrics
 from rlhf_jax.config import require
@@ -136,10 +136,11 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path, policy: c
     own = cfg.reference_is_adapters_off
     ref = policy if own else _reference(cfg, mesh)
     width = completion_width(cfg.data)
+    options = xla.compiler_options(compute_dtype=ref.model.config.dtype, stored_dtypes=xla.leaf_dtypes(ref.params))
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
                                       num_chunks=cfg.num_micro_batches, completion_width=width,
-                                      ld_alpha=cfg.loss.ld_alpha)
+                                      ld_alpha=cfg.loss.ld_alpha, compiler_options=options)
         # the policy's params are donated by each step: the adapters-off reference reads the current ones
         return (pc.RefStream(splits.train, kl_pairs=pairs), _maybe(splits.eval, pairs),
                 (lambda params, batch: attach(params, batch)) if own else
@@ -147,7 +148,7 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path, policy: c
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
                                                              completion_width=width, ld_alpha=cfg.loss.ld_alpha),
                              mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
-                             out_shardings=shd.replicated(mesh))
+                             out_shardings=shd.replicated(mesh), compiler_options=options)
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
     path = cfg.ref_model_path or cfg.model.path
     dtype = cfg.ref_dtype or cfg.model.dtype
@@ -169,8 +170,10 @@ def build_steps(cfg: DPOConfig, model, mesh, *, tx, state_sh, params_shardings, 
     ``rlhf-jax plan``); batches are ``PairBatch``/``KTOBatch`` with the reference values attached."""
     loss_fn = make_loss_fn(model, cfg.loss, completion_width=completion_width(cfg.data))
     step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
-    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings)
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh,
+                           **cfg.model.program_dtypes())
+    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings,
+                               **cfg.model.program_dtypes())
     return step, eval_step
 
 

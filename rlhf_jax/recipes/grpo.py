@@ -277,9 +277,11 @@ def build_programs(cfg: CriticFreeConfig, actor_model, mesh, *, actor_sh, ref_sh
     settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
                               num_micro_batches=h.num_micro_batches, temperature=temp, prompt_repeats=repeats)
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    dtypes = cfg.model.program_dtypes(cfg.frozen_dtype)  # for the XLA options: f32 compute, bf16 storage
     evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
                                                  prompt_repeats=repeats), mesh,
-                               in_shardings=(actor_sh.params, ref_shardings, None, bsh), out_shardings=bsh)
+                               in_shardings=(actor_sh.params, ref_shardings, None, bsh), out_shardings=bsh,
+                               compiler_options=xla.compiler_options(**dtypes))
 
     def experience_fn(ro, ev, score_B, rm_score_B, baseline_B, kl_coef):
         if r.overlong_buffer:
@@ -293,7 +295,8 @@ def build_programs(cfg: CriticFreeConfig, actor_model, mesh, *, actor_sh, ref_sh
                                out_shardings=(bsh, rep))
     update = shd.jit_sharded(make_update(algo, models, actor_tx=tx, critic_tx=None, settings=settings), mesh,
                              in_shardings=(actor_sh, None, bsh, None, rep, rep), out_shardings=(actor_sh, None, rep),
-                             donate_argnums=(0,), compiler_options=xla.gradient_compiler_options())
+                             donate_argnums=(0,), compiler_options=xla.compiler_options(**dtypes,
+                                                                                           gradient=True))
     return evaluate, make_exp, update
 
 

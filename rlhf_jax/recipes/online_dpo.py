@@ -88,7 +88,8 @@ def build_programs(cfg: OnlineDPOConfig, model, mesh, *, tx, state_sh, ref_shard
     h = cfg.online
     width = cfg.rollout.max_new_tokens  # a pair's completions are sampled responses: the head scores those only
     dpo_step = make_train_step(make_loss_fn(model, cfg.loss, completion_width=width), tx=tx,
-                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
+                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh,
+                               **cfg.model.program_dtypes())
     attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=ref_shardings,
                                   num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha)
     return dpo_step, attach

@@ -174,10 +174,12 @@ def build_programs(cfg: PPOConfig, models: Models, mesh, *, actor_sh, critic_sh,
                               ptx_coef=cfg.ptx.coef if with_ptx else 0.0, fused_values=fused)
 
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    dtypes = cfg.model.program_dtypes(cfg.frozen_dtype)  # for the XLA options: f32 compute, bf16 storage
     evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,
                                                  with_values=not fused), mesh,
                                in_shardings=(actor_sh.params, ref_shardings, critic_sh.params, bsh),
-                               out_shardings=bsh)
+                               out_shardings=bsh,
+                               compiler_options=xla.compiler_options(**dtypes))
 
     def experience_fn(rollout, ev, score_B, rm_score_B, kl_coef):
         exp, rewards_BxT = make_experience(algo, rollout, ev, score_B, kl_coef)
@@ -188,7 +190,7 @@ def build_programs(cfg: PPOConfig, models: Models, mesh, *, actor_sh, critic_sh,
         make_update(algo, models, actor_tx=actor_tx, critic_tx=critic_tx, settings=settings), mesh,
         in_shardings=(actor_sh, critic_sh, bsh, bsh if with_ptx else None, rep, rep),
         out_shardings=(actor_sh, critic_sh, rep), donate_argnums=(0, 1),
-        compiler_options=xla.gradient_compiler_options())
+        compiler_options=xla.compiler_options(**dtypes, gradient=True))
     return evaluate, make_exp, update
 
 

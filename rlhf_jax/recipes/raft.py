@@ -134,7 +134,8 @@ def build_programs(cfg: RAFTConfig, model, mesh, *, tx, state_sh, params_shardin
     else:
         ref_scorer = None
         loss = lambda p, b, k: sft_loss(model, p, b, k, mode=h.loss_aggregation)  # noqa: E731
-    step = make_train_step(loss, tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh)
+    step = make_train_step(loss, tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh,
+                           **cfg.model.program_dtypes())
     return step, ref_scorer
 
 

@@ -82,8 +82,10 @@ def build_steps(cfg: RMConfig, model, mesh, *, tx, state_sh, params_shardings, t
         return rm_loss(model, params, batch, key, margin=cfg.margin)
 
     step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
-    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings)
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh,
+                           **cfg.model.program_dtypes())
+    eval_step = make_eval_step(lambda p, b: loss_fn(p, b, None), mesh=mesh, params_shardings=params_shardings,
+                               **cfg.model.program_dtypes())
     return step, eval_step
 
 

@@ -59,9 +59,10 @@ def build_steps(cfg: SFTConfig, model, mesh, *, tx, state_sh, params_shardings, 
         return sft_loss(model, params, batch, key, mode=cfg.loss_aggregation)
 
     step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
-                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh)
+                           lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh,
+                           **cfg.model.program_dtypes())
     eval_step = make_eval_step(lambda p, b: sft_loss(model, p, b, None, mode="token-mean")[0],
-                               mesh=mesh, params_shardings=params_shardings)
+                               mesh=mesh, params_shardings=params_shardings, **cfg.model.program_dtypes())
     return step, eval_step
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.rollout import sampling
 from rlhf_jax.rollout.types import Rollout
+from rlhf_jax.runtime import xla
 
 _CACHE_AXES = (None, "batch", "act_kv_heads", "length", None)  # KVCache leaves [L, B, K, Smax, hd]
 
@@ -185,8 +186,11 @@ class _Frozen(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model, settings: SamplingSettings, frozen_param_shardings, batch_sharding, rules):
-    """One `jax.jit` per (model, settings, shardings, axis rules); jit itself caches per input shape."""
+def _compiled(model, settings: SamplingSettings, frozen_param_shardings, batch_sharding, rules,
+              stored_dtypes: frozenset = frozenset()):
+    """One `jax.jit` per (model, settings, shardings, axis rules, param dtypes); jit itself caches per input shape.
+    ``stored_dtypes`` (the params' dtypes) choose the XLA options (`runtime.xla.compiler_options`: bf16 weights
+    with f32 compute are sliced in bf16, layer by layer)."""
     del rules  # only part of the key: a program traced under other logical-axis rules is not reused
     param_shardings = None if frozen_param_shardings is None else frozen_param_shardings.thaw()
     in_shardings = out_shardings = None
@@ -197,6 +201,7 @@ def _compiled(model, settings: SamplingSettings, frozen_param_shardings, batch_s
         functools.partial(_generate_impl, model=model, settings=settings),
         in_shardings=in_shardings,
         out_shardings=out_shardings,
+        compiler_options=xla.compiler_options(compute_dtype=model.config.dtype, stored_dtypes=stored_dtypes),
     )
 
 
@@ -321,7 +326,8 @@ def generate(
     Returns:
       A `Rollout` (shapes `[B, P]` and `[B, T]`, B = U·R; its prompts are the repeated ones).
     """
-    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, max_new_tokens=max_new_tokens, temperature=temperature,
+    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, stored_dtypes=xla.leaf_dtypes(params),
+                  max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                   min_new_tokens=min_new_tokens, cache_dtype=cache_dtype, prompt_repeats=prompt_repeats,
                   param_shardings=param_shardings, batch_sharding=batch_sharding)
@@ -332,14 +338,14 @@ def lower_generate(model, params, prompt_ids_BxP, prompt_mask_BxP, *, key: jax.A
     """The program `generate` would run for the same arguments, lowered but not run. Call it under the same
     mesh / axis-rules context; `.compile().as_text()` gives the partitioned HLO (e.g. to check which collectives
     run inside the decode loop, as `tests/rollout/test_layout.py` does)."""
-    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, **kwargs)
+    fn = _sampler(model, prompt_ids_BxP, prompt_mask_BxP, stored_dtypes=xla.leaf_dtypes(params), **kwargs)
     return fn.lower(params, prompt_ids_BxP, prompt_mask_BxP, key)
 
 
 def _sampler(model, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id, pad_token_id: int,
              min_new_tokens: int = 0, cache_dtype: Any = None, prompt_repeats: int = 1, param_shardings: Any = None,
-             batch_sharding: Any = None):
+             batch_sharding: Any = None, stored_dtypes: Any = ()):
     """Validates `generate`'s arguments; the jitted sampler for them (cached)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -365,4 +371,5 @@ def _sampler(model, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int, tem
         cache_dtype=cache_dtype,
         prompt_repeats=int(prompt_repeats),
     )
-    return _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key())
+    return _compiled(model, settings, _Frozen.of(param_shardings), batch_sharding, _rules_key(),
+                     frozenset(stored_dtypes))

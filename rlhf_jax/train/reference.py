@@ -74,18 +74,19 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
 
 
 def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None,
-                      ld_alpha: Optional[float] = None):
+                      ld_alpha: Optional[float] = None, compiler_options: Optional[dict] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is
-    reused and the reference never enters an optimizer.
+    reused and the reference never enters an optimizer. ``compiler_options``: `runtime.xla.compiler_options`.
     """
     def attach(ref_params, batch):
         return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks,
                                                completion_width=completion_width, ld_alpha=ld_alpha))
 
     bsh = shd.batch_sharding(mesh)
-    return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh)
+    return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh,
+                           compiler_options=compiler_options)
 
 
 # ------------------------------------------------------------------------------------ KTO's KL rows

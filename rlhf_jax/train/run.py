@@ -50,6 +50,12 @@ class ModelLoadConfig:
         if not self.path:
             raise ValueError("model.path must name a Hugging Face model folder")
 
+    def program_dtypes(self, *frozen: Optional[str]) -> dict:
+        """``compute_dtype`` and ``stored_dtypes`` (params, LoRA base, and the ``frozen`` copies' dtypes) of the
+        programs that run this model: the keywords of `runtime.xla.compiler_options` / `make_train_step`."""
+        stored = (self.param_dtype, self.base_dtype if self.lora is not None else None, *frozen)
+        return {"compute_dtype": self.dtype, "stored_dtypes": stored}
+
 
 # ---------------------------------------------------------------------------------------------- setup
 LOCK_FILE = "run.lock"

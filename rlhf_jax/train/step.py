@@ -198,7 +198,8 @@ def train_step_fn(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_micr
 
 def make_train_step(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_micro_batches: int = 1,
                     lr_schedule: Optional[Callable[[jax.Array], jax.Array]] = None, mesh: Any = None,
-                    state_shardings: Any = None, donate: bool = True) -> Callable:
+                    state_shardings: Any = None, donate: bool = True, compute_dtype: Any = "float32",
+                    stored_dtypes: Any = ()) -> Callable:
     """Jit `train_step_fn` once, with explicit shardings and the state donated.
 
     Args:
@@ -210,34 +211,39 @@ def make_train_step(loss_fn: LossFn, *, tx: optax.GradientTransformation, num_mi
         the batch axes, key and metrics replicated, mesh + logical rules active at every call).
       state_shardings: a `TrainState` of shardings (from `create_train_state`); required with `mesh`.
       donate: donate the input state buffers (the caller must not reuse the old state).
+      compute_dtype, stored_dtypes: the model's compute dtype and its params' storage dtypes, for the XLA
+        options (`runtime.xla.compiler_options`).
 
     Returns:
       jitted `(state, batch, key) -> (new_state, StepMetrics)`.
     """
     step = train_step_fn(loss_fn, tx=tx, num_micro_batches=num_micro_batches, lr_schedule=lr_schedule)
     donate_argnums = (0,) if donate else ()
+    options = xla.compiler_options(compute_dtype=compute_dtype, stored_dtypes=stored_dtypes, gradient=True)
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=xla.gradient_compiler_options())
+        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=options)
     if state_shardings is None:
         raise ValueError("make_train_step: state_shardings is required when a mesh is given")
     rep = shd.replicated(mesh)
     return shd.jit_sharded(step, mesh, in_shardings=(state_shardings, shd.batch_sharding(mesh), rep),
                            out_shardings=(state_shardings, rep), donate_argnums=donate_argnums,
-                           compiler_options=xla.gradient_compiler_options())
+                           compiler_options=options)
 
 
 def make_eval_step(eval_fn: Callable[..., Any], *, mesh: Any = None, params_shardings: Any = None,
-                   num_params: int = 1) -> Callable:
+                   num_params: int = 1, compute_dtype: Any = "float32", stored_dtypes: Any = ()) -> Callable:
     """Jit `eval_fn(*params, batch) -> pytree of sums` (the host adds them up over the eval set).
 
     With a mesh, the first `num_params` arguments take `params_shardings` (a tuple of `num_params`
     sharding pytrees when `num_params > 1`), the batch is split over the batch axes, outputs replicated.
     """
+    options = xla.compiler_options(compute_dtype=compute_dtype, stored_dtypes=stored_dtypes)
     if mesh is None:
-        return jax.jit(eval_fn)
+        return jax.jit(eval_fn, compiler_options=options)
     p_sh = (params_shardings,) if num_params == 1 else tuple(params_shardings)
     rep = shd.replicated(mesh)
-    return shd.jit_sharded(eval_fn, mesh, in_shardings=(*p_sh, shd.batch_sharding(mesh)), out_shardings=rep)
+    return shd.jit_sharded(eval_fn, mesh, in_shardings=(*p_sh, shd.batch_sharding(mesh)), out_shardings=rep,
+                           compiler_options=options)
 
 
 def check_finite(metrics: StepMetrics, *, nan_policy: str) -> None:
