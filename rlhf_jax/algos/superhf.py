@@ -60,14 +60,16 @@ def superhf_loss(model, params, batch: SuperHFBatch, key: jax.Array, *, kl_coef:
     return (loss_sum, count), aux
 
 
-def make_ref_scorer(model, *, mesh, params_shardings):
-    """Jitted ``(ref_params, sft) -> SuperHFBatch``: the reference log-prob of every kept token (no gradient)."""
+def make_ref_scorer(model, *, mesh, params_shardings, compiler_options=None):
+    """Jitted ``(ref_params, sft) -> SuperHFBatch``: the reference log-prob of every kept token (no gradient).
+    ``compiler_options``: `runtime.xla.compiler_options`."""
     def attach(ref_params, sft: SFTBatch) -> SuperHFBatch:
         logp, mask = _token_logps(model, ref_params, sft)
         return SuperHFBatch(sft, jax.lax.stop_gradient(jnp.where(mask > 0, logp, 0.0)))
 
     bsh = shd.batch_sharding(mesh)
-    return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh)
+    return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh,
+                           compiler_options=compiler_options)
 
 
 def superhf_metrics(aux: SuperHFAux, kl_coef: float) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 import jax
 import numpy as np
 
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import PairBatch, PreferenceLossConfig, make_loss_fn, preference_metrics
 from rlhf_jax.config import require
@@ -91,7 +91,8 @@ def build_programs(cfg: OnlineDPOConfig, model, mesh, *, tx, state_sh, ref_shard
                                num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh,
                                **cfg.model.program_dtypes())
     attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=ref_shardings,
-                                  num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha)
+                                  num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha,
+                                  compiler_options=xla.compiler_options(**cfg.model.program_dtypes(cfg.ref_dtype)))
     return dpo_step, attach
 
 

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 import jax
 import numpy as np
 
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos import superhf
 from rlhf_jax.algos.supervised import sft_loss
@@ -128,7 +128,8 @@ def build_programs(cfg: RAFTConfig, model, mesh, *, tx, state_sh, params_shardin
     None otherwise). Also what ``rlhf-jax plan`` compiles."""
     h, kl_coef = cfg.raft, cfg.kl_coef
     if kl_coef > 0:
-        ref_scorer = superhf.make_ref_scorer(model, mesh=mesh, params_shardings=params_shardings)
+        ref_scorer = superhf.make_ref_scorer(model, mesh=mesh, params_shardings=params_shardings,
+                                             compiler_options=xla.compiler_options(**cfg.model.program_dtypes()))
         loss = lambda p, b, k: superhf.superhf_loss(model, p, b, k, kl_coef=kl_coef,  # noqa: E731
                                                     kl_estimator=h.kl_estimator, mode=h.loss_aggregation)
     else:

@@ -128,7 +128,7 @@ def train(cfg: RMConfig, *, stop_at_step: Optional[int] = None) -> dict:
                                     pad_id=pad_id_of(loaded.tokenizer), process_index=jax.process_index(),
                                     process_count=jax.process_count(), shuffle=False, drop_last=False, num_epochs=1)
             moments = make_eval_step(lambda p, b: reward_moments(loaded.model, p, b), mesh=mesh,
-                                     params_shardings=loaded.shardings)
+                                     params_shardings=loaded.shardings, **cfg.model.program_dtypes())
             n, s1, s2 = (float(x) for x in common.sum_over(moments, state.params, ordered, mesh))
             mean = s1 / n
             std = math.sqrt(max(s2 / n - mean * mean, 0.0))
