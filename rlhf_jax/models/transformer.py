@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,8 +35,18 @@ class KVCache(NamedTuple):
     it lies (batch dims b, k leading). The token-major `[B, Smax, K, hd]` layout made XLA transpose the
     whole cache of every layer, twice per step."""
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
+
+    @property
+    def per_layer(self) -> bool:
+        """True when the leaves are tuples of L per-layer `[B, K, Smax, hd]` arrays (:func:`split_cache`)."""
+        return isinstance(self.k, (tuple, list))
+
+    @property
+    def max_len(self) -> int:
+        """Smax, the number of slots."""
+        return (self.k[0] if self.per_layer else self.k).shape[-2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, *, dtype=None) -> KVCache:
@@ -44,6 +54,17 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, *, dtype=None
     shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     dtype = config.dtype if dtype is None else dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def split_cache(cache: KVCache) -> KVCache:
+    """The same cache as one `[B, K, Smax, hd]` array per layer (tuples of L leaves), for decoding with unrolled
+    layers: each layer's attention then reads and updates its own buffer. From the stacked `[L, ...]` arrays
+    XLA:CPU copies every layer's block out of the stack before the attention products read it, every step
+    (tiny Llama, batch 16: 1.7 of 5.2 ms per decode step; numbers in ``benchmarks/README.md``). The scanned
+    layers (`scan_layers`) need the stacked form; `Transformer` stacks a split cache for them."""
+    if cache.per_layer:
+        return cache
+    return KVCache(k=tuple(cache.k), v=tuple(cache.v))
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple, axes: tuple):
@@ -174,11 +195,17 @@ class Attention(nn.Module):
         k_BxKxSxhd, v_BxKxSxhd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the cache's layout
         if cache_kv is not None:  # write the S new tokens at slots [index, index + S), then read the layer
             cache_k, cache_v = cache_kv
-            start = (layer, 0, 0, index, 0)
-            cache_k = lax.dynamic_update_slice(cache_k, k_BxKxSxhd[None].astype(cache_k.dtype), start)
-            cache_v = lax.dynamic_update_slice(cache_v, v_BxKxSxhd[None].astype(cache_v.dtype), start)
-            k_BxKxSxhd = lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(dt)  # S = Smax here
-            v_BxKxSxhd = lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(dt)
+            if layer is None:  # this layer's own [B, K, Smax, hd] buffers (`split_cache`)
+                start = (0, 0, index, 0)
+                cache_k = lax.dynamic_update_slice(cache_k, k_BxKxSxhd.astype(cache_k.dtype), start)
+                cache_v = lax.dynamic_update_slice(cache_v, v_BxKxSxhd.astype(cache_v.dtype), start)
+                k_BxKxSxhd, v_BxKxSxhd = cache_k.astype(dt), cache_v.astype(dt)  # S = Smax here
+            else:  # the stacked [L, B, K, Smax, hd] cache
+                start = (layer, 0, 0, index, 0)
+                cache_k = lax.dynamic_update_slice(cache_k, k_BxKxSxhd[None].astype(cache_k.dtype), start)
+                cache_v = lax.dynamic_update_slice(cache_v, v_BxKxSxhd[None].astype(cache_v.dtype), start)
+                k_BxKxSxhd = lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(dt)  # S = Smax
+                v_BxKxSxhd = lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(dt)
             cache_kv = (cache_k, cache_v)
         B, S = x_BxSxD.shape[:2]
         q_BxSxKxGxhd = q.reshape(B, S, K, H // K, hd)
@@ -236,7 +263,7 @@ class Block(nn.Module):
         x = x + a
         x = x + MLP(self.config, name="mlp")(Norm(self.config, "mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return (x, cache_kv, layer + 1), None
+        return (x, cache_kv, None if layer is None else layer + 1), None
 
 
 def default_positions(attention_mask_BxS):
@@ -299,11 +326,14 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache needs positions_BxS and cache_index")
             if segment_ids_BxS is not None:
                 raise ValueError("segment_ids (packing) are not supported with a KV cache")
-            if attention_mask_BxS.shape != (B, cache.k.shape[3]):
-                raise ValueError(f"with a cache, attention_mask must be [B, Smax]={(B, cache.k.shape[3])}, "
+            if attention_mask_BxS.shape != (B, cache.max_len):
+                raise ValueError(f"with a cache, attention_mask must be [B, Smax]={(B, cache.max_len)}, "
                                  f"got {attention_mask_BxS.shape}")
             index = jnp.asarray(cache_index, jnp.int32)
             allowed = attention_allowed(c, attention_mask_BxS, index + jnp.arange(S))
+            split = cache.per_layer
+            if split and c.scan_layers:  # the scan carries the stacked form
+                cache = KVCache(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
             cache_kv = (cache.k, cache.v)
 
         init = _weight_init(c)
@@ -328,6 +358,11 @@ class Transformer(nn.Module):
                               in_axes=nn.broadcast, length=c.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             carry, _ = scanned(c, name="layers")(carry, context)
+        elif cache is not None and cache.per_layer:
+            ks, vs = list(cache_kv[0]), list(cache_kv[1])
+            for i in range(c.num_layers):
+                (x, (ks[i], vs[i]), _), _ = block(c, name=f"layers_{i}")((x, (ks[i], vs[i]), None), context)
+            carry = (x, (tuple(ks), tuple(vs)), None)
         else:
             for i in range(c.num_layers):
                 carry, _ = block(c, name=f"layers_{i}")(carry, context)
@@ -357,7 +392,8 @@ class Transformer(nn.Module):
             out = (out, x)
         if cache is None:
             return out
-        return out, KVCache(*cache_kv)
+        cache = KVCache(*cache_kv)
+        return out, (split_cache(cache) if split else cache)
 
 
 def _dummy_inputs(batch: int, seq: int):

@@ -36,7 +36,7 @@ from rlhf_jax.rollout import sampling
 from rlhf_jax.rollout.types import Rollout
 from rlhf_jax.runtime import xla
 
-_CACHE_AXES = (None, "batch", "act_kv_heads", "length", None)  # KVCache leaves [L, B, K, Smax, hd]
+_CACHE_AXES = (None, "batch", "act_kv_heads", "length", None)  # KVCache leaves [L, B, K, Smax, hd] (or per layer)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
@@ -77,8 +77,11 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     positions_UxP = models.default_positions(prompt_mask_UxP)
     cache_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, : P - 1].set(prompt_mask_UxP[:, : P - 1])
     cache = models.init_cache(model.config, U, S, dtype=s.cache_dtype)
+    if not model.config.scan_layers:  # one buffer per layer: no per-step copy of each layer out of the stack
+        cache = models.split_cache(cache)
     # Logical names only (a no-op without `nn.logical_axis_rules`): cache split like the attention heads.
-    constrain = lambda tree: jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES), tree)  # noqa: E731
+    constrain = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: nn.with_logical_constraint(x, _CACHE_AXES[-x.ndim:]), tree)
     cache = constrain(cache)
     if P > 1:  # prefill: logits unused, so the LM head over [U, P-1] is dead code
         _, cache = model.apply(
@@ -93,7 +96,7 @@ def _generate_impl(params, prompt_ids_BxP, prompt_mask_BxP, key, *, model, setti
     prompt_ids_BxP = jnp.repeat(prompt_ids_UxP, R, axis=0)
     prompt_mask_BxP = jnp.repeat(prompt_mask_UxP, R, axis=0)
     cache_mask_BxS = jnp.repeat(cache_mask_UxS, R, axis=0)
-    cache = constrain(jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache))  # leaves [L, B, K, S, hd]
+    cache = constrain(jax.tree.map(lambda x: jnp.repeat(x, R, axis=x.ndim - 4), cache))  # [(L,) B, K, S, hd]
     len_B = prompt_mask_BxP.sum(axis=-1)
     eos_ids = jnp.asarray(s.eos_token_ids, jnp.int32)
 

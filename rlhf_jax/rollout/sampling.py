@@ -81,22 +81,39 @@ def suppress_tokens(logits_BxV: jax.Array, token_ids: tuple[int, ...], active: j
     return jnp.where(hit_V[None, :] & active_B1, NEG_INF, logits_BxV)
 
 
-def inverse_cdf_sample(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+def _count_at_most(cdf_BxN: jax.Array, u_B1: jax.Array) -> jax.Array:
+    """i = #{n : F_n ≤ u}, clamped to #{n : F_n < F_N} (the last n with positive mass), so rounding of u onto or past
+    the total F_N still lands on a positive-mass entry. Entries with zero mass have empty intervals: never picked."""
+    count_B = jnp.sum(cdf_BxN <= u_B1, axis=-1, dtype=jnp.int32)
+    last_B = jnp.sum(cdf_BxN < cdf_BxN[:, -1:], axis=-1, dtype=jnp.int32)
+    return jnp.minimum(count_B, last_B)
+
+
+def inverse_cdf_sample(key: jax.Array, logits_BxV: jax.Array, *, block: int = 128) -> jax.Array:
     """Draw y ~ softmax(logits) per row with ONE uniform per row: y = #{i : F_i ≤ u·F_V}.
 
-    F is the running sum of exp(z - max z) (unnormalised CDF) and u ~ U[0, 1). Exact up to float
-    rounding of the CDF; tokens with probability 0 (logit -inf) have empty intervals and are never drawn.
+    F is the running sum of w = exp(z - max z) (unnormalised CDF) and u ~ U[0, 1). Two levels, so that no
+    running sum runs over the whole vocabulary (XLA:CPU's `reduce-window` cumsum over V, plus an argmax guard,
+    took 0.37 ms of a 4 ms tiny decode step at batch 16): the V weights are cut into blocks of ``block``; the
+    block j = #{J : G_J ≤ u·F_V} from the blocks' running sums G, then the token inside block j from the running
+    sum of its own weights and the remainder u·F_V − G_{j−1}. Exact up to float rounding of the sums; tokens with
+    probability 0 (logit -inf, or the padding of the last block) have empty intervals and are never drawn.
     Gumbel-max (`jax.random.categorical`) would draw B·V uniforms per step; this draws B.
     """
+    B, V = logits_BxV.shape
     max_B1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
     weights_BxV = jnp.exp(logits_BxV - max_B1)
-    cdf_BxV = jnp.cumsum(weights_BxV, axis=-1)
-    u_B1 = jax.random.uniform(key, max_B1.shape, dtype=cdf_BxV.dtype) * cdf_BxV[:, -1:]
-    token_B = jnp.sum(cdf_BxV <= u_B1, axis=-1, dtype=jnp.int32)
-    token_B = jnp.minimum(token_B, logits_BxV.shape[-1] - 1)
-    # Guard against rounding onto a zero-probability token (u·F_V rounding up to F_V).
-    picked_B = jnp.take_along_axis(weights_BxV, token_B[:, None], axis=-1)[:, 0]
-    return jnp.where(picked_B > 0, token_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+    W = min(block, V)
+    NB = -(-V // W)
+    weights_BxNxW = jnp.pad(weights_BxV, ((0, 0), (0, NB * W - V))).reshape(B, NB, W)
+    block_cdf_BxN = jnp.cumsum(jnp.sum(weights_BxNxW, axis=-1), axis=-1)
+    u_B1 = jax.random.uniform(key, max_B1.shape, dtype=weights_BxV.dtype) * block_cdf_BxN[:, -1:]
+    j_B = _count_at_most(block_cdf_BxN, u_B1)
+    below_B1 = jnp.where(j_B[:, None] > 0,
+                         jnp.take_along_axis(block_cdf_BxN, jnp.maximum(j_B - 1, 0)[:, None], axis=-1), 0.0)
+    inner_BxW = jnp.take_along_axis(weights_BxNxW, j_B[:, None, None], axis=1)[:, 0]
+    i_B = _count_at_most(jnp.cumsum(inner_BxW, axis=-1), u_B1 - below_B1)
+    return j_B * W + i_B
 
 
 def _gather_logp(logits_BxV: jax.Array, token_B: jax.Array) -> jax.Array:

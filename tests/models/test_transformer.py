@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rlhf_jax.models import (KVCache, ModelConfig, Transformer, default_positions, init_cache, init_params,
-                             logical_specs)
+                             logical_specs, split_cache)
 from rlhf_jax.fixtures import tiny_config
 
 from .tiny import random_params
@@ -117,6 +117,43 @@ def test_prefill_then_token_by_token_equals_full_forward(family, scan):
         logits, cache = step({"params": params}, new_tokens[:, t:t + 1], cache_mask,
                              positions_BxS=(next_pos + t)[:, None], cache=cache, cache_index=jnp.int32(P + t))
         np.testing.assert_allclose(logits[:, 0], full[:, P + t], atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_split_cache_decodes_like_the_stacked_cache(scan):
+    """`split_cache` (one buffer per layer, what the sampler decodes with) gives the stacked cache's logits and
+    contents; a scanned model stacks it for its scan and hands it back split."""
+    model, params = make("llama", scan_layers=scan)
+    B, P, smax = 2, 5, 8
+    ids = rand_ids((B, P + 2), 7)
+    mask = jnp.array([[0, 1, 1, 1, 1], [1] * 5], jnp.int32)
+    cache_mask = jnp.concatenate([mask, jnp.zeros((B, smax - P), jnp.int32)], 1)
+    pos = default_positions(mask)
+
+    def decode(cache):
+        outs = []
+        logits, cache = model.apply({"params": params}, ids[:, :P], cache_mask, positions_BxS=pos, cache=cache,
+                                    cache_index=0)
+        outs.append(logits)
+        for t in range(2):
+            m = cache_mask.at[:, : P + t + 1].set(jnp.concatenate([mask, jnp.ones((B, t + 1), jnp.int32)], 1))
+            logits, cache = model.apply({"params": params}, ids[:, P + t : P + t + 1], m,
+                                        positions_BxS=(pos[:, -1] + 1 + t)[:, None], cache=cache,
+                                        cache_index=jnp.int32(P + t))
+            outs.append(logits)
+        return outs, cache
+
+    stacked = init_cache(model.config, B, smax)
+    split = split_cache(stacked)
+    assert split.per_layer and not stacked.per_layer and split.max_len == stacked.max_len == smax
+    chex.assert_shape(list(split.k), (B, model.config.num_kv_heads, smax, model.config.head_dim))
+    ref, ref_cache = jax.jit(decode)(stacked)
+    out, out_cache = jax.jit(decode)(split)
+    assert out_cache.per_layer and len(out_cache.k) == model.config.num_layers
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(jnp.stack(out_cache.k), ref_cache.k, atol=1e-6)
+    np.testing.assert_allclose(jnp.stack(out_cache.v), ref_cache.v, atol=1e-6)
 
 
 def test_scan_layers_and_remat_match_unrolled():
