@@ -122,7 +122,7 @@ def gated(make_batch, *, warmup: int, iters: int, rounds: int, info, sync):
                 R.peer_ready(info())
             elif i > warmup and (i - warmup) % iters == 0:
                 last = (i - warmup) // iters == rounds
-                R.peer_round_done({"rows": rows}, wait=not last)
+                R.peer_round_done({"rows": rows})  # after the last: blocks until the driver closes stdin, exits
                 rows = []
                 if last:
                     sys.stdout.flush()

@@ -60,19 +60,21 @@ def matmul_floor_s(config, *, batch: int, cache_len: int, steps: int = 32) -> fl
     """Seconds per decode step spent in its matrix products alone (no norms/RoPE/softmax/sampling)."""
     D, H, K, hd, F, V, L = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                             config.intermediate_size, config.vocab_size, config.num_layers)
-    key = iter(jax.random.split(jax.random.key(1), 16))
+    key = iter(jax.random.split(jax.random.key(1), 9 * L + 1))
     w = lambda *shape: 0.02 * jax.random.normal(next(key), shape, jnp.float32)  # noqa: E731
-    layers = dict(q=w(L, D, H * hd), k=w(L, D, K * hd), v=w(L, D, K * hd), o=w(L, H * hd, D),
-                  g=w(L, D, F), u=w(L, D, F), d=w(L, F, D),
-                  kc=w(L, batch, cache_len, K, hd), vc=w(L, batch, cache_len, K, hd))
+    # one array per layer (as the sampler's weights and `split_cache` buffers): slicing a stacked [L, ...] array
+    # inside the loop would time XLA:CPU's copy of each slice, not the products
+    layers = {name: [w(*shape) for _ in range(L)] for name, shape in dict(
+        q=(D, H * hd), k=(D, K * hd), v=(D, K * hd), o=(H * hd, D), g=(D, F), u=(D, F), d=(F, D),
+        kc=(batch, K, cache_len, hd), vc=(batch, K, cache_len, hd)).items()}
     head = w(D, V)
 
     def step(x, ws):
         for i in range(L):
             q = (x @ ws["q"][i]).reshape(batch, K, H // K, hd)
             _ = x @ ws["k"][i], x @ ws["v"][i]
-            s = jnp.einsum("bkgh,bskh->bkgs", q, ws["kc"][i])
-            o = jnp.einsum("bkgs,bskh->bkgh", s, ws["vc"][i]).reshape(batch, H * hd)
+            s = jnp.einsum("bkgh,bksh->bkgs", q, ws["kc"][i])
+            o = jnp.einsum("bkgs,bksh->bkgh", s, ws["vc"][i]).reshape(batch, H * hd)
             x = x + o @ ws["o"][i] + ((x @ ws["g"][i]) * (x @ ws["u"][i])) @ ws["d"][i]
         return x, x @ ws["head"]
 
