@@ -99,6 +99,10 @@ def setup_ours(model_dir, ids, mask, *, new_tokens: int, eos: int, pad: int, lay
 
     C.reset_peak_rss()
     model, params = models.load_pretrained(model_dir)
+    if layout == "auto":  # what `rollout.weight_layout: auto` and `eval` pick for this model on this backend
+        from rlhf_jax.models import weight_layout
+
+        layout = "out_in" if weight_layout.pays_off(model, params) else "in_out"
     if layout == "out_in":
         model, params = models.to_out_in(model, params)
     run = lambda T=new_tokens, k=0: jax.block_until_ready(rollout.generate(  # noqa: E731
@@ -202,7 +206,7 @@ def bench_size(size: str, args, workdir: pathlib.Path) -> dict:
                          "step_over_bandwidth": s_b / f_b["bandwidth_floor_s"],
                          "tokens_per_s": b / s_b})
     return dict(
-        model=size, weight_layout=args.weight_layout, params=C.param_count(params), batch=B, prompt_len=P, new_tokens=T, iters=args.iters,
+        model=size, weight_layout=model.config.weight_layout, params=C.param_count(params), batch=B, prompt_len=P, new_tokens=T, iters=args.iters,
         rounds=args.rounds, warmup=args.warmup,
         ours_tokens_per_s=B * T / ours_s, torch_tokens_per_s=B * T / torch_s, speedup=ratio["median"],
         speedup_rounds=ratio, ours_round_s=t_ours, torch_round_s=t_torch,
@@ -257,8 +261,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     ap.add_argument("--workdir", default=None, help="where to write the models (default: a temp dir)")
-    ap.add_argument("--weight-layout", choices=["in_out", "out_in"], default="in_out",
-                    help="ours samples from the loaded [in, out] weights or from the [out, in] copy")
+    ap.add_argument("--weight-layout", choices=["auto", "in_out", "out_in"], default="auto",
+                    help="ours samples from the loaded [in, out] weights or from the [out, in] copy; auto: what "
+                         "the sampler picks for this model (models.weight_layout.pays_off)")
     ap.add_argument("--quick", action="store_true", help="tiny model, batch 4, 16-token prompts, 8 new tokens")
     args = ap.parse_args(argv)
     args.floor_batches = [int(b) for b in args.floor_batches.split(",") if b]
