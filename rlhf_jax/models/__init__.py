@@ -5,13 +5,13 @@ Public API:
   load_pretrained, save_pretrained, ModelLoadError.
 """
 
+from rlhf_jax.models.cache import KVCache, init_cache, split_cache
 from rlhf_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from rlhf_jax.models.errors import ModelLoadError
 from rlhf_jax.models.hf_io import stack_layers, unstack_layers
 from rlhf_jax.models.pretrained import load_pretrained
 from rlhf_jax.models.save import hf_state_dict, save_pretrained
-from rlhf_jax.models.transformer import (KVCache, Transformer, default_positions, init_cache, init_params,
-                                         logical_specs, split_cache)
+from rlhf_jax.models.transformer import Transformer, default_positions, init_params, logical_specs
 from rlhf_jax.models.weight_layout import for_decoding, out_in_model, to_out_in
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "ModelLoadError", "KVCache", "Transformer", "default_positions",

@@ -1,7 +1,7 @@
 """The decoder: one Flax linen module for GPT-2, Llama 1/2/3, Mistral, Qwen2/2.5 and Qwen3.
 
 Read top to bottom: norms → attention (GQA, RoPE, KV cache) → MLP → block → `Transformer` (embeddings,
-mask, blocks, head) → helpers `init_cache`, `init_params`, `logical_specs`.
+mask, blocks, head) → helpers `init_params`, `logical_specs`. The KV cache lives in `cache.py`.
 
 Shapes: B batch, S new tokens, T key slots (= S without cache, = Smax with cache), D hidden, H query heads,
 K kv heads, G = H / K query heads per kv head, hd head width, F MLP width, V vocab, L layers.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,50 +20,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.models import lora as lora_lib
+from rlhf_jax.models.cache import KVCache, split_cache
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.project import project, project_out_in
 from rlhf_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 HEADS = ("lm", "scalar")
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer, `[L, B, K, Smax, hd]` in the compute dtype. Slot j holds token j.
-
-    Heads before slots: a decode step's attention products then read the layer's `[B, K, Smax, hd]` block as
-    it lies (batch dims b, k leading). The token-major `[B, Smax, K, hd]` layout made XLA transpose the
-    whole cache of every layer, twice per step."""
-
-    k: Any
-    v: Any
-
-    @property
-    def per_layer(self) -> bool:
-        """True when the leaves are tuples of L per-layer `[B, K, Smax, hd]` arrays (:func:`split_cache`)."""
-        return isinstance(self.k, (tuple, list))
-
-    @property
-    def max_len(self) -> int:
-        """Smax, the number of slots."""
-        return (self.k[0] if self.per_layer else self.k).shape[-2]
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, *, dtype=None) -> KVCache:
-    """An all-zero cache for `max_len` slots."""
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-    dtype = config.dtype if dtype is None else dtype
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def split_cache(cache: KVCache) -> KVCache:
-    """The same cache as one `[B, K, Smax, hd]` array per layer (tuples of L leaves), for decoding with unrolled
-    layers: each layer's attention then reads and updates its own buffer. From the stacked `[L, ...]` arrays
-    XLA:CPU copies every layer's block out of the stack before the attention products read it, every step
-    (tiny Llama, batch 16: 1.7 of 5.2 ms per decode step; numbers in ``benchmarks/README.md``). The scanned
-    layers (`scan_layers`) need the stacked form; `Transformer` stacks a split cache for them."""
-    if cache.per_layer:
-        return cache
-    return KVCache(k=tuple(cache.k), v=tuple(cache.v))
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple, axes: tuple):
