@@ -8,7 +8,8 @@ A peer (TRL, Tunix) runs in its own virtualenv as ONE long-lived subprocess: it 
 ``PEER_ROUND {json}``; after the last round it waits for the driver to close its stdin (after OUR last round),
 then exits, so that its teardown (the trainer's end, interpreter exit) never runs beside a timed round of ours
 (it did: our last round of the tiny PPO ran 2.9 s against 2.3 s in the others). Its start-up and warm-up are
-therefore never counted; a round counts only the peer's steps (its own timer, as its trainer sees them). While one side runs, the other is blocked on a pipe (idle).
+therefore never counted; a round counts only the peer's steps (its own timer, as its trainer sees them). While
+one side runs, the other is blocked on a pipe (idle).
 
 Our recipes run in this process with :func:`gated_run_loop`: the recipe's loop is unchanged except that before
 the first step of each round (after ``warmup`` steps) a callback runs the peers' round.

@@ -15,5 +15,5 @@ from rlhf_jax.models.transformer import Transformer, default_positions, init_par
 from rlhf_jax.models.weight_layout import for_decoding, out_in_model, to_out_in
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "ModelLoadError", "KVCache", "Transformer", "default_positions",
-           "init_cache", "split_cache", "init_params", "logical_specs", "load_pretrained", "save_pretrained", "hf_state_dict",
-           "stack_layers", "unstack_layers", "for_decoding", "out_in_model", "to_out_in"]
+           "init_cache", "split_cache", "init_params", "logical_specs", "load_pretrained", "save_pretrained",
+           "hf_state_dict", "stack_layers", "unstack_layers", "for_decoding", "out_in_model", "to_out_in"]

@@ -14,7 +14,8 @@ class KVCache(NamedTuple):
 
     Heads before slots: a decode step's attention products then read the layer's `[B, K, Smax, hd]` block as
     it lies (batch dims b, k leading). The token-major `[B, Smax, K, hd]` layout made XLA transpose the
-    whole cache of every layer, twice per step."""
+    whole cache of every layer, twice per step. `k` and `v` are either those stacked arrays or, after
+    :func:`split_cache`, tuples of L per-layer `[B, K, Smax, hd]` arrays; `Transformer` returns the form it got."""
 
     k: Any
     v: Any
