@@ -44,11 +44,27 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_tables(positions_BxS: jnp.ndarray, inv_freq: np.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin of shape [B, S, hd]: angle = position · inv_freq, duplicated over the two halves."""
-    angles_BxSxh = positions_BxS.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles_BxSxhd = jnp.concatenate([angles_BxSxh, angles_BxSxh], axis=-1)
-    return jnp.cos(angles_BxSxhd).astype(dtype), jnp.sin(angles_BxSxhd).astype(dtype)
+def rope_tables(positions_BxS: jnp.ndarray, inv_freq: np.ndarray, dtype, *, bound: int | None = None
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin of shape [B, S, hd]: angle = position · inv_freq, duplicated over the two halves.
+
+    ``bound``: a static N with every position in [0, N) (positions the model derived from the attention mask
+    are < S). Then cos and sin are computed once per position 0..N−1, ``table[n] = cos(n · inv_freq)``, and
+    each row gathered: the same float32 angles, so the same values. Why: XLA:CPU fuses ``cos(angles)`` into
+    every consumer, so it recomputed the transcendentals per layer, for q and k, in the forward and the
+    backward, and once per head (``benchmarks/README.md``: the tiny PPO update's RoPE backward fusions took
+    ~6 ms each). A gather's table operand is not fused, so it is computed once.
+    """
+    inv = jnp.asarray(inv_freq)
+    if bound is None:
+        angles_BxSxh = positions_BxS.astype(jnp.float32)[..., None] * inv
+        angles_BxSxhd = jnp.concatenate([angles_BxSxh, angles_BxSxh], axis=-1)
+        return jnp.cos(angles_BxSxhd).astype(dtype), jnp.sin(angles_BxSxhd).astype(dtype)
+    angles_Nxh = jnp.arange(bound, dtype=jnp.float32)[:, None] * inv
+    angles_Nxhd = jnp.concatenate([angles_Nxh, angles_Nxh], axis=-1)
+    cos_Nxhd, sin_Nxhd = jnp.cos(angles_Nxhd).astype(dtype), jnp.sin(angles_Nxhd).astype(dtype)
+    return (jnp.take(cos_Nxhd, positions_BxS, axis=0, mode="clip"),
+            jnp.take(sin_Nxhd, positions_BxS, axis=0, mode="clip"))
 
 
 def apply_rope(x_BxSxNxhd: jnp.ndarray, cos_BxSxhd: jnp.ndarray, sin_BxSxhd: jnp.ndarray) -> jnp.ndarray:

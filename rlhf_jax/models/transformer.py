@@ -279,6 +279,8 @@ class Transformer(nn.Module):
         if cache is None:
             if attention_mask_BxS.shape != (B, S):
                 raise ValueError(f"attention_mask shape {attention_mask_BxS.shape} != input_ids shape {(B, S)}")
+            # positions the model derives lie in [0, S): RoPE can gather them from a table of S rows
+            rope_bound = S if positions_BxS is None else None
             positions_BxS = default_positions(attention_mask_BxS) if positions_BxS is None else positions_BxS
             allowed = attention_allowed(c, attention_mask_BxS, jnp.arange(S), segment_ids_BxS)
             cache_kv, index = None, None
@@ -290,7 +292,7 @@ class Transformer(nn.Module):
             if attention_mask_BxS.shape != (B, cache.max_len):
                 raise ValueError(f"with a cache, attention_mask must be [B, Smax]={(B, cache.max_len)}, "
                                  f"got {attention_mask_BxS.shape}")
-            index = jnp.asarray(cache_index, jnp.int32)
+            index, rope_bound = jnp.asarray(cache_index, jnp.int32), None
             allowed = attention_allowed(c, attention_mask_BxS, index + jnp.arange(S))
             split = cache.per_layer
             if split and c.scan_layers:  # the scan carries the stacked form
@@ -305,7 +307,7 @@ class Transformer(nn.Module):
             x = x + jnp.take(wpe, positions_BxS, axis=0).astype(c.dtype)
             cos_sin = None
         else:
-            cos_sin = rope_tables(positions_BxS, inverse_frequencies(c), c.dtype)
+            cos_sin = rope_tables(positions_BxS, inverse_frequencies(c), c.dtype, bound=rope_bound)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         block = Block
