@@ -13,7 +13,9 @@ and min–max, the XLA and torch 2048³ matmul rates before and after, load aver
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
-(`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128.
+(`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128. Each
+pair's 64-token prompt goes through the layers once for both completions (`share_prompt`, on by default:
+`recipes.dpo.shared_prompt_width`), as the same prompt ids are both rows' first 64 tokens, like TRL's rows.
 Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`, after the rounds);
 the step's achieved rate is reported against the mean of the XLA matmul rates before and after the rounds:
 
@@ -98,8 +100,10 @@ def trl_worker(model_dir: str, iters: int, warmup: int, rounds: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def model_flops(cfg, params) -> tuple[float, float]:
-    """Matmul FLOPs of one DPO step: (model FLOPs, FLOPs our step executes); see the module docstring."""
+def model_flops(cfg, params, *, shared_prompt: bool = False) -> tuple[float, float]:
+    """Matmul FLOPs of one DPO step: (model FLOPs, FLOPs our step executes); see the module docstring.
+    ``shared_prompt``: each pair's prompt goes through the layers once (B·P tokens, not 2B·P; attention as
+    without)."""
     import jax
     import numpy as np
 
@@ -111,7 +115,10 @@ def model_flops(cfg, params) -> tuple[float, float]:
     attn_fwd = 2 * B * 4 * cfg.num_layers * s * s * cfg.num_heads * cfg.head_dim  # QK^T and AV, 2B rows
     model = 8 * n * tokens + 4 * attn_fwd  # policy fwd+bwd (3x) + reference fwd (1x) of attention
     head = cfg.vocab_size * cfg.hidden_size
-    return model, model - 8 * head * 2 * B * (s - C)  # (model FLOPs, executed: the head on completions only)
+    executed = model - 8 * head * 2 * B * (s - C)  # the head on completions only
+    if shared_prompt:
+        executed -= 8 * (n - (0 if cfg.tie_word_embeddings else head)) * B * P
+    return model, executed
 
 
 def run_ours(model_dir: pathlib.Path, iters: int, warmup: int, rounds: int, before_round) -> dict:
@@ -148,8 +155,10 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int, rounds: int, befo
     rng = np.random.default_rng(0)
     s = P + C
 
+    prompt = rng.integers(4, cfg.vocab_size, size=(B, P)).astype(np.int32)  # one prompt per pair, as TRL's rows
+
     def side():
-        ids = rng.integers(4, cfg.vocab_size, size=(B, s)).astype(np.int32)
+        ids = np.concatenate([prompt, rng.integers(4, cfg.vocab_size, size=(B, C)).astype(np.int32)], axis=1)
         ids[:, -1] = 2
         loss = np.zeros((B, s), np.int32)
         loss[:, P:] = 1
@@ -160,10 +169,12 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int, rounds: int, befo
     tx = make_optimizer(OptimConfig(learning_rate=LR, max_grad_norm=1.0), 100)
     state, state_sh = create_train_state(params, tx, mesh=mesh, params_shardings=p_sh)
     loss = pref.PreferenceLossConfig(algorithm="dpo", loss_type="sigmoid", beta=BETA)
-    width = dpo.completion_width(DataConfig(max_prompt_len=P, max_completion_len=C, max_seq_len=s))
-    step = make_train_step(pref.make_loss_fn(model, loss, completion_width=width), tx=tx, mesh=mesh,
+    run_cfg = dpo.DPOConfig(model=common.ModelLoadConfig(path=str(model_dir)), loss=loss,
+                            data=DataConfig(path="-", max_prompt_len=P, max_completion_len=C, max_seq_len=s))
+    width, pw = dpo.completion_width(run_cfg.data), dpo.shared_prompt_width(run_cfg)  # as `rlhf-jax dpo` runs
+    step = make_train_step(pref.make_loss_fn(model, loss, completion_width=width, prompt_width=pw), tx=tx, mesh=mesh,
                            state_shardings=state_sh)
-    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh, completion_width=width)
+    attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=p_sh, completion_width=width, prompt_width=pw)
     key = jax.random.key(0)
     box = [state]
 
@@ -187,7 +198,8 @@ def run_ours(model_dir: pathlib.Path, iters: int, warmup: int, rounds: int, befo
     t_pre = Cm.time_call(precomputed, warmup=1, iters=iters)
     assert step.jitted._cache_size() == 1
     return {"rounds": t_rounds, "precomputed_s_per_step": t_pre.median_s,
-            "flops_per_step": model_flops(cfg, params)[0], "executed_flops_per_step": model_flops(cfg, params)[1],
+            "flops_per_step": model_flops(cfg, params)[0],
+            "executed_flops_per_step": model_flops(cfg, params, shared_prompt=pw is not None)[1],
             "params": Cm.param_count(params)}
 
 

@@ -49,6 +49,39 @@ def test_concurrency_back_to_back_intervals_are_not_overlap():
     assert by_count == {1: 6.0} and solo == {0: 4.0, 1: 2.0}
 
 
+def _x(name, ts, dur=0.0, thread="tf_XLAEigen/1", **args):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "thread": thread, "args": args}
+
+
+def test_worker_busy_pairs_regions_per_worker_thread():
+    events = [_x("ThreadpoolListener::StartRegion", 0.0), _x("ThreadpoolListener::StopRegion", 4.0),
+              _x("ThreadpoolListener::StartRegion", 6.0), _x("ThreadpoolListener::StopRegion", 10.0),
+              _x("ThreadpoolListener::StopRegion", 1.0, thread="tf_XLAEigen/2"),  # opened before the trace
+              _x("ThreadpoolListener::StartRegion", 2.0, thread="tf_XLAEigen/2"),
+              _x("ThreadpoolListener::StopRegion", 9.0, thread="tf_XLAEigen/2"),
+              _x("ThreadpoolListener::StartRegion", 0.0, thread="tf_XLAPjRtCpuClient/3"),  # not a worker
+              _x("ThreadpoolListener::StopRegion", 10.0, thread="tf_XLAPjRtCpuClient/3")]
+    assert ps.worker_busy(events) == {"tf_XLAEigen/1": [(0.0, 4.0), (6.0, 10.0)], "tf_XLAEigen/2": [(2.0, 9.0)]}
+
+
+def test_idle_in_counts_each_workers_gaps_inside_the_window():
+    busy = {"w1": [(0.0, 4.0), (6.0, 10.0)], "w2": [(2.0, 9.0)]}
+    assert ps.idle_in((0.0, 10.0), busy) == 2.0 + 3.0  # w1 idle 4–6, w2 idle 0–2 and 9–10
+    assert ps.idle_in((3.0, 5.0), busy) == 1.0  # w1 idle 4–5 only
+    assert ps.idle_in((0.0, 10.0), {}) == 0.0
+
+
+def test_report_reads_wall_busy_share_and_executions():
+    events = [_x(ps._EXECUTION, 0.0, 10.0, thread="tf_XLAPjRtCpuClient/3", run_id="7"),
+              _x("copy.1", 1.0, 3.0, hlo_module="jit_step", run_id="7"),
+              _x("copy.2", 5.0, 2.0, hlo_module="jit_step", run_id="7")]
+    assert ps.executions(events) == {"7": (0.0, 10.0)}
+    busy = {"w1": [(0.0, 10.0)], "w2": [(0.0, 5.0)]}
+    (r,) = ps.report(ps.load_ops("", events), {}, steps=1, top=3, runs=ps.executions(events), busy=busy).values()
+    assert r["wall_ms"] == 10.0 / 1e3 and r["workers"] == 2 and r["workers_busy"] == 0.75
+    assert r["op_ms"] == 5.0 / 1e3 and r["one_op_running_ms"] == 5.0 / 1e3 and r["products"] == []
+
+
 def test_products_of_a_ynn_fusion_and_of_a_plain_dot():
     shapes, calls, bodies = ps.parse_module(HLO)
     assert calls == {"ynn_fusion.3": "fused_computation.3"}
@@ -79,9 +112,10 @@ def test_profile_step_reads_a_real_trace(tmp_path):
     assert record["benchmark"] == "profile_step" and len(record["step_s"]) == 1
     step = record["programs"]["jit_step"]  # the DPO train step, read back from the trace and the HLO dump
     assert step["op_ms"] > 0 and step["one_op_running_ms"] > 0
-    assert len(step["products"]) == 3
+    assert step["workers"] >= 1 and 0 < step["workers_busy"] <= 1 and step["wall_ms"] > 0
+    assert 0 < record["cpu_per_wall"] and len(step["products"]) == 3
     for p in step["products"]:
         assert p["in_program_ms"] > 0 and p["alone_ms"] > 0 and p["gflop"] > 0 and p["calls"] == 1
-        assert 0 <= p["lost_ms"] <= p["solo_ms"] + 1e-9
+        assert 0 <= p["idle_beside_ms"] <= step["workers"] * p["in_program_ms"] + 1e-9
     assert "jit_attach" in record["programs"]  # the reference forward, its own program
-    assert "one op running" in proc.stdout  # the human-readable report
+    assert "workers busy" in proc.stdout  # the human-readable report

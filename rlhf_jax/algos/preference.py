@@ -36,6 +36,7 @@ from rlhf_jax import ops
 from rlhf_jax.config import require
 from rlhf_jax.data import PreferenceBatch, UnpairedBatch
 from rlhf_jax.models import lora
+from rlhf_jax.models.shared_prompt import shared_prompt_logits
 
 
 class PairBatch(NamedTuple):
@@ -58,8 +59,39 @@ class KTOBatch(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ log-probs
+def pair_prompt_layout(ids_2BxS, mask_2BxS, loss_mask_2BxS, *, prompt_width: int, completion_width: int):
+    """The 2B stacked rows (chosen ++ rejected, each ``prompt + completion`` from column 0, right-padded) laid
+    out as ``[left-padded prompt | completion]``, ``[2B, P + W]`` (P = ``prompt_width``, W = ``completion_width``):
+    what :func:`~rlhf_jax.models.shared_prompt.shared_prompt_logits` reads, with row b and row b + B sharing
+    columns ``[0, P)``. A row's prompt is everything before its first scored token (its loss mask); the encoder
+    keeps prompts within ``data.max_prompt_len`` (= P) and completions within ``data.max_completion_len`` (= W).
+    Positions are unchanged (the model counts them from the first real token), so every token sees the same
+    context at the same position as in the original row.
+
+    Returns ``(ids, mask, targets_2BxW, scored_2BxW)``: the new rows, the completion tokens and which of them
+    are scored (the original loss mask, 0 past column S − 1).
+    """
+    S = ids_2BxS.shape[1]
+    P, W = prompt_width, completion_width
+    scored = loss_mask_2BxS[:, 1:] > 0
+    # tokens before the first scored one (a row with none, a padding row: all of it, masked anyway)
+    prompt_len = jnp.where(scored.any(axis=1), jnp.argmax(scored, axis=1) + 1, 0)
+    src_P = jnp.arange(P)[None, :] - (P - prompt_len)[:, None]  # left padding: prompt token i at column P − len + i
+    in_P = src_P >= 0
+    src_W = prompt_len[:, None] + jnp.arange(W)[None, :]
+    in_W = src_W < S
+
+    def take(x, src, ok):
+        return jnp.where(ok, jnp.take_along_axis(x, jnp.clip(src, 0, S - 1), axis=1), 0)
+
+    ids = jnp.concatenate([take(ids_2BxS, src_P, in_P), take(ids_2BxS, src_W, in_W)], axis=1)
+    mask = jnp.concatenate([take(mask_2BxS, src_P, in_P), take(mask_2BxS, src_W, in_W)], axis=1)
+    return ids, mask, ids[:, P:], take(loss_mask_2BxS, src_W, in_W)
+
+
 def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
-                           completion_width: Optional[int] = None, with_lssp: bool = False):
+                           completion_width: Optional[int] = None, with_lssp: bool = False,
+                           prompt_width: Optional[int] = None):
     r"""Per-token log-probs ``logp_BxT`` of the scored positions, their mask ``m_BxT`` (the loss mask shifted
     by one: logits at t−1 score token t; see `rlhf_jax.data.batching`) and, with ``with_lssp``, WPO's
     :math:`\log\sum_v p_v^2` there (``ops.log_sum_sq_probs``; else None). One forward pass.
@@ -68,7 +100,17 @@ def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *
     predicts the row's first completion token: the prompt's ``[S, V]`` logits are never computed. Exact
     when every row's scored tokens are contiguous and at most W (the encoder guarantees both with
     ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions (T = S − 1).
+
+    ``prompt_width`` = P (static, with ``completion_width``): the rows are pairs, chosen ++ rejected, and each
+    pair's prompt is encoded once (:func:`pair_prompt_layout`, then ``models.shared_prompt_logits``): B·P + 2B·W
+    tokens through the trunk instead of 2B·S. The same log-probs and gradients up to float rounding.
     """
+    if prompt_width is not None and completion_width is not None:
+        ids, mask, targets_BxW, m_BxW = pair_prompt_layout(ids_2BxS, mask_2BxS, loss_mask_2BxS,
+                                                           prompt_width=prompt_width, completion_width=completion_width)
+        logits = shared_prompt_logits(model, params, ids, mask, prompt_length=prompt_width, repeats=2, order="tile")
+        lssp = ops.log_sum_sq_probs(logits) if with_lssp else None
+        return ops.token_logprobs(logits, targets_BxW), m_BxW, lssp
     S = ids_2BxS.shape[1]
     m_BxT = loss_mask_2BxS[:, 1:]
     targets_BxT = ids_2BxS[:, 1:]
@@ -87,20 +129,20 @@ def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *
 
 
 def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
-                     completion_width: Optional[int] = None, ld_alpha: Optional[float] = None
-                     ) -> tuple[jax.Array, jax.Array]:
+                     completion_width: Optional[int] = None, ld_alpha: Optional[float] = None,
+                     prompt_width: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     r"""Per-row completion log-prob sums and token counts from one forward pass.
 
     .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
 
-    (``ld_alpha``: LD-DPO's sums, ``ops.ld_logps``, rows chosen ++ rejected). ``completion_width``: see
-    :func:`completion_token_logps`.
+    (``ld_alpha``: LD-DPO's sums, ``ops.ld_logps``, rows chosen ++ rejected). ``completion_width`` and
+    ``prompt_width``: see :func:`completion_token_logps`.
 
     Returns:
       ``(logp_sum_2B, count_2B)`` in float32.
     """
     logp_BxT, m_BxT, _ = completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS,
-                                                completion_width=completion_width)
+                                                completion_width=completion_width, prompt_width=prompt_width)
     n = jnp.sum(m_BxT, axis=1).astype(jnp.float32)
     if ld_alpha is not None:
         return ops.ld_logps(logp_BxT, m_BxT, ld_alpha=ld_alpha), n
@@ -117,10 +159,12 @@ class CompletionTerms(NamedTuple):
 
 
 def completion_terms(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *, completion_width: Optional[int] = None,
-                     ld_alpha: Optional[float] = None, use_weighting: bool = False) -> CompletionTerms:
+                     ld_alpha: Optional[float] = None, use_weighting: bool = False,
+                     prompt_width: Optional[int] = None) -> CompletionTerms:
     """:class:`CompletionTerms` of the rows chosen ++ rejected from one forward pass."""
     logp_BxT, m_BxT, lssp = completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS,
-                                                   completion_width=completion_width, with_lssp=use_weighting)
+                                                   completion_width=completion_width, with_lssp=use_weighting,
+                                                   prompt_width=prompt_width)
     raw = ops.sequence_logprobs(logp_BxT, m_BxT)
     logp = raw if ld_alpha is None else ops.ld_logps(logp_BxT, m_BxT, ld_alpha=ld_alpha)
     aligned = None if lssp is None else ops.sequence_logprobs(jax.lax.stop_gradient(logp_BxT - lssp), m_BxT)
@@ -357,13 +401,16 @@ def orpo_trl_nll(logp_2BxT: jax.Array, target_mask_2BxT: jax.Array, n_2B: jax.Ar
     return ops.sft_nll(logp_2BxT[:b], target_mask_2BxT[:b] * valid[:, None].astype(target_mask_2BxT.dtype))
 
 
-def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None):
+def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None,
+                 prompt_width: Optional[int] = None):
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
     the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
-    head runs on that many positions per row (:func:`completion_logps`)."""
+    head runs on that many positions per row (:func:`completion_logps`); ``prompt_width``: pairs encode their
+    prompt once (:func:`completion_token_logps`; KTO's unpaired rows never)."""
     from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
 
     def loss_fn(params, batch, key):
+        pw = prompt_width if isinstance(batch, PairBatch) else None
         net = lora.training(model, key)  # LoRA dropout in training forwards; key None (evaluation): none
         if loss.algorithm == "orpo" and loss.orpo_sft == "trl":  # every position: the prompt is in TRL's NLL
             ids, mask, lmask = stacked_rows(batch)
@@ -373,9 +420,10 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
                                         sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
         if loss.dpo_options:
             terms = completion_terms(net, params, *stacked_rows(batch), completion_width=completion_width,
-                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting)
+                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting, prompt_width=pw)
             return pair_loss_from_logps(terms.logp_2B, terms.n_2B, batch, loss=loss, terms=terms)
-        logp_2B, n_2B = completion_logps(net, params, *stacked_rows(batch), completion_width=completion_width)
+        logp_2B, n_2B = completion_logps(net, params, *stacked_rows(batch), completion_width=completion_width,
+                                         prompt_width=pw)
         return from_logps(logp_2B, n_2B, batch, loss=loss)
 
     return loss_fn

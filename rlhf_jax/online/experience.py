@@ -18,10 +18,10 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import models as model_lib
 from rlhf_jax import ops
 from rlhf_jax.algos.base import Algorithm, Experience
 from rlhf_jax.models import lora
+from rlhf_jax.models.shared_prompt import shared_prompt_logits
 from rlhf_jax.online.scoring import has_eos
 from rlhf_jax.rollout.types import Rollout
 
@@ -92,34 +92,6 @@ def fused_values_allowed(*, epochs: int, num_minibatches: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- forwards
-def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int, repeats: int) -> jax.Array:
-    """Response logits ``[B, T, V]`` of rows whose prompts come in groups of ``repeats`` identical rows.
-
-    Rows u·R … u·R + R − 1 share prompt u (``np.repeat`` order, as GRPO/RLOO groups). Each prompt is
-    encoded ONCE: a forward over the U = B/R distinct prompts fills a KV cache (and gives the logits at
-    slot P − 1, which predict response token 0), the cache is repeated R times, and the B responses run
-    on top of it. The result equals ``model.apply(..., head_span=(P − 1, S − 1))`` up to float rounding,
-    and so do the parameter gradients (the R copies' gradients into the shared prompt add up, exactly as
-    over R identical computations); the prompt costs U·P instead of B·P tokens of compute.
-    """
-    B, S = ids_BxS.shape
-    P, R = prompt_length, repeats
-    if B % R:
-        raise ValueError(f"shared_prompt_logits: batch {B} is not a whole number of groups of {R}")
-    U = B // R
-    mask_BxS = mask_BxS.astype(jnp.int32)
-    positions_BxS = model_lib.default_positions(mask_BxS)
-    prompt_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, :P].set(mask_BxS[::R, :P])
-    cache = model_lib.init_cache(model.config, U, S)
-    first_Ux1xV, cache = model.apply({"params": params}, ids_BxS[::R, :P], prompt_mask_UxS,
-                                     positions_BxS=positions_BxS[::R, :P], cache=cache, cache_index=0,
-                                     head_span=(P - 1, P))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, R, axis=1), cache)  # leaves [L, B, K, S, hd]
-    rest_BxT1xV, _ = model.apply({"params": params}, ids_BxS[:, P : S - 1], mask_BxS,
-                                 positions_BxS=positions_BxS[:, P : S - 1], cache=cache, cache_index=P)
-    return jnp.concatenate([jnp.repeat(first_Ux1xV, R, axis=0), rest_BxT1xV], axis=1)
-
-
 def policy_forward(model, params, ids_BxS, mask_BxS, response_ids_BxT, *, prompt_length: int,
                    temperature: float, with_entropy: bool, prompt_repeats: int = 1) -> tuple[jax.Array, jax.Array]:
     """Log-probs (and entropy) of the response tokens under ``softmax(logits / τ)``; 0 on padding.

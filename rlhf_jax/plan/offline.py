@@ -66,7 +66,8 @@ def plan_dpo(cfg, mesh) -> RunPrograms:
     programs = []
     if cfg.reference_is_adapters_off:  # model.lora: the policy's base with the adapters off, nothing more resident
         attach = pc.make_ref_attacher(actor.model, mesh=mesh, params_shardings=actor.shardings,
-                                      num_chunks=cfg.num_micro_batches, completion_width=dpo.completion_width(cfg.data))
+                                      num_chunks=cfg.num_micro_batches, completion_width=dpo.completion_width(cfg.data),
+                                      prompt_width=dpo.shared_prompt_width(cfg))
         name = "precompute_ref_logps" if cfg.precompute_ref_logps else "reference_logps"
         programs.append(Planned(name, attach, (actor.params, batch), uses=("policy params",)))
     elif cfg.loss.needs_reference:  # the reference as `recipes.dpo._reference` loads it
@@ -75,7 +76,8 @@ def plan_dpo(cfg, mesh) -> RunPrograms:
                              param_dtype=cfg.ref_dtype or cfg.model.param_dtype)
         width = dpo.completion_width(cfg.data)
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
-                                      num_chunks=cfg.num_micro_batches, completion_width=width)
+                                      num_chunks=cfg.num_micro_batches, completion_width=width,
+                                      prompt_width=dpo.shared_prompt_width(cfg))
         if cfg.precompute_ref_logps:  # one pass before training; the reference is then dropped
             resident["reference (precompute pass only)"] = ref.params
             programs.append(Planned("precompute_ref_logps", attach, (ref.params, batch),

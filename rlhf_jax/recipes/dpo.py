@@ -60,6 +60,7 @@ class DPOConfig:
     ref_dtype: Optional[Literal["float32", "bfloat16"]] = None  # reference compute + storage dtype; null = model.dtype
     precompute_ref_logps: bool = False  # score the data with the reference once (cached), then drop the reference
     ref_logps_cache_dir: Optional[str] = None  # cache of precomputed values; null = <output_dir>/ref_logps
+    share_prompt: bool = True  # pairs encode their prompt once where that saves >= 1/4 of the tokens (same values)
     export: bool = True  # write the policy as a Hugging Face folder to <output_dir>/model
 
     def __post_init__(self):
@@ -113,6 +114,22 @@ def completion_width(data_cfg) -> Optional[int]:
     return data_cfg.max_completion_len if data_cfg.max_completion_len < data_cfg.max_seq_len - 1 else None
 
 
+def shared_prompt_width(cfg: DPOConfig) -> Optional[int]:
+    """``data.max_prompt_len`` = P when each pair's prompt is encoded once for its chosen and rejected rows
+    (`algos.preference.completion_token_logps`; as ``algo.share_prompt`` for GRPO's groups), else None.
+
+    Needs ``share_prompt``, a pair loss (not KTO), the LM head on W = ``data.max_completion_len`` positions,
+    and P + 2W tokens per pair at most 3/4 of the stacked rows' 2 · ``data.max_seq_len``: the prompt's cache is
+    copied to both rows and the completions attend to it. At 3/4 (64-token prompts and completions, 128-token
+    rows) the tiny benchmark model's step took as long either way and ~100M's 12 % less (``benchmarks/README.md``).
+    """
+    width = completion_width(cfg.data)
+    if not cfg.share_prompt or cfg.task != "preference" or width is None:
+        return None
+    P = cfg.data.max_prompt_len
+    return P if 4 * (P + 2 * width) <= 3 * 2 * cfg.data.max_seq_len else None
+
+
 def _ordered(it: BatchIterator) -> BatchIterator:
     return BatchIterator(it.data, it.cfg, batch_size=it.batch_size, pad_id=it.pad_id, process_index=it.process_index,
                          process_count=it.process_count, shuffle=False, drop_last=False, num_epochs=1)
@@ -135,18 +152,19 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path, policy: c
     # model.lora: the policy's own params with the adapters off (`reference_logps` zeroes B); no second base
     own = cfg.reference_is_adapters_off
     ref = policy if own else _reference(cfg, mesh)
-    width = completion_width(cfg.data)
+    width, pw = completion_width(cfg.data), shared_prompt_width(cfg)
     options = xla.compiler_options(compute_dtype=ref.model.config.dtype, stored_dtypes=xla.leaf_dtypes(ref.params))
     if not cfg.precompute_ref_logps:
         attach = pc.make_ref_attacher(ref.model, mesh=mesh, params_shardings=ref.shardings,
                                       num_chunks=cfg.num_micro_batches, completion_width=width,
-                                      ld_alpha=cfg.loss.ld_alpha, compiler_options=options)
+                                      ld_alpha=cfg.loss.ld_alpha, compiler_options=options, prompt_width=pw)
         # the policy's params are donated by each step: the adapters-off reference reads the current ones
         return (pc.RefStream(splits.train, kl_pairs=pairs), _maybe(splits.eval, pairs),
                 (lambda params, batch: attach(params, batch)) if own else
                 (lambda params, batch: attach(ref.params, batch)))
     scores = shd.jit_sharded(lambda p, b: pc.reference_logps(ref.model, p, b, num_chunks=cfg.num_micro_batches,
-                                                             completion_width=width, ld_alpha=cfg.loss.ld_alpha),
+                                                             completion_width=width, ld_alpha=cfg.loss.ld_alpha,
+                                                             prompt_width=pw),
                              mesh, in_shardings=(ref.shardings, shd.batch_sharding(mesh)),
                              out_shardings=shd.replicated(mesh), compiler_options=options)
     cache = pathlib.Path(cfg.ref_logps_cache_dir or out / "ref_logps")
@@ -168,7 +186,8 @@ def reference_streams(cfg: DPOConfig, splits, mesh, out: pathlib.Path, policy: c
 def build_steps(cfg: DPOConfig, model, mesh, *, tx, state_sh, params_shardings, total: int):
     """The jitted ``(train_step, eval_step)`` of a preference run (also lowered, with abstract arguments, by
     ``rlhf-jax plan``); batches are ``PairBatch``/``KTOBatch`` with the reference values attached."""
-    loss_fn = make_loss_fn(model, cfg.loss, completion_width=completion_width(cfg.data))
+    loss_fn = make_loss_fn(model, cfg.loss, completion_width=completion_width(cfg.data),
+                           prompt_width=shared_prompt_width(cfg))
     step = make_train_step(loss_fn, tx=tx, num_micro_batches=cfg.num_micro_batches,
                            lr_schedule=make_schedule(cfg.optim, total), mesh=mesh, state_shardings=state_sh,
                            **cfg.model.program_dtypes())

@@ -39,21 +39,24 @@ REF_CACHE_VERSION = 1
 
 
 def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1,
-                    completion_width: Optional[int] = None, ld_alpha: Optional[float] = None) -> jax.Array:
+                    completion_width: Optional[int] = None, ld_alpha: Optional[float] = None,
+                    prompt_width: Optional[int] = None) -> jax.Array:
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
-    micro-batches), bounding the logits held at once. ``completion_width``: see `completion_logps`.
+    micro-batches), bounding the logits held at once. ``completion_width``, ``prompt_width`` (pairs only: each
+    pair's prompt encoded once): see `completion_logps`.
     ``ld_alpha``: LD-DPO's sums (pairs only), as TRL ``_compute_ref_logps``; the strided chunks keep each
     chosen row with its rejected row (chunk m holds chosen rows m, m+M, ... then the same rejected rows).
     """
     ids, mask, loss = stacked_rows(batch)
     b = ids.shape[0] // 2
+    prompt_width = prompt_width if isinstance(batch, PairBatch) else None
 
     def score(chunk):
         # LoRA: the policy's own params with the adapters off are the reference (identity otherwise)
         return completion_logps(model, lora.adapters_off(ref_params), *chunk, completion_width=completion_width,
-                                ld_alpha=ld_alpha)[0]
+                                ld_alpha=ld_alpha, prompt_width=prompt_width)[0]
 
     if num_chunks == 1:
         out_2B = score((ids, mask, loss))
@@ -74,7 +77,8 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
 
 
 def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None,
-                      ld_alpha: Optional[float] = None, compiler_options: Optional[dict] = None):
+                      ld_alpha: Optional[float] = None, compiler_options: Optional[dict] = None,
+                      prompt_width: Optional[int] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is
@@ -82,7 +86,8 @@ def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, com
     """
     def attach(ref_params, batch):
         return with_ref(batch, reference_logps(model, ref_params, batch, num_chunks=num_chunks,
-                                               completion_width=completion_width, ld_alpha=ld_alpha))
+                                               completion_width=completion_width, ld_alpha=ld_alpha,
+                                               prompt_width=prompt_width))
 
     bsh = shd.batch_sharding(mesh)
     return shd.jit_sharded(attach, mesh, in_shardings=(params_shardings, bsh), out_shardings=bsh,

@@ -415,3 +415,49 @@ def test_dpo_learns_the_demo_task(hf_setup, tmp_path):
     print("DPO learning:", json.dumps(r))
     assert r["eval_accuracy_after"] > 0.7 and r["eval_loss_after"] < np.log(2) - 0.03, r
     assert r["gold_after"] > r["gold_before"] + 0.03, r  # measured 0.052 -> 0.100 (256 samples)
+
+
+def test_shared_prompt_equals_the_stacked_rows(model_and_params):
+    """Each pair's prompt encoded once (rows chosen ++ rejected laid out [left-padded prompt | completion],
+    `pair_prompt_layout`) gives the stacked rows' per-token log-probs, WPO's log Σp², sums, counts and
+    gradients, also through the reference's strided chunks; prompts of different lengths, right padding."""
+    model, params = model_and_params
+    rows = pref.stacked_rows(next(stream("preference")))
+    starts = np.argmax(np.asarray(rows[2]), axis=1)
+    assert len(set(starts.tolist())) > 1 and np.array_equal(starts[:B], starts[B:])  # a pair shares its prompt
+    P, W = 8, 6  # the stream's data.max_prompt_len; synthetic completions have 2-6 tokens
+    ids, mask, targets, scored = pref.pair_prompt_layout(*rows, prompt_width=P, completion_width=W)
+    assert ids.shape == (2 * B, P + W)
+    np.testing.assert_array_equal(ids[:B, :P], ids[B:, :P])  # the shared columns
+    np.testing.assert_array_equal(np.asarray(scored).sum(axis=1), np.asarray(rows[2]).sum(axis=1))
+    plain = pref.completion_token_logps(model, params, *rows, completion_width=W, with_lssp=True)
+    shared = jax.jit(lambda p: pref.completion_token_logps(model, p, *rows, completion_width=W, with_lssp=True,
+                                                           prompt_width=P))(params)
+    m = np.asarray(plain[1]) > 0
+    np.testing.assert_array_equal(np.asarray(shared[1]), np.asarray(plain[1]))
+    for a, b in ((plain[0], shared[0]), (plain[2], shared[2])):
+        np.testing.assert_allclose(np.asarray(b)[m], np.asarray(a)[m], rtol=1e-5, atol=1e-5)
+    full = pref.completion_logps(model, params, *rows, completion_width=W)
+    np.testing.assert_allclose(pref.completion_logps(model, params, *rows, completion_width=W, prompt_width=P)[0],
+                               full[0], rtol=1e-5, atol=1e-5)
+    g_plain = jax.grad(lambda p: jnp.sum(pref.completion_logps(model, p, *rows, completion_width=W)[0]))(params)
+    g_shared = jax.grad(lambda p: jnp.sum(pref.completion_logps(model, p, *rows, completion_width=W,
+                                                                prompt_width=P)[0]))(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_shared)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    batch = next(stream("preference"))
+    ref = pc.reference_logps(model, params, batch, num_chunks=2, completion_width=W, prompt_width=P)
+    np.testing.assert_allclose(ref, pc.reference_logps(model, params, batch, completion_width=W), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_width_follows_the_config():
+    def cfg(*overrides):
+        base = ["model.path=m", "data.path=d", "data.max_prompt_len=64", "data.max_completion_len=64",
+                "data.max_seq_len=128"]
+        return load_config(dpo.DPOConfig, None, [*base, *overrides])
+
+    assert dpo.shared_prompt_width(cfg()) == 64  # 64 + 2 · 64 = 3/4 of 2 · 128
+    assert dpo.shared_prompt_width(cfg("share_prompt=false")) is None
+    assert dpo.shared_prompt_width(cfg("loss.algorithm=kto")) is None  # unpaired rows
+    assert dpo.shared_prompt_width(cfg("data.max_prompt_len=72")) is None  # 200 tokens: more than 3/4 of 256
+    assert dpo.shared_prompt_width(cfg("data.max_completion_len=200")) is None  # the head scores every position

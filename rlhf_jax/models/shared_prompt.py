@@ -1,0 +1,56 @@
+"""Prefix sharing: rows that share a prompt encode it once, and their continuations run on its KV cache.
+
+Used by GRPO/RLOO groups (R sampled responses per prompt, ``order="repeat"``) and by preference pairs (chosen ++
+rejected, ``order="tile"``: row b and row b + B share prompt b). Prefix sharing for DPO is Wang & Hegde 2024,
+"Accelerating Direct Preference Optimization with Prefix Sharing"; for sampling, vLLM's prefix cache.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.cache import init_cache
+from rlhf_jax.models.transformer import default_positions
+
+
+def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int, repeats: int,
+                         order: Literal["repeat", "tile"] = "repeat") -> jax.Array:
+    """Continuation logits ``[B, T, V]`` (T = S − P) of rows whose prompts come in groups of ``repeats``.
+
+    ``order="repeat"``: rows u·R … u·R + R − 1 share prompt u (``np.repeat``, GRPO/RLOO groups);
+    ``order="tile"``: rows u, u + U, …, u + (R − 1)·U share it (``np.tile``, chosen ++ rejected pairs).
+    Columns ``[0, P)`` hold the (left-padded) prompt, identical within a group; ``[P, S)`` each row's own
+    continuation. Each prompt is encoded ONCE: a forward over the U = B/R distinct prompts fills a KV cache
+    (and gives the logits at slot P − 1, which predict continuation token 0), the cache is copied to the R rows,
+    and the B continuations run on top of it. The result equals ``model.apply(..., head_span=(P − 1, S − 1))``
+    up to float rounding, and so do the parameter gradients (the R copies' gradients into the shared prompt
+    add up, exactly as over R identical computations); the prompt costs U·P instead of B·P tokens of compute.
+    """
+    B, S = ids_BxS.shape
+    P, R = prompt_length, repeats
+    if B % R:
+        raise ValueError(f"shared_prompt_logits: batch {B} is not a whole number of groups of {R}")
+    if order not in ("repeat", "tile"):
+        raise ValueError(f"shared_prompt_logits: order must be 'repeat' or 'tile', got {order!r}")
+    U = B // R
+    first = slice(None, None, R) if order == "repeat" else slice(0, U)  # one row of each group
+
+    def spread(x, axis):  # U group rows → the B rows, in `order`
+        if order == "repeat":
+            return jnp.repeat(x, R, axis=axis)
+        return jnp.concatenate([x] * R, axis=axis)
+
+    mask_BxS = mask_BxS.astype(jnp.int32)
+    positions_BxS = default_positions(mask_BxS)
+    prompt_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, :P].set(mask_BxS[first, :P])
+    cache = init_cache(model.config, U, S)
+    first_Ux1xV, cache = model.apply({"params": params}, ids_BxS[first, :P], prompt_mask_UxS,
+                                     positions_BxS=positions_BxS[first, :P], cache=cache, cache_index=0,
+                                     head_span=(P - 1, P))
+    cache = jax.tree.map(lambda x: spread(x, 1), cache)  # leaves [L, B, K, S, hd]
+    rest_BxT1xV, _ = model.apply({"params": params}, ids_BxS[:, P : S - 1], mask_BxS,
+                                 positions_BxS=positions_BxS[:, P : S - 1], cache=cache, cache_index=P)
+    return jnp.concatenate([spread(first_Ux1xV, 0), rest_BxT1xV], axis=1)
