@@ -13,7 +13,7 @@ and min–max, the XLA and torch 2048³ matmul rates before and after, load aver
 Our step = reference forward (jitted, reference params as arguments) + policy forward/backward over the
 2B = 16 stacked rows + AdamW, exactly what `rlhf-jax dpo` runs with `data.max_completion_len=64` (the
 workload's completion length): the LM head then runs on the 64 completion positions of each row only
-(`algos.preference.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128. Each
+(`algos.preference_rows.completion_logps`). TRL's default (`use_logits_to_keep=False`) runs it on all 128. Each
 pair's 64-token prompt goes through the layers once for both completions (`share_prompt`, on by default:
 `recipes.dpo.shared_prompt_width`), as the same prompt ids are both rows' first 64 tokens, like TRL's rows.
 Also timed: the step with precomputed reference log-probs (`precompute_ref_logps: true`, after the rounds);

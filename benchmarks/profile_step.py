@@ -334,8 +334,8 @@ def main() -> None:
               f"{r['idle_beside_products_ms']:.1f} ms")
         for p in r["products"]:
             print(f"  {p['in_program_ms']:6.2f} ms in program ({p['solo_ms']:6.2f} solo)  {p['alone_ms']:6.2f} alone"
-                  f"  ({p['in_program_ms'] / p['alone_ms']:.2f}×, {p['calls']:g} calls)  idle {p['idle_beside_ms']:5.2f}"
-                  f"  {p['gflop']:5.2f} GFLOP  {p['op']}: "
+                  f"  ({p['in_program_ms'] / p['alone_ms']:.2f}×, {p['calls']:g} calls)"
+                  f"  idle {p['idle_beside_ms']:5.2f}  {p['gflop']:5.2f} GFLOP  {p['op']}: "
                   + "; ".join(p["dots"]))
     Cm.emit_json({"benchmark": "profile_step", "program": args.program, "model": args.model,
                   "machine": Cm.machine_info(), "step_s": step_s, "cpu_per_wall": cpu_s / sum(step_s),

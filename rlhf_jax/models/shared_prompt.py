@@ -12,7 +12,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.cache import init_cache
+from rlhf_jax.models.cache import init_cache, split_cache
 from rlhf_jax.models.transformer import default_positions
 
 
@@ -47,10 +47,12 @@ def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int
     positions_BxS = default_positions(mask_BxS)
     prompt_mask_UxS = jnp.zeros((U, S), jnp.int32).at[:, :P].set(mask_BxS[first, :P])
     cache = init_cache(model.config, U, S)
+    if not model.config.scan_layers:  # each unrolled (and rematerialized) layer then holds its own buffer only
+        cache = split_cache(cache)
     first_Ux1xV, cache = model.apply({"params": params}, ids_BxS[first, :P], prompt_mask_UxS,
                                      positions_BxS=positions_BxS[first, :P], cache=cache, cache_index=0,
                                      head_span=(P - 1, P))
-    cache = jax.tree.map(lambda x: spread(x, 1), cache)  # leaves [L, B, K, S, hd]
+    cache = jax.tree.map(lambda x: spread(x, x.ndim - 4), cache)  # leaves [(L,) B, K, S, hd]
     rest_BxT1xV, _ = model.apply({"params": params}, ids_BxS[:, P : S - 1], mask_BxS,
                                  positions_BxS=positions_BxS[:, P : S - 1], cache=cache, cache_index=P)
     return jnp.concatenate([spread(first_Ux1xV, 0), rest_BxT1xV], axis=1)

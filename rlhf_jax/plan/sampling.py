@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.algos.preference import PairBatch
+from rlhf_jax.algos.preference_rows import PairBatch
 from rlhf_jax.data import PreferenceBatch
 from rlhf_jax.plan.abstract import (Planned, RunPrograms, abstract_model, abstract_state, frozen, key_spec, spec,
                                     split_state, total_steps)

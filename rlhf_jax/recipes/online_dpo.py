@@ -26,7 +26,8 @@ import numpy as np
 
 from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
-from rlhf_jax.algos.preference import PairBatch, PreferenceLossConfig, make_loss_fn, preference_metrics
+from rlhf_jax.algos.preference import PreferenceLossConfig, make_loss_fn, preference_metrics
+from rlhf_jax.algos.preference_rows import PairBatch
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig
 from rlhf_jax.online import batches as rows_of

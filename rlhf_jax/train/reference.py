@@ -1,6 +1,6 @@
 """Frozen reference log-probs for the preference recipes (``dpo``, ``online_dpo``).
 
-The batches (``algos.preference.PairBatch``/``KTOBatch``) carry the reference log-probs next to the
+The batches (``algos.preference_rows.PairBatch``/``KTOBatch``) carry the reference log-probs next to the
 tokens, so one jitted train step serves both reference sources: a frozen reference model run by
 :func:`make_ref_attacher` (its params are a `jit` argument, never in the optimizer), or per-row values
 precomputed once over the dataset (:func:`precompute_ref_logps`, cached on disk under a dataset + model
@@ -30,7 +30,7 @@ import numpy as np
 from rlhf_jax.models import lora
 from rlhf_jax.runtime import distributed
 from rlhf_jax import sharding as shd
-from rlhf_jax.algos.preference import KTOBatch, PairBatch, completion_logps, stacked_rows
+from rlhf_jax.algos.preference_rows import KTOBatch, PairBatch, completion_logps, stacked_rows
 from rlhf_jax.data import BatchIterator, UnpairedBatch
 from rlhf_jax.data.batching import pick_bucket
 from rlhf_jax.data.encode import EncodedDataset

@@ -26,6 +26,7 @@ from rlhf_jax.train.step import make_train_step
 from rlhf_jax.recipes import dpo
 from rlhf_jax.train import reference as pc
 from rlhf_jax.algos import preference as pref
+from rlhf_jax.algos import preference_rows as rows_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 V, S, B = 40, 16, 4
@@ -426,7 +427,7 @@ def test_shared_prompt_equals_the_stacked_rows(model_and_params):
     starts = np.argmax(np.asarray(rows[2]), axis=1)
     assert len(set(starts.tolist())) > 1 and np.array_equal(starts[:B], starts[B:])  # a pair shares its prompt
     P, W = 8, 6  # the stream's data.max_prompt_len; synthetic completions have 2-6 tokens
-    ids, mask, targets, scored = pref.pair_prompt_layout(*rows, prompt_width=P, completion_width=W)
+    ids, mask, targets, scored = rows_lib.pair_prompt_layout(*rows, prompt_width=P, completion_width=W)
     assert ids.shape == (2 * B, P + W)
     np.testing.assert_array_equal(ids[:B, :P], ids[B:, :P])  # the shared columns
     np.testing.assert_array_equal(np.asarray(scored).sum(axis=1), np.asarray(rows[2]).sum(axis=1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models, tasks
-from rlhf_jax.algos.preference import PairBatch, completion_logps, stacked_rows
+from rlhf_jax.algos.preference_rows import PairBatch, completion_logps, stacked_rows
 from rlhf_jax.config import load_config
 from rlhf_jax.data import PreferenceBatch
 from rlhf_jax.models import Transformer, init_params, lora
