@@ -30,6 +30,7 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import PreferenceLossConfig, make_loss_fn, preference_metrics
 from rlhf_jax.config import require
 from rlhf_jax.data import BatchIterator, DataConfig, build_data
+from rlhf_jax.models.shared_prompt import differentiable
 from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.train import reference as pc
@@ -122,11 +123,10 @@ def shared_prompt_width(cfg: DPOConfig) -> Optional[int]:
     and P + 2W tokens per pair at most 3/4 of the stacked rows' 2 · ``data.max_seq_len``: the prompt's cache is
     copied to both rows and the completions attend to it. At 3/4 (64-token prompts and completions, 128-token
     rows) the tiny benchmark model's step took as long either way and ~100M's 12 % less (``benchmarks/README.md``).
-    Not with ``model.scan_layers``: the scan carries the whole stacked cache, so its backward keeps a copy per
-    layer (the 8B DPO config's train step, planned on h100-8: 131.7 GiB per chip against 29.7 without sharing).
+    Not with scanned, rematerialized layers (`models.shared_prompt.differentiable`).
     """
     width = completion_width(cfg.data)
-    if not cfg.share_prompt or cfg.task != "preference" or width is None or cfg.model.scan_layers:
+    if not cfg.share_prompt or cfg.task != "preference" or width is None or not differentiable(cfg.model):
         return None
     P = cfg.data.max_prompt_len
     return P if 4 * (P + 2 * width) <= 3 * 2 * cfg.data.max_seq_len else None

@@ -49,6 +49,7 @@ from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
 from rlhf_jax.online.heldout import make_heldout, policy_metrics
 from rlhf_jax.online.scoring import RewardScorer, make_scorer, sample_rows
 from rlhf_jax.online.update import make_update
+from rlhf_jax.models.shared_prompt import differentiable
 from rlhf_jax.rollout.types import logprob_temperature
 from rlhf_jax.run_config import OptimConfig, RunConfig
 from rlhf_jax.train import run as common
@@ -101,8 +102,9 @@ class CriticFreeHyper:
     overlong_coef: float = 1.0  # weight of the overlong penalty added to the score
     old_logp: Literal["rollout", "recompute"] = "rollout"  # π_old from the sampler or an actor forward (see ppo)
     # Encode each group's prompt once (sampler prefill, reference and actor forwards; exact, see
-    # online.shared_prompt_logits). Applies when the groups stay intact: num_minibatches = 1, micro-batches of
-    # whole groups, distinct prompts divisible over the batch shards.
+    # models.shared_prompt_logits). Applies when the groups stay intact: num_minibatches = 1, micro-batches of
+    # whole groups, distinct prompts divisible over the batch shards; the update not with scanned, rematerialized
+    # layers (`models.shared_prompt.differentiable`).
     share_prompt: bool = True
     ema_decay: Optional[float] = None  # EMA of the actor (see ppo.ema_decay), exported to <output_dir>/model_ema
 
@@ -275,7 +277,8 @@ def build_programs(cfg: CriticFreeConfig, actor_model, mesh, *, actor_sh, ref_sh
         num_micro_batches=h.num_micro_batches, batch_divisor=shd.local_batch_divisor(mesh))
     repeats = h.group_size if share else 1
     settings = UpdateSettings(epochs=h.epochs, num_minibatches=h.num_minibatches,
-                              num_micro_batches=h.num_micro_batches, temperature=temp, prompt_repeats=repeats)
+                              num_micro_batches=h.num_micro_batches, temperature=temp,
+                              prompt_repeats=repeats if differentiable(cfg.model) else 1)
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     dtypes = cfg.model.program_dtypes(cfg.frozen_dtype)  # for the XLA options: f32 compute, bf16 storage
     evaluate = shd.jit_sharded(functools.partial(evaluate_rollout, models, temperature=temp, old_logp=h.old_logp,

@@ -462,3 +462,6 @@ def test_shared_prompt_width_follows_the_config():
     assert dpo.shared_prompt_width(cfg("loss.algorithm=kto")) is None  # unpaired rows
     assert dpo.shared_prompt_width(cfg("data.max_prompt_len=72")) is None  # 200 tokens: more than 3/4 of 256
     assert dpo.shared_prompt_width(cfg("data.max_completion_len=200")) is None  # the head scores every position
+    assert dpo.shared_prompt_width(cfg("model.scan_layers=true")) == 64
+    assert dpo.shared_prompt_width(cfg("model.scan_layers=true", "model.remat=full")) is None  # L² cache copies
+    assert dpo.shared_prompt_width(cfg("model.remat=full")) == 64
