@@ -1,6 +1,7 @@
 """Tests for the online engine (rlhf_jax.online: experience, update) with PPO's algorithm plugged in."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -391,6 +392,28 @@ class TestSharedPromptForward:
         ro = make_rollout(1, b=6)
         with pytest.raises(ValueError, match="groups of 4"):
             online.shared_prompt_logits(actor, actor_p, ro.ids_BxS, ro.mask_BxS, prompt_length=P, repeats=4)
+
+    def test_one_token_prompts_and_the_prompt_length_check(self, setup):
+        actor, _, actor_p, _ = setup
+        ro = grouped_rollout(5, groups=2, group_size=4)
+        ids, mask = ro.ids_BxS[:, P - 1:], ro.mask_BxS[:, P - 1:]  # the prompt is its last token only
+        full = actor.apply({"params": actor_p}, ids, mask, head_span=(0, T))
+        shared = online.shared_prompt_logits(actor, actor_p, ids, mask, prompt_length=1, repeats=4)
+        m = np.asarray(ro.response_mask_BxT, bool)
+        np.testing.assert_allclose(np.asarray(shared)[m], np.asarray(full)[m], atol=1e-5)
+        for bad in (0, T + 1):
+            with pytest.raises(ValueError, match=f"prompt_length {bad} must lie in"):
+                online.shared_prompt_logits(actor, actor_p, ids, mask, prompt_length=bad, repeats=4)
+
+    def test_the_head_runs_once_over_the_continuations(self, setup):
+        """The logits at the last prompt slot come out of the continuations' head product: the compiled
+        program builds no ``[B, T, V]`` concatenation (a copy of every logit)."""
+        actor, _, actor_p, _ = setup
+        ro = grouped_rollout(5, groups=2, group_size=4)
+        fn = jax.jit(lambda p, i, m: online.shared_prompt_logits(actor, p, i, m, prompt_length=P, repeats=4))
+        hlo = fn.lower(actor_p, ro.ids_BxS, ro.mask_BxS).compile().as_text()
+        assert re.search(rf"= f32\[8,{T},{V}\]", hlo)  # the logits are there
+        assert not re.findall(rf"%\S*concatenate\S* = f32\[8,{T},{V}\]", hlo)
 
     def test_grpo_update_and_evaluation_equal_the_per_row_ones(self, setup):
 
