@@ -258,7 +258,7 @@ def orpo_trl_nll(logp_2BxT: jax.Array, target_mask_2BxT: jax.Array, n_2B: jax.Ar
 
 
 def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optional[int] = None,
-                 prompt_width: Optional[int] = None):
+                 prompt_width: Optional[int | str] = None):
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
     the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
     head runs on that many positions per row (:func:`completion_logps`); ``prompt_width``: pairs encode their

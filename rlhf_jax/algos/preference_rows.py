@@ -69,9 +69,24 @@ def pair_prompt_layout(ids_2BxS, mask_2BxS, loss_mask_2BxS, *, prompt_width: int
     return ids, mask, ids[:, P:], take(loss_mask_2BxS, src_W, in_W)
 
 
+#: ``prompt_width`` for rows laid out as a rollout's, ``[left-padded prompt | response]`` with the response W =
+#: ``completion_width`` wide: the prompt width is the rest of the row (:func:`rollout_prompt_width`).
+ROLLOUT_ROWS = "rollout"
+
+
+def rollout_prompt_width(row_width: int, completion_width: Optional[int]) -> Optional[int]:
+    """P = S − W for pairs of rollout rows (S = ``row_width``, W = ``completion_width``) when encoding each
+    prompt once saves at least a quarter of the tokens: P + 2W ≤ 3/4 · 2(P + W), that is W ≤ P (the offline
+    rule of ``recipes.dpo.shared_prompt_width``); else None (stacked rows)."""
+    if completion_width is None or completion_width >= row_width:
+        return None
+    P = row_width - completion_width
+    return P if completion_width <= P else None
+
+
 def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
                            completion_width: Optional[int] = None, with_lssp: bool = False,
-                           prompt_width: Optional[int] = None):
+                           prompt_width: Optional[int | str] = None):
     r"""Per-token log-probs ``logp_BxT`` of the scored positions, their mask ``m_BxT`` (the loss mask shifted
     by one: logits at t−1 score token t; see `rlhf_jax.data.batching`) and, with ``with_lssp``, WPO's
     :math:`\log\sum_v p_v^2` there (``ops.log_sum_sq_probs``; else None). One forward pass.
@@ -84,7 +99,10 @@ def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *
     ``prompt_width`` = P (static, with ``completion_width``): the rows are pairs, chosen ++ rejected, and each
     pair's prompt is encoded once (:func:`pair_prompt_layout`, then ``models.shared_prompt_logits``): B·P + 2B·W
     tokens through the trunk instead of 2B·S. The same log-probs and gradients up to float rounding.
+    :data:`ROLLOUT_ROWS`: rollout rows (online DPO's pairs), P from the rows' width (:func:`rollout_prompt_width`).
     """
+    if prompt_width == ROLLOUT_ROWS:
+        prompt_width = rollout_prompt_width(ids_2BxS.shape[1], completion_width)
     if prompt_width is not None and completion_width is not None:
         ids, mask, targets_BxW, m_BxW = pair_prompt_layout(ids_2BxS, mask_2BxS, loss_mask_2BxS,
                                                            prompt_width=prompt_width, completion_width=completion_width)
@@ -110,7 +128,7 @@ def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *
 
 def completion_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *,
                      completion_width: Optional[int] = None, ld_alpha: Optional[float] = None,
-                     prompt_width: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                     prompt_width: Optional[int | str] = None) -> tuple[jax.Array, jax.Array]:
     r"""Per-row completion log-prob sums and token counts from one forward pass.
 
     .. math:: \log\pi(y\mid x) = \sum_t m_t \log\pi(x_t \mid x_{<t}), \quad n = \sum_t m_t
@@ -140,7 +158,7 @@ class CompletionTerms(NamedTuple):
 
 def completion_terms(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *, completion_width: Optional[int] = None,
                      ld_alpha: Optional[float] = None, use_weighting: bool = False,
-                     prompt_width: Optional[int] = None) -> CompletionTerms:
+                     prompt_width: Optional[int | str] = None) -> CompletionTerms:
     """:class:`CompletionTerms` of the rows chosen ++ rejected from one forward pass."""
     logp_BxT, m_BxT, lssp = completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS,
                                                    completion_width=completion_width, with_lssp=use_weighting,

@@ -27,9 +27,10 @@ import numpy as np
 from rlhf_jax.runtime import distributed, xla
 from rlhf_jax import sharding as shd
 from rlhf_jax.algos.preference import PreferenceLossConfig, make_loss_fn, preference_metrics
-from rlhf_jax.algos.preference_rows import PairBatch
+from rlhf_jax.algos.preference_rows import ROLLOUT_ROWS, PairBatch
 from rlhf_jax.config import require
 from rlhf_jax.data import DataConfig
+from rlhf_jax.models.shared_prompt import differentiable
 from rlhf_jax.online import batches as rows_of
 from rlhf_jax.online.config import RewardConfig, RolloutConfig, online_eval_checks
 from rlhf_jax.online.sampler import Sampler, frozen_copy, prompt_splits
@@ -74,6 +75,7 @@ class OnlineDPOConfig:
     mesh: shd.MeshConfig = shd.MeshConfig()
     sample_every: int = 0
     num_samples: int = 4
+    share_prompt: bool = True  # a pair's two responses run on its prompt's KV, encoded once, where W <= P (same values)
 
     def __post_init__(self):
         online_eval_checks(self.run, self.data, self.reward)
@@ -88,12 +90,17 @@ def build_programs(cfg: OnlineDPOConfig, model, mesh, *, tx, state_sh, ref_shard
     ``rlhf-jax plan``)."""
     h = cfg.online
     width = cfg.rollout.max_new_tokens  # a pair's completions are sampled responses: the head scores those only
-    dpo_step = make_train_step(make_loss_fn(model, cfg.loss, completion_width=width), tx=tx,
-                               num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh,
-                               **cfg.model.program_dtypes())
+    # pairs of rollout rows [prompt P | response W]: each prompt encoded once for both rows where W <= P
+    shared = ROLLOUT_ROWS if cfg.share_prompt else None
+    dpo_step = make_train_step(
+        make_loss_fn(model, cfg.loss, completion_width=width,
+                     prompt_width=shared if differentiable(cfg.model) else None),
+        tx=tx, num_micro_batches=h.num_micro_batches, mesh=mesh, state_shardings=state_sh,
+        **cfg.model.program_dtypes())
     attach = pc.make_ref_attacher(model, mesh=mesh, params_shardings=ref_shardings,
                                   num_chunks=h.num_micro_batches, completion_width=width, ld_alpha=cfg.loss.ld_alpha,
-                                  compiler_options=xla.compiler_options(**cfg.model.program_dtypes(cfg.ref_dtype)))
+                                  compiler_options=xla.compiler_options(**cfg.model.program_dtypes(cfg.ref_dtype)),
+                                  prompt_width=shared)
     return dpo_step, attach
 
 

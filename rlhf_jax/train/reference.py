@@ -40,7 +40,7 @@ REF_CACHE_VERSION = 1
 
 def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunks: int = 1,
                     completion_width: Optional[int] = None, ld_alpha: Optional[float] = None,
-                    prompt_width: Optional[int] = None) -> jax.Array:
+                    prompt_width: Optional[int | str] = None) -> jax.Array:
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
@@ -78,7 +78,7 @@ def with_ref(batch: PairBatch | KTOBatch, ref_Bx2: jax.Array) -> PairBatch | KTO
 
 def make_ref_attacher(model, *, mesh, params_shardings, num_chunks: int = 1, completion_width: Optional[int] = None,
                       ld_alpha: Optional[float] = None, compiler_options: Optional[dict] = None,
-                      prompt_width: Optional[int] = None):
+                      prompt_width: Optional[int | str] = None):
     """Jitted ``(ref_params, batch) -> batch`` filling the reference fields from a frozen model.
 
     The reference params are an argument (not a closed-over constant), so the policy's compiled step is

@@ -6,14 +6,20 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from rlhf_jax import tasks
+from rlhf_jax.algos import preference as pref
+from rlhf_jax.algos import preference_rows as rows_lib
+from rlhf_jax.algos.preference_rows import PairBatch
 from rlhf_jax.config import ConfigError, load_config
+from rlhf_jax.models import ModelConfig, Transformer, init_params
 from rlhf_jax.rollout.types import Rollout
 from rlhf_jax.online import batches as gr
 from rlhf_jax.recipes import online_dpo
+from rlhf_jax.train import reference as pc
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # importlib mode: make the sibling helper importable
 from _sampling_helpers import sampled_accuracy, sft_export  # noqa: E402
@@ -62,6 +68,50 @@ def test_rollout_pair_batch_masks_invalid_pairs():
     np.testing.assert_array_equal(pb.rejected_ids_BxS[0], [0, 1, 2, 100, 101, 102])
     np.testing.assert_array_equal(pb.chosen_loss_mask_BxS[0], [0, 0, 0, 1, 1, 1])
     assert pb.chosen_loss_mask_BxS[1].sum() == 0 and pb.rejected_loss_mask_BxS[1].sum() == 0
+
+
+def test_rollout_prompt_width_rule():
+    assert rows_lib.rollout_prompt_width(32, 16) == 16  # W = P: 48 of 64 tokens, the 3/4 bound
+    assert rows_lib.rollout_prompt_width(40, 16) == 24
+    assert rows_lib.rollout_prompt_width(30, 16) is None  # P = 14 < W: saves less than a quarter
+    assert rows_lib.rollout_prompt_width(32, None) is None and rows_lib.rollout_prompt_width(16, 16) is None
+
+
+def test_rollout_pairs_share_their_prompt():
+    """Pairs of rollout rows (left-padded prompts of different lengths, responses of different lengths, one
+    invalid pair) give the same loss, gradients and reference sums with each prompt encoded once as stacked."""
+    V, U, G, P, W = 40, 3, 4, 6, 5
+    model = Transformer(ModelConfig(model_type="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+                                    norm_eps=1e-6, activation="silu"), head="lm")
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    p_len = np.repeat(np.array([6, 3, 4]), G)  # each group shares one prompt
+    p_mask = (np.arange(P)[None, :] >= P - p_len[:, None]).astype(np.int32)
+    p_ids = np.repeat(rng.integers(3, V, (U, P)), G, axis=0).astype(np.int32) * p_mask
+    r_len = rng.integers(1, W + 1, U * G)
+    r_mask = (np.arange(W)[None, :] < r_len[:, None]).astype(np.int32)
+    r_ids = rng.integers(3, V, (U * G, W)).astype(np.int32) * r_mask
+    z = np.zeros((U * G, W), np.float32)
+    ro = Rollout(p_ids, p_mask, r_ids, r_mask, z, z, r_len)
+    best, worst = np.array([1, 4, 10]), np.array([3, 6, 8])
+    batch = PairBatch(gr.rollout_pair_batch(ro, best, worst, np.array([True, False, True])), np.zeros(U, np.float32),
+                      np.zeros(U, np.float32))
+    assert rows_lib.rollout_prompt_width(P + W, W) == P
+    for loss in (pref.PreferenceLossConfig(rpo_alpha=1.0), pref.PreferenceLossConfig(use_weighting=True)):
+        def run(width):
+            fn = pref.make_loss_fn(model, loss, completion_width=W, prompt_width=width)
+            return jax.jit(jax.value_and_grad(lambda p: fn(p, batch, None)[0][0]))(params)
+
+        (plain, g_plain), (shared, g_shared) = run(None), run(rows_lib.ROLLOUT_ROWS)
+        np.testing.assert_allclose(shared, plain, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_shared)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    ref = pc.reference_logps(model, params, batch, num_chunks=1, completion_width=W)
+    assert np.all(np.asarray(ref)[[0, 2]] < 0) and np.all(np.asarray(ref)[1] == 0)  # the invalid pair scores 0
+    for chunks in (1, 3):
+        np.testing.assert_allclose(pc.reference_logps(model, params, batch, num_chunks=chunks, completion_width=W,
+                                                      prompt_width=rows_lib.ROLLOUT_ROWS), ref, rtol=1e-5)
 
 
 def test_config_errors():
