@@ -262,11 +262,10 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
     """`(params, batch, key) -> ((loss_sum, count), PrefAux)` for `loss.algorithm`: one forward pass over
     the 2B stacked rows, then `pair_loss_from_logps` / `kto_loss_from_logps`. ``completion_width``: the LM
     head runs on that many positions per row (:func:`completion_logps`); ``prompt_width``: pairs encode their
-    prompt once (:func:`completion_token_logps`; KTO's unpaired rows never)."""
+    prompt once (:func:`completion_token_logps`; KTO's rows with their KL rows, which share it)."""
     from_logps = kto_loss_from_logps if loss.algorithm == "kto" else pair_loss_from_logps
 
     def loss_fn(params, batch, key):
-        pw = prompt_width if isinstance(batch, PairBatch) else None
         net = lora.training(model, key)  # LoRA dropout in training forwards; key None (evaluation): none
         if loss.algorithm == "orpo" and loss.orpo_sft == "trl":  # every position: the prompt is in TRL's NLL
             ids, mask, lmask = stacked_rows(batch)
@@ -276,10 +275,10 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
                                         sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
         if loss.dpo_options:
             terms = completion_terms(net, params, *stacked_rows(batch), completion_width=completion_width,
-                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting, prompt_width=pw)
+                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting, prompt_width=prompt_width)
             return pair_loss_from_logps(terms.logp_2B, terms.n_2B, batch, loss=loss, terms=terms)
         logp_2B, n_2B = completion_logps(net, params, *stacked_rows(batch), completion_width=completion_width,
-                                         prompt_width=pw)
+                                         prompt_width=prompt_width)
         return from_logps(logp_2B, n_2B, batch, loss=loss)
 
     return loss_fn

@@ -116,17 +116,18 @@ def completion_width(data_cfg) -> Optional[int]:
 
 
 def shared_prompt_width(cfg: DPOConfig) -> Optional[int]:
-    """``data.max_prompt_len`` = P when each pair's prompt is encoded once for its chosen and rejected rows
+    """``data.max_prompt_len`` = P when each pair's prompt is encoded once for its chosen and rejected rows, and
+    KTO's for a row and its KL row (prompt b with another row's completion)
     (`algos.preference_rows.completion_token_logps`; as ``algo.share_prompt`` for GRPO's groups), else None.
 
-    Needs ``share_prompt``, a pair loss (not KTO), the LM head on W = ``data.max_completion_len`` positions,
+    Needs ``share_prompt``, the LM head on W = ``data.max_completion_len`` positions,
     and P + 2W tokens per pair at most 3/4 of the stacked rows' 2 · ``data.max_seq_len``: the prompt's cache is
     copied to both rows and the completions attend to it. At 3/4 (64-token prompts and completions, 128-token
     rows) the tiny benchmark model's step took as long either way and ~100M's 12 % less (``benchmarks/README.md``).
     Not with scanned, rematerialized layers (`models.shared_prompt.differentiable`).
     """
     width = completion_width(cfg.data)
-    if not cfg.share_prompt or cfg.task != "preference" or width is None or not differentiable(cfg.model):
+    if not cfg.share_prompt or width is None or not differentiable(cfg.model):
         return None
     P = cfg.data.max_prompt_len
     return P if 4 * (P + 2 * width) <= 3 * 2 * cfg.data.max_seq_len else None

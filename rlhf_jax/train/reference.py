@@ -44,14 +44,13 @@ def reference_logps(model, ref_params, batch: PairBatch | KTOBatch, *, num_chunk
     """``[B, 2]`` reference log-prob sums (chosen, rejected) or (row, KL row); no gradient.
 
     ``num_chunks`` > 1 scores the batch in that many strided chunks with `lax.map` (as the train step's
-    micro-batches), bounding the logits held at once. ``completion_width``, ``prompt_width`` (pairs only: each
-    pair's prompt encoded once): see `completion_logps`.
+    micro-batches), bounding the logits held at once. ``completion_width``, ``prompt_width`` (each pair's prompt,
+    or each KTO row's with its KL row, encoded once): see `completion_logps`.
     ``ld_alpha``: LD-DPO's sums (pairs only), as TRL ``_compute_ref_logps``; the strided chunks keep each
     chosen row with its rejected row (chunk m holds chosen rows m, m+M, ... then the same rejected rows).
     """
     ids, mask, loss = stacked_rows(batch)
     b = ids.shape[0] // 2
-    prompt_width = prompt_width if isinstance(batch, PairBatch) else None
 
     def score(chunk):
         # LoRA: the policy's own params with the adapters off are the reference (identity otherwise)

@@ -451,6 +451,31 @@ def test_shared_prompt_equals_the_stacked_rows(model_and_params):
     np.testing.assert_allclose(ref, pc.reference_logps(model, params, batch, completion_width=W), rtol=1e-5, atol=1e-5)
 
 
+def test_kto_rows_share_their_prompt_with_their_kl_rows(model_and_params):
+    """KTO's row b and KL row b (prompt b, another row's completion) encoded on one prompt cache give the stacked
+    rows' losses, gradients and reference sums."""
+    model, params = model_and_params
+    batch = next(stream("unpaired"))
+    rows = pref.stacked_rows(batch)
+    starts = np.argmax(np.asarray(rows[2]), axis=1)
+    assert len(set(starts.tolist())) > 1 and np.array_equal(starts[:B], starts[B:])  # row b, KL row b: one prompt
+    P, W = 8, 6
+    ref = pc.reference_logps(model, params, batch, completion_width=W)
+    for chunks in (1, 2):
+        np.testing.assert_allclose(pc.reference_logps(model, params, batch, num_chunks=chunks, completion_width=W,
+                                                      prompt_width=P), ref, rtol=1e-5, atol=1e-5)
+    batch = pc.with_ref(batch, ref * 0.9)
+    for loss in KTO_LOSSES:
+        def run(width):
+            fn = pref.make_loss_fn(model, loss, completion_width=W, prompt_width=width)
+            return jax.value_and_grad(lambda p: fn(p, batch, None)[0][0])(params)
+
+        (plain, g_plain), (shared, g_shared) = run(None), run(P)
+        np.testing.assert_allclose(shared, plain, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_shared)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_shared_prompt_width_follows_the_config():
     def cfg(*overrides):
         base = ["model.path=m", "data.path=d", "data.max_prompt_len=64", "data.max_completion_len=64",
@@ -459,7 +484,7 @@ def test_shared_prompt_width_follows_the_config():
 
     assert dpo.shared_prompt_width(cfg()) == 64  # 64 + 2 · 64 = 3/4 of 2 · 128
     assert dpo.shared_prompt_width(cfg("share_prompt=false")) is None
-    assert dpo.shared_prompt_width(cfg("loss.algorithm=kto")) is None  # unpaired rows
+    assert dpo.shared_prompt_width(cfg("loss.algorithm=kto")) == 64  # a row and its KL row share prompt b
     assert dpo.shared_prompt_width(cfg("data.max_prompt_len=72")) is None  # 200 tokens: more than 3/4 of 256
     assert dpo.shared_prompt_width(cfg("data.max_completion_len=200")) is None  # the head scores every position
     assert dpo.shared_prompt_width(cfg("model.scan_layers=true")) == 64
