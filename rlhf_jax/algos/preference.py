@@ -275,7 +275,8 @@ def make_loss_fn(model, loss: PreferenceLossConfig, *, completion_width: Optiona
                                         sft_nll=orpo_trl_nll(logp_BxT, mask[:, 1:], n_2B))
         if loss.dpo_options:
             terms = completion_terms(net, params, *stacked_rows(batch), completion_width=completion_width,
-                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting, prompt_width=prompt_width)
+                                     ld_alpha=loss.ld_alpha, use_weighting=loss.use_weighting,
+                                     prompt_width=prompt_width)
             return pair_loss_from_logps(terms.logp_2B, terms.n_2B, batch, loss=loss, terms=terms)
         logp_2B, n_2B = completion_logps(net, params, *stacked_rows(batch), completion_width=completion_width,
                                          prompt_width=prompt_width)

@@ -96,8 +96,8 @@ def completion_token_logps(model, params, ids_2BxS, mask_2BxS, loss_mask_2BxS, *
     when every row's scored tokens are contiguous and at most W (the encoder guarantees both with
     ``data.max_completion_len`` ≤ W); None or W ≥ S − 1 scores all positions (T = S − 1).
 
-    ``prompt_width`` = P (static, with ``completion_width``): the rows are pairs, chosen ++ rejected, and each
-    pair's prompt is encoded once (:func:`pair_prompt_layout`, then ``models.shared_prompt_logits``): B·P + 2B·W
+    ``prompt_width`` = P (static, with ``completion_width``): the rows are pairs, chosen ++ rejected (or KTO's
+    rows ++ their KL rows, row b's with prompt b), and each pair's prompt is encoded once (:func:`pair_prompt_layout`, then ``models.shared_prompt_logits``): B·P + 2B·W
     tokens through the trunk instead of 2B·S. The same log-probs and gradients up to float rounding.
     :data:`ROLLOUT_ROWS`: rollout rows (online DPO's pairs), P from the rows' width (:func:`rollout_prompt_width`).
     """

@@ -27,7 +27,7 @@ def shared_prompt_logits(model, params, ids_BxS, mask_BxS, *, prompt_length: int
     fills a KV cache (its logits are unused, so XLA drops its LM head), the cache is copied to the R rows, and
     the B rows run tokens ``[P − 1, S − 1)`` on top of it: the last prompt token once per row, so that its
     logits (which predict continuation token 0) come out of the same head product as the others' instead of
-    being concatenated to them (a ``[B, T, V]`` copy: 22 of the tiny GRPO update's ~600 ms). The result equals
+    being concatenated to them (a ``[B, T, V]`` copy: 22 ms of the tiny GRPO update's ~600). The result equals
     ``model.apply(..., head_span=(P − 1, S − 1))`` up to float rounding, and so do the parameter gradients (the
     R copies' gradients into the shared prompt add up, exactly as over R identical computations); the prompt
     costs U·(P − 1) + B instead of B·P tokens of compute.
