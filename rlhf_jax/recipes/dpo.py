@@ -123,7 +123,8 @@ def shared_prompt_width(cfg: DPOConfig) -> Optional[int]:
     Needs ``share_prompt``, the LM head on W = ``data.max_completion_len`` positions,
     and P + 2W tokens per pair at most 3/4 of the stacked rows' 2 · ``data.max_seq_len``: the prompt's cache is
     copied to both rows and the completions attend to it. At 3/4 (64-token prompts and completions, 128-token
-    rows) the tiny benchmark model's step took as long either way and ~100M's 12 % less (``benchmarks/README.md``).
+    rows) the tiny benchmark model's step takes 21 % less and ~100M's 12 % less; at 5/6 the tiny step 5 % less,
+    at 11/12 nothing (``benchmarks/README.md``).
     Not with scanned, rematerialized layers (`models.shared_prompt.differentiable`).
     """
     width = completion_width(cfg.data)
